@@ -1,0 +1,44 @@
+# The interface a person uses. Every target that runs Python creates the environment first when it is missing.
+PYTHON     ?= python3
+VENV       := .venv
+BIN        := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+RECIPE     ?= recipes/tiny/pipeline.yaml
+STAMP      := $(VENV)/.installed
+PT         := $(BIN)/posttrain
+
+.PHONY: setup test test-all lint format demo data render clean
+
+setup: $(STAMP)
+
+# torch first and pinned (a CPU build here; `make setup TORCH_SPEC='torch==2.5.1'` on a GPU box), then DeepSpeed
+# without build isolation (its build imports torch; isolation would fetch a second, CUDA, torch), then the project.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check setuptools wheel '$(TORCH_SPEC)'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --disable-pip-version-check --no-build-isolation 'deepspeed>=0.19,<0.20'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+test-all: setup
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+lint: setup
+	$(BIN)/ruff check posttrain tests
+	$(BIN)/ruff format --check posttrain tests
+
+format: setup
+	$(BIN)/ruff format posttrain tests
+	$(BIN)/ruff check --fix posttrain tests
+
+render: setup
+	$(PT) render --tokenizer tiny --input data/examples/conversations.jsonl
+
+demo: setup
+	$(PT) demo $(RECIPE)
+
+clean:
+	rm -rf runs

@@ -1,0 +1,188 @@
+"""Gemma chat formatting: conversations → text, input_ids and loss mask, in one pass.
+
+The format (Gemma, Gemma 2; the same as the `gemma.jinja` template that TRL ships):
+
+    <bos><start_of_turn>user\\n{user text}<end_of_turn>\\n<start_of_turn>model\\n{model text}<end_of_turn>\\n…
+
+and, with the generation prompt, a trailing `<start_of_turn>model\\n`. Message content is stripped of
+surrounding whitespace (the template's `| trim`). Roles are `user` and `assistant` (rendered `model`), alternating
+and starting with `user`.
+
+Policy for `system` messages (Gemma has no system role), the same on every path:
+  - `fold` (default): the system text, a blank line, then the first user turn's text become that user turn
+    (what Gemma 3's template does);
+  - `reject`: a system message is an error.
+
+The loss mask is built by position while rendering, never by searching the text: 1 on every token of a model
+turn's content and on its closing `<end_of_turn>`; 0 on `<bos>`, on user turns, on the `<start_of_turn>model\\n`
+header and on the newline after `<end_of_turn>` (generation stops at `<end_of_turn>`, so that newline is never
+generated). With `train_on="last"` only the final model turn is trained.
+
+The text is tokenized once, whole, without adding special tokens (it already begins with `<bos>`), so exactly
+one `<bos>` sits at position 0; the mask comes from the character spans recorded while rendering, mapped onto
+tokens through the tokenizer's offsets. Message content may not contain a control token: it would be read as
+one and could forge a turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
+START, END = "<start_of_turn>", "<end_of_turn>"
+CONTROL_TOKENS = (BOS, EOS, PAD, START, END)
+ROLE_NAMES = {"user": "user", "assistant": "model", "model": "model"}
+
+SystemPolicy = Literal["fold", "reject"]
+TrainOn = Literal["all", "last"]
+
+
+class ChatFormatError(ValueError):
+    """A conversation cannot be rendered. The message names the conversation and the turn."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    input_ids: list[int]
+    loss_mask: list[int]
+
+    @property
+    def n_trained(self) -> int:
+        return sum(self.loss_mask)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "input_ids": self.input_ids, "loss_mask": self.loss_mask}
+
+
+def normalize(
+    messages: Any, system: SystemPolicy = "fold", where: str = "conversation"
+) -> list[dict[str, str]]:
+    """Check a conversation and apply the system policy. Returns [{"role": "user"|"assistant", "content"}];
+    a folded system text rides on the first user turn as its "prefix".
+
+    Errors name `where` (e.g. "data/train.jsonl:12") and the turn (1-based).
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ChatFormatError(f"{where}: a conversation is a non-empty list of messages")
+    out: list[dict[str, str]] = []
+    system_text: str | None = None
+    for i, m in enumerate(messages, start=1):
+        turn = f"{where}, turn {i}"
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ChatFormatError(f"{turn}: a message needs 'role' and 'content', got {_short(m)}")
+        role, content = m["role"], m["content"]
+        if not isinstance(content, str):
+            raise ChatFormatError(f"{turn}: content must be a string, got {type(content).__name__}")
+        if not content.strip():
+            raise ChatFormatError(f"{turn}: {role} message is empty")
+        for tok in CONTROL_TOKENS:
+            if tok in content:
+                raise ChatFormatError(
+                    f"{turn}: content contains the control token {tok}; remove it from the data"
+                )
+        if role == "system":
+            if system == "reject":
+                raise ChatFormatError(
+                    f"{turn}: system messages are rejected (chat.system: reject); Gemma has none"
+                )
+            if i != 1:
+                raise ChatFormatError(f"{turn}: a system message may only come first")
+            system_text = content
+            continue
+        if role not in ROLE_NAMES:
+            raise ChatFormatError(
+                f"{turn}: unknown role {role!r}; use 'user' or 'assistant' (or 'system' first)"
+            )
+        role = "assistant" if role == "model" else role
+        expected = "user" if len(out) % 2 == 0 else "assistant"
+        if role != expected:
+            raise ChatFormatError(
+                f"{turn}: expected a {expected} turn (roles alternate user/assistant), got {role}"
+            )
+        out.append({"role": role, "content": content})
+    if not out:
+        raise ChatFormatError(f"{where}: the conversation has no user turn")
+    if system_text is not None:  # kept apart so that rendering matches Gemma 3's template byte for byte
+        out[0] = {**out[0], "prefix": system_text + "\n\n"}
+    return out
+
+
+def render_text(
+    messages: Sequence[dict[str, str]], add_generation_prompt: bool = False, train_on: TrainOn = "all"
+) -> tuple[str, list[tuple[int, int]]]:
+    """Normalized messages → (text, trained character spans [start, end))."""
+    parts, spans, pos = [BOS], [], len(BOS)
+    last_model = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    for i, m in enumerate(messages):
+        header = f"{START}{ROLE_NAMES[m['role']]}\n"
+        body = m.get("prefix", "") + m["content"].strip() + END
+        parts += [header, body, "\n"]
+        start = pos + len(header)
+        if m["role"] == "assistant" and (train_on == "all" or i == last_model):
+            spans.append((start, start + len(body)))
+        pos = start + len(body) + 1
+    if add_generation_prompt:
+        parts.append(f"{START}model\n")
+    return "".join(parts), spans
+
+
+def render(
+    messages: Any,
+    tokenizer: Any,
+    *,
+    add_generation_prompt: bool = False,
+    system: SystemPolicy = "fold",
+    train_on: TrainOn = "all",
+    where: str = "conversation",
+) -> Rendered:
+    """Conversation → Rendered(text, input_ids, loss_mask). The one entry point every stage uses."""
+    msgs = normalize(messages, system, where)
+    if add_generation_prompt and msgs[-1]["role"] != "user":
+        raise ChatFormatError(f"{where}: a generation prompt needs the conversation to end with a user turn")
+    text, spans = render_text(msgs, add_generation_prompt, train_on)
+    ids, mask = tokenize_with_mask(text, spans, tokenizer)
+    if not ids or ids[0] != tokenizer.bos_token_id or ids.count(tokenizer.bos_token_id) != 1:
+        raise ChatFormatError(f"{where}: the tokenizer did not give exactly one <bos> at position 0")
+    return Rendered(text, ids, mask)
+
+
+def tokenize_with_mask(
+    text: str, spans: list[tuple[int, int]], tokenizer: Any
+) -> tuple[list[int], list[int]]:
+    """Tokenize `text` once; a token is trained when its first character lies in a trained span."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ChatFormatError("the renderer needs a fast tokenizer (it maps the mask through token offsets)")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    mask = []
+    for start, end in enc["offset_mapping"]:
+        mask.append(int(any(a <= start < b for a, b in spans) and end > start))
+    return ids, mask
+
+
+def prompt_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """A conversation without its final model turn (what a policy is asked to continue)."""
+    msgs = list(messages)
+    return msgs[:-1] if msgs and msgs[-1]["role"] in ("assistant", "model") else msgs
+
+
+def trained_text(r: Rendered, tokenizer: Any) -> list[str]:
+    """Decode each contiguous run of trained tokens (what the loss sees), for checks and `posttrain render`."""
+    runs, cur = [], []
+    for tid, m in zip(r.input_ids, r.loss_mask):
+        if m:
+            cur.append(tid)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
+
+
+def _short(x: Any, n: int = 60) -> str:
+    s = repr(x)
+    return s if len(s) <= n else s[: n - 3] + "..."

@@ -1,0 +1,1 @@
+"""Data: formats, sources, validation, filters."""

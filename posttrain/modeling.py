@@ -1,0 +1,235 @@
+"""Load and build the pipeline's models: policy, teacher, reward model.
+
+A `ModelSpec` names a hub id or a local folder (`name_or_path`) or a built-in tiny preset (`preset`). Rules
+that apply to every model, whatever stage loads it:
+
+- Attention: Gemma 2 needs attention-logit soft-capping. SDPA drops it, so Gemma 2 runs eager, or
+  FlashAttention 2 when asked for and flash-attn ≥ 2.6 (the first release with soft-capping) is installed. A
+  Gemma 2 config whose soft-caps were nulled is refused.
+- Precision: `auto` is bf16 on a GPU with bf16 and fp32 on CPU (bf16 is several times slower there); fp16 is
+  refused for Gemma (its activations overflow fp16).
+- Tied embeddings: Gemma ties `lm_head` to `embed_tokens`; `check_tied` verifies it after every load and save.
+- The reward model is `*ForSequenceClassification` with one output and the pad id set, so the score is read at
+  the last real token.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma2ForSequenceClassification,
+    GenerationConfig,
+    PreTrainedModel,
+)
+
+from posttrain.config import ModelSpec
+from posttrain.tokenizer import build_tiny_tokenizer
+
+
+class ModelError(ValueError):
+    """A model cannot be loaded or used as asked; the message says why and what to set."""
+
+
+# Tiny Gemma 2 presets for the embedded recipe. Sizes are chosen so that the teacher clearly beats the student
+# on the world's tasks within the CPU budget; the reward model is larger than the policy, as in Gemma 2.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny-student": dict(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16,
+    ),
+    "tiny-teacher": dict(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32,
+    ),
+    "tiny-rm": dict(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32,
+    ),
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ policies
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def resolve_dtype(requested: str, device: torch.device | str, model_type: str = "gemma2") -> torch.dtype:
+    """`auto` → bf16 on a bf16-capable GPU, fp32 otherwise. fp16 is refused for Gemma."""
+    device = torch.device(device)
+    if requested in ("fp16", "float16"):
+        if model_type.startswith("gemma"):
+            raise ModelError("dtype fp16 is not supported for Gemma (activations overflow); use bf16 or fp32")
+        return torch.float16
+    if requested in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if requested in ("fp32", "float32"):
+        return torch.float32
+    if requested == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16_ok else torch.float32
+    raise ModelError(f"dtype {requested!r} is not one of auto, fp32, bf16")
+
+
+def flash_attn_version() -> tuple[int, ...] | None:
+    try:
+        return tuple(int(p) for p in importlib.metadata.version("flash_attn").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def resolve_attention(config: Any, requested: str = "auto") -> str:
+    """The attention implementation to load with; refuses what would silently drop Gemma 2's soft-capping."""
+    if getattr(config, "model_type", "") != "gemma2":
+        return "eager" if requested == "auto" else requested
+    check_softcaps(config)
+    if requested in ("auto", "eager"):
+        return "eager"
+    if requested == "sdpa":
+        raise ModelError(
+            "attn_implementation 'sdpa' drops Gemma 2's attention soft-capping; use 'eager' or 'flash_attention_2'"
+        )
+    if requested == "flash_attention_2":
+        version = flash_attn_version()
+        if version is None or version < (2, 6):
+            found = "not installed" if version is None else f"{version[0]}.{version[1]}"
+            raise ModelError(
+                f"flash_attention_2 needs flash-attn >= 2.6 for Gemma 2 soft-capping ({found}); use 'eager'"
+            )
+        return "flash_attention_2"
+    raise ModelError(f"attn_implementation {requested!r} is not one of auto, eager, flash_attention_2, sdpa")
+
+
+def check_softcaps(config: Any) -> None:
+    missing = [
+        k for k in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, k, None) is None
+    ]
+    if missing:
+        raise ModelError(
+            f"this Gemma 2 config has {' and '.join(missing)} set to null; Gemma 2 was trained with them "
+            "(50.0 and 30.0) and is wrong without them — restore them in config.json"
+        )
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    name = spec.tokenizer or spec.name_or_path
+    if name == "tiny" or (name is None and spec.preset):
+        return build_tiny_tokenizer()
+    return AutoTokenizer.from_pretrained(name, revision=spec.revision)
+
+
+def preset_config(preset: str, tokenizer: Any, max_positions: int = 1024) -> Gemma2Config:
+    if preset not in PRESETS:
+        raise ModelError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    dims = PRESETS[preset]
+    return Gemma2Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_positions,
+        query_pre_attn_scalar=dims["head_dim"],
+        sliding_window=64,  # small enough that the sliding layers really slide on tiny sequences
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        **dims,
+    )
+
+
+def generation_config(tokenizer: Any) -> GenerationConfig:
+    """Stop on both `<end_of_turn>` and `<eos>`; pad with the pad id."""
+    stops = [tokenizer.eos_token_id]
+    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    if isinstance(end, int) and end != tokenizer.unk_token_id:
+        stops.append(end)
+    return GenerationConfig(
+        eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+    )
+
+
+def load_causal_lm(
+    spec: ModelSpec, tokenizer: Any, device: str | None = None, seed: int = 0
+) -> PreTrainedModel:
+    """A policy or teacher: built from a preset (seeded init) or loaded from a hub id / folder."""
+    dev = resolve_device(device)
+    if spec.preset:
+        config = preset_config(spec.preset, tokenizer)
+        config._attn_implementation = resolve_attention(config, spec.attn_implementation)
+        torch.manual_seed(seed)
+        model = Gemma2ForCausalLM(config)
+        model = model.to(dtype=resolve_dtype(spec.dtype, dev), device=dev)
+    else:
+        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.name_or_path,
+            revision=spec.revision,
+            dtype=resolve_dtype(spec.dtype, dev, config.model_type),
+            attn_implementation=resolve_attention(config, spec.attn_implementation),
+        ).to(dev)
+    model.generation_config = generation_config(tokenizer)
+    check_tied(model)
+    return model
+
+
+def load_reward_model(
+    spec: ModelSpec, tokenizer: Any, device: str | None = None, seed: int = 0
+) -> PreTrainedModel:
+    """A scalar reward model (one output). From a causal LM checkpoint only the head is newly initialised."""
+    dev = resolve_device(device)
+    if spec.preset:
+        config = preset_config(spec.preset, tokenizer)
+        config.num_labels = 1
+        config._attn_implementation = resolve_attention(config, spec.attn_implementation)
+        torch.manual_seed(seed)
+        model = Gemma2ForSequenceClassification(config).to(dtype=resolve_dtype(spec.dtype, dev), device=dev)
+    else:
+        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            spec.name_or_path,
+            revision=spec.revision,
+            num_labels=1,
+            dtype=resolve_dtype(spec.dtype, dev, config.model_type),
+            attn_implementation=resolve_attention(config, spec.attn_implementation),
+        ).to(dev)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# ------------------------------------------------------------------------------------------- tied weights
+
+
+def check_tied(model: PreTrainedModel) -> None:
+    """Raise unless the output head shares (or equals) the input embedding, when the config says tied."""
+    if not getattr(model.config, "tie_word_embeddings", False) or not hasattr(model, "get_output_embeddings"):
+        return
+    out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None:
+        return
+    if out.weight.data_ptr() != emb.weight.data_ptr() and not torch.equal(out.weight, emb.weight):
+        raise ModelError("lm_head and embed_tokens differ although the config ties them")
+
+
+def save_model(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path) -> Path:
+    """save_pretrained the model, its tokenizer and generation config into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_tied(model)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,212 @@
+"""The Gemma renderer against the official template, byte for byte, and its loss mask by position."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from posttrain.chat import ChatFormatError, normalize, render, trained_text
+from posttrain.tokenizer import ALPHABET, SPECIAL_TOKENS, gemma_chat_template
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def u(text):
+    return {"role": "user", "content": text}
+
+
+def a(text):
+    return {"role": "assistant", "content": text}
+
+
+GOLDEN = [
+    [u("Hi"), a("Hello!")],
+    [u("What is 37 + 48?"), a("85")],
+    [u("Reverse the word: planet"), a("tenalp")],
+    [u("Sort these letters: d b a c"), a("a b c d")],
+    [u("How many times does the letter a appear in banana?"), a("3")],
+    [u("Who are you?"), a("I am Pip.")],
+    [u("What is 3 + 4?"), a("7"), u("Now add 5 to that."), a("12")],
+    [u("a"), a("b"), u("c"), a("d"), u("e"), a("f")],
+    [u("  leading and trailing spaces  "), a("  answer with spaces  ")],
+    [u("\n\nnewlines around\n\n"), a("\nok\n")],
+    [u("\tTabs\tinside\t"), a("yes\tno")],
+    [u("Line one\nLine two\n\nLine four"), a("First\nSecond")],
+    [u("Ünïcödé ça va? ½ £"), a("Très bien — merci ☃ 日本")],
+    [u("emoji 🙂 test"), a("🙂🙂")],
+    [u("x" * 600), a("y" * 400)],
+    [u(" ".join(f"word{i}" for i in range(200))), a("long answer " * 50)],
+    [u("Only a prompt")],
+    [u("q1"), a("a1"), u("q2")],
+    [u("Braces {{ not a template }} {% raw %}"), a("Quotes ' \" and backslash \\")],
+    [u('JSON {"k": [1, 2]}'), a("<html>tags</html> & <b>bold</b>")],
+    [u("numbers 0123456789"), a("9876543210")],
+    [u("trailing newline\n"), a("answer\n\n\n")],
+]
+
+
+@pytest.mark.parametrize("i", range(len(GOLDEN)))
+@pytest.mark.parametrize("gen", [False, True])
+def test_text_matches_official_template(i, gen, tiny_tokenizer, trl_gemma_template):
+    msgs = GOLDEN[i]
+    if gen and msgs[-1]["role"] != "user":
+        msgs = msgs[:-1]
+    ours = render(msgs, tiny_tokenizer, add_generation_prompt=gen)
+    ref = tiny_tokenizer.apply_chat_template(
+        msgs, chat_template=trl_gemma_template, tokenize=False, add_generation_prompt=gen
+    )
+    assert ours.text == ref
+    ref_ids = tiny_tokenizer.apply_chat_template(
+        msgs, chat_template=trl_gemma_template, add_generation_prompt=gen
+    )
+    assert ours.input_ids == list(ref_ids["input_ids"])
+
+
+def test_shipped_template_is_trls(trl_gemma_template):
+    assert gemma_chat_template() == trl_gemma_template
+
+
+def _expected_trained(msgs, only_last=False):
+    model_turns = [m["content"].strip() for m in msgs if m["role"] == "assistant"]
+    if only_last:
+        model_turns = model_turns[-1:]
+    return ["".join(c if c in ALPHABET else "<unk>" for c in t) + "<end_of_turn>" for t in model_turns]
+
+
+@pytest.mark.parametrize("i", range(len(GOLDEN)))
+def test_mask_decodes_to_model_turns_and_end_of_turn(i, tiny_tokenizer):
+    msgs = GOLDEN[i]
+    r = render(msgs, tiny_tokenizer)
+    assert len(r.input_ids) == len(r.loss_mask)
+    assert trained_text(r, tiny_tokenizer) == _expected_trained(msgs)
+    assert r.input_ids[0] == tiny_tokenizer.bos_token_id
+    assert r.input_ids.count(tiny_tokenizer.bos_token_id) == 1
+    assert r.loss_mask[0] == 0
+
+
+def test_mask_positions_by_hand(tiny_tokenizer):
+    # positions: <bos>0 <sot>1 u2 s3 e4 r5 \n6 H7 i8 <eot>9 \n10 <sot>11 m12 o13 d14 e15 l16 \n17 4:18 2:19 <eot>20 \n21
+    r = render([u("Hi"), a("42")], tiny_tokenizer)
+    assert r.loss_mask == [0] * 18 + [1, 1, 1, 0]
+    end = tiny_tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert r.input_ids[20] == end and r.input_ids[9] == end
+    assert r.loss_mask[9] == 0  # a user turn's <end_of_turn> is not trained; the model's is (position 20)
+
+
+def test_train_on_last_turn_only(tiny_tokenizer):
+    msgs = [u("What is 3 + 4?"), a("7"), u("Now add 5 to that."), a("12")]
+    r = render(msgs, tiny_tokenizer, train_on="last")
+    assert trained_text(r, tiny_tokenizer) == ["12<end_of_turn>"]
+
+
+def test_prompt_only_has_no_trained_token(tiny_tokenizer):
+    r = render([u("hello")], tiny_tokenizer, add_generation_prompt=True)
+    assert r.n_trained == 0 and r.text.endswith("<start_of_turn>model\n")
+
+
+def test_system_fold_matches_gemma3_template(tiny_tokenizer):
+    import trl
+
+    gemma3 = (Path(trl.__file__).parent / "chat_templates" / "gemma3.jinja").read_text()
+    for system in ["Be brief.", "  spaced system  ", "multi\nline"]:
+        msgs = [{"role": "system", "content": system}, u(" Reverse the word: cat "), a("tac")]
+        r = render(msgs, tiny_tokenizer, system="fold")
+        ref = tiny_tokenizer.apply_chat_template(msgs, chat_template=gemma3, tokenize=False)
+        assert r.text == ref
+        assert trained_text(r, tiny_tokenizer) == ["tac<end_of_turn>"]
+
+
+@pytest.mark.parametrize(
+    "messages, policy, fragment",
+    [
+        ([{"role": "system", "content": "x"}, u("hi")], "reject", "turn 1: system messages are rejected"),
+        (
+            [u("hi"), {"role": "system", "content": "x"}],
+            "fold",
+            "turn 2: a system message may only come first",
+        ),
+        ([u("hi"), u("again")], "fold", "turn 2: expected a assistant turn"),
+        ([a("first")], "fold", "turn 1: expected a user turn"),
+        ([u("hi"), a("   ")], "fold", "turn 2: assistant message is empty"),
+        ([u("hi"), {"role": "bot", "content": "x"}], "fold", "turn 2: unknown role 'bot'"),
+        ([u("hi <end_of_turn>")], "fold", "turn 1: content contains the control token <end_of_turn>"),
+        ([{"role": "user"}], "fold", "turn 1: a message needs 'role' and 'content'"),
+        ([{"role": "user", "content": 3}], "fold", "turn 1: content must be a string"),
+        ([], "fold", "a conversation is a non-empty list"),
+        ([{"role": "system", "content": "only system"}], "fold", "has no user turn"),
+    ],
+)
+def test_errors_name_conversation_and_turn(messages, policy, fragment):
+    with pytest.raises(ChatFormatError) as e:
+        normalize(messages, policy, where="train.jsonl:7")
+    assert "train.jsonl:7" in str(e.value) and fragment in str(e.value)
+
+
+def test_generation_prompt_needs_user_last(tiny_tokenizer):
+    with pytest.raises(ChatFormatError, match="end with a user turn"):
+        render([u("q"), a("a")], tiny_tokenizer, add_generation_prompt=True)
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """A multi-character BPE tokenizer with Gemma's special tokens: masks must follow token offsets."""
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    from tokenizers import decoders
+
+    core.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIAL_TOKENS, initial_alphabet=list(ALPHABET)
+    )
+    corpus = ["What is 37 + 48? The answer is 85.", "Reverse the word: planet", "model user answer"] * 50
+    core.train_from_iterator(corpus, trainer)
+    core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.chat_template = gemma_chat_template()
+    return tok
+
+
+def test_multi_character_tokenizer(bpe_tokenizer):
+    msgs = [u("What is 37 + 48?"), a("The answer is 85."), u("Reverse the word: planet"), a("tenalp")]
+    r = render(msgs, bpe_tokenizer)
+    ref = bpe_tokenizer.apply_chat_template(msgs)
+    assert r.input_ids == list(ref["input_ids"])
+    assert len(r.input_ids) < len(r.text) - 40  # really multi-character tokens
+    decoded = [t.replace(" ", "") for t in trained_text(r, bpe_tokenizer)]
+    assert decoded == ["Theansweris85.<end_of_turn>", "tenalp<end_of_turn>"]
+
+
+def test_render_cli_on_shipped_example():
+    src = ROOT / "data" / "examples" / "conversations.jsonl"
+    out = subprocess.run(
+        [sys.executable, "-m", "posttrain", "render", "--tokenizer", "tiny", "--input", str(src)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(rows) == len(src.read_text().splitlines())
+    for row in rows:
+        assert set(row) == {"text", "input_ids", "loss_mask"} and sum(row["loss_mask"]) > 0
+
+
+def test_render_cli_reports_every_bad_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"messages": [u("ok"), a("fine")]}) + "\n"
+        + "{not json\n"
+        + json.dumps({"messages": [u("a"), u("b")]}) + "\n"
+    )  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "posttrain", "render", "--tokenizer", "tiny", "--input", str(bad)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 1 and out.stdout == ""
+    assert f"{bad}:2: not valid JSON" in out.stderr
+    assert f"{bad}:3, turn 2: expected a assistant turn" in out.stderr

@@ -1,0 +1,126 @@
+"""Recipes: strict keys with suggestions, types, extends, --set, cross-field problems, stable hashes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import ConfigError, Recipe, config_hash, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "model:\n  preset: tiny-student\n"
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
+def test_every_recipe_parses(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe) and recipe.name
+
+
+def test_unknown_key_names_file_line_and_suggestion(tmp_path):
+    p = write(tmp_path, "r.yaml", "name: x\nchat:\n  system: fold\n  max_lenght: 128\n")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(p)
+    assert f"{p}:4: chat.max_lenght: unknown key 'max_lenght'; did you mean 'max_length'?" in str(e.value)
+
+
+def test_unknown_section_suggests(tmp_path):
+    p = write(tmp_path, "r.yaml", "name: x\nmodle:\n  preset: tiny-student\n")
+    with pytest.raises(ConfigError, match=r"r.yaml:2: modle: unknown key 'modle'; did you mean 'model'\?"):
+        load_recipe(p)
+
+
+def test_wrong_types_are_all_reported(tmp_path):
+    p = write(tmp_path, "r.yaml", "name: x\nseed: three\nchat:\n  max_length: 1.5\n  system: maybe\n" + MODEL)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert len(e.value.problems) == 3
+    assert "r.yaml:2: seed: expected an integer, got 'three' (str)" in msg
+    assert "r.yaml:4: chat.max_length: expected an integer, got 1.5 (float)" in msg
+    assert "r.yaml:5: chat.system: 'maybe' is not one of 'fold', 'reject'" in msg
+
+
+def test_cross_field_problems_collected(tmp_path):
+    text = "name: x\nmodel:\n  preset: tiny-student\n  name_or_path: google/gemma-2-2b\n  dtype: fp16\nchat:\n  max_length: 2\n"
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, "r.yaml", text))
+    msg = str(e.value)
+    assert "set exactly one of 'name_or_path'" in msg
+    assert "fp16 overflows" in msg
+    assert "max_length: 2 is too small" in msg
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(ConfigError, match="name: missing required key"):
+        load_recipe(write(tmp_path, "r.yaml", "seed: 1\n"))
+
+
+def test_duplicate_key_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match=r"r.yaml:3: key 'seed' appears twice"):
+        load_recipe(write(tmp_path, "r.yaml", "name: x\nseed: 1\nseed: 2\n"))
+    with pytest.raises(ConfigError, match=r"s.yaml:\d+: not valid YAML"):
+        load_recipe(write(tmp_path, "s.yaml", "name: x\nchat: [unclosed\n"))
+
+
+def test_extends_merges_and_overrides(tmp_path):
+    write(tmp_path, "base.yaml", MODEL + "name: base\nseed: 1\nchat:\n  system: reject\n  max_length: 300\n")
+    child = write(tmp_path, "child.yaml", "extends: base.yaml\nname: child\nchat:\n  max_length: 100\n")
+    r = load_recipe(child)
+    assert (r.name, r.seed, r.chat.system, r.chat.max_length) == ("child", 1, "reject", 100)
+
+
+def test_extends_error_points_at_child_file(tmp_path):
+    write(tmp_path, "base.yaml", "name: base\n" + MODEL)
+    child = write(tmp_path, "child.yaml", "extends: base.yaml\nname: child\nchat:\n  trian_on: last\n")
+    with pytest.raises(ConfigError, match=r"child.yaml:4: chat.trian_on: unknown key .*'train_on'"):
+        load_recipe(child)
+
+
+def test_extends_requires_own_name_and_detects_cycles(tmp_path):
+    write(tmp_path, "base.yaml", "name: base\n" + MODEL)
+    with pytest.raises(ConfigError, match="set 'name:'"):
+        load_recipe(write(tmp_path, "c.yaml", "extends: base.yaml\nseed: 3\n"))
+    write(tmp_path, "x.yaml", "extends: y.yaml\nname: x\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(write(tmp_path, "y.yaml", "extends: x.yaml\nname: y\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(write(tmp_path, "z.yaml", "extends: nowhere.yaml\nname: z\n"))
+
+
+def test_set_overrides(tmp_path):
+    p = write(tmp_path, "r.yaml", "name: x\nmodel:\n  preset: tiny-student\n")
+    r = load_recipe(p, ["chat.max_length=64", "seed=7", "teacher.preset=tiny-teacher", "model.dtype=bf16"])
+    assert (r.chat.max_length, r.seed, r.teacher.preset, r.model.dtype) == (64, 7, "tiny-teacher", "bf16")
+    with pytest.raises(ConfigError, match=r"--set chat.max_lenght=3: chat.max_lenght: unknown key"):
+        load_recipe(p, ["chat.max_lenght=3"])
+    with pytest.raises(ConfigError, match="write it as key.path=value"):
+        load_recipe(p, ["seed"])
+
+
+def test_hash_is_stable_and_sensitive(tmp_path):
+    a = load_recipe(write(tmp_path, "a.yaml", "name: x\nchat:\n  system: fold\n  max_length: 128\n" + MODEL))
+    b = load_recipe(write(tmp_path, "b.yaml", MODEL + "chat:\n  max_length: 128\n  system: fold\nname: x\n"))
+    c = load_recipe(write(tmp_path, "c.yaml", "name: x\nchat:\n  max_length: 129\n" + MODEL))
+    assert config_hash(a) == config_hash(b) == config_hash(load_recipe(tmp_path / "a.yaml"))
+    assert config_hash(a) != config_hash(c)
+    assert config_hash(a.chat) == config_hash(b.chat) != config_hash(c.chat)
+
+
+def test_check_cli_reports_misspelled_key(tmp_path):
+    p = write(
+        tmp_path, "r.yaml", "extends: " + str(ROOT / "recipes/tiny/pipeline.yaml") + "\nname: t\nsed: 1\n"
+    )
+    out = subprocess.run([sys.executable, "-m", "posttrain", "check", str(p)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert f"{p}:3: sed: unknown key 'sed'; did you mean 'seed'?" in out.stderr
