@@ -10,6 +10,7 @@ from pathlib import Path
 
 from posttrain.chat import ChatFormatError
 from posttrain.config import ConfigError
+from posttrain.data.formats import DataError
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
@@ -65,6 +66,95 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# Stages in pipeline order; each module has stage_config(recipe) and main(recipe) -> Path.
+STAGES = {"data": "posttrain.stages.data"}
+PLANNED = ("teacher", "generate", "sft", "distill", "rm", "rlhf", "merge", "eval")
+
+
+def _stage_module(name: str):
+    import importlib
+
+    if name not in STAGES:
+        later = f"; not built yet: {', '.join(PLANNED)}" if name in PLANNED else ""
+        raise ConfigError([f"unknown stage {name!r}; stages: {', '.join(STAGES)}{later}"])
+    return importlib.import_module(STAGES[name])
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from posttrain.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    out = _stage_module(args.name).main(recipe)
+    print(f"[{args.name}] done: {out}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Run the built stages in order, each in its own process; skip those already done with the same config."""
+    import subprocess
+
+    from posttrain.config import load_recipe
+    from posttrain.outputs import read_done, stage_hash
+
+    recipe = load_recipe(args.recipe, args.set)
+    only = set(args.only.split(",")) if args.only else None
+    for name in [s for s in STAGES if only is None or s in only]:
+        module = _stage_module(name)
+        folder = recipe.run_dir / name
+        done = read_done(folder)
+        want = stage_hash(module.stage_config(recipe), {})
+        cmd = [sys.executable, "-m", "posttrain", "stage", name, args.recipe] + [
+            f"--set={s}" for s in args.set
+        ]
+        if done and done.get("config_hash") == want and not args.force:
+            print(f"[run] skip {name}: {folder} is done with the same config ({want})")
+            continue
+        why = "forced" if args.force and done else ("config changed" if done else "not done yet")
+        print(f"[run] {name} ({why}): {' '.join(cmd)}")
+        if args.dry_run:
+            continue
+        rc = subprocess.run(cmd).returncode
+        if rc != 0:
+            print(f"[run] stage {name} failed (exit {rc}); later stages were not started", file=sys.stderr)
+            return rc
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from posttrain.data.formats import validate_lines
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            rows, errors = validate_lines(f, args.file, args.format, args.system)
+    except UnicodeDecodeError as e:
+        rows, errors = [], [f"{args.file}: not UTF-8 text ({e.reason} at byte {e.start})"]
+    if args.tokenizer and rows:
+        from posttrain.chat import ChatFormatError
+        from posttrain.config import ChatConfig, ModelSpec
+        from posttrain.data.formats import length_check
+        from posttrain.modeling import load_tokenizer
+
+        tok = load_tokenizer(ModelSpec(name_or_path=args.tokenizer, tokenizer=args.tokenizer))
+        chat = ChatConfig(system=args.system, max_length=args.max_length)
+        try:
+            _, dropped, truncated = length_check(rows, args.format, tok, chat)
+        except ChatFormatError as e:
+            errors.append(str(e))
+            dropped, truncated = {}, 0
+        for reason, ids in dropped.items():
+            errors += [f"{i}: {reason.replace('_', ' ')} (max_length {args.max_length})" for i in ids]
+        if truncated:
+            print(
+                f"{args.file}: {truncated} row(s) will have their prompt cut from the left", file=sys.stderr
+            )
+    if errors:
+        print("\n".join(errors))
+        print(f"{args.file}: {len(errors)} bad row(s)", file=sys.stderr)
+        return 1
+    print(f"{args.file}: {len(rows)} rows, all valid ({args.format})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Gemma-2-style post-training pipeline.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +172,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("recipe")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key")
     c.set_defaults(func=_cmd_check)
+
+    s = sub.add_parser("stage", help="run one stage of a recipe in this process")
+    s.add_argument("name", help=f"stage: {', '.join(STAGES)}")
+    s.add_argument("recipe")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.set_defaults(func=_cmd_stage)
+
+    r = sub.add_parser("run", help="run a recipe's stages in order, skipping those already done")
+    r.add_argument("recipe")
+    r.add_argument("--only", help="comma-separated stages to run")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--force", action="store_true", help="rerun stages that are done")
+    r.add_argument("--dry-run", action="store_true", help="print what would run and what would be skipped")
+    r.set_defaults(func=_cmd_run)
+
+    v = sub.add_parser("validate", help="check a data file; every bad row as file:line: reason")
+    v.add_argument("file")
+    v.add_argument("--format", choices=["conversations", "prompts", "preferences"], default="conversations")
+    v.add_argument("--system", choices=["fold", "reject"], default="fold")
+    v.add_argument(
+        "--tokenizer", help="also check lengths after rendering with this tokenizer ('tiny', folder, id)"
+    )
+    v.add_argument("--max-length", type=int, default=512)
+    v.set_defaults(func=_cmd_validate)
     return p
 
 
@@ -92,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"posttrain: {e}", file=sys.stderr)
         return 2
-    except (ChatFormatError, FileNotFoundError) as e:
+    except (ChatFormatError, DataError, FileNotFoundError) as e:
         print(f"posttrain: {e}", file=sys.stderr)
         return 1
 

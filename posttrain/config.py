@@ -28,6 +28,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from posttrain.data.sources import DataConfig
+from posttrain.world import WorldConfig
+
 
 class ConfigError(ValueError):
     """A recipe is wrong. The message has one line per problem: where, what is wrong, what to do."""
@@ -110,6 +113,8 @@ class Recipe:
     chat: ChatConfig = field(default_factory=ChatConfig)
     teacher: ModelSpec | None = None
     reward_model: ModelSpec | None = None
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def problems(self) -> list[str]:

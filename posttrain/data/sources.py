@@ -1,0 +1,75 @@
+"""Where rows come from: the built-in world, local JSONL files, or Hugging Face datasets by name.
+
+Every source yields rows in the project's formats with `id` set; JSONL rows also carry `_where` (`file:line`)
+so that later errors can point at the line. The Hugging Face path is the real one (`datasets.load_dataset`),
+used when the hub is reachable or the dataset is cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from posttrain.chat import ChatFormatError
+from posttrain.data.filters import FilterConfig
+from posttrain.data.formats import DataError, check_row, read_rows
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training and evaluation data for the pipeline.
+
+    source: `world` (the built-in tasks, see `world:`), `jsonl` (local files) or `hf` (a dataset name).
+    train / eval: JSONL paths or a dataset name (eval may be omitted: `eval_fraction` of train is held out).
+    max_dropped_fraction: above this fraction of rows dropped for length, the data stage fails.
+    """
+
+    source: Literal["world", "jsonl", "hf"] = "world"
+    train: str | None = None
+    eval: str | None = None
+    hf_train_split: str = "train"
+    hf_eval_split: str = "test"
+    eval_fraction: float = 0.05
+    max_dropped_fraction: float = 0.05
+    filters: FilterConfig = field(default_factory=FilterConfig)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.source != "world" and not self.train:
+            out.append(f"train: source '{self.source}' needs 'train' (a JSONL path or a dataset name)")
+        if not 0.0 <= self.max_dropped_fraction <= 1.0:
+            out.append(f"max_dropped_fraction: {self.max_dropped_fraction} must be between 0 and 1")
+        if not 0.0 < self.eval_fraction < 0.5:
+            out.append(f"eval_fraction: {self.eval_fraction} must be between 0 and 0.5")
+        return out
+
+
+def load_hf(name: str, split: str, fmt: str, system: str) -> list[dict[str, Any]]:
+    import datasets
+
+    ds = datasets.load_dataset(name, split=split)
+    rows, errors = [], []
+    for i, row in enumerate(ds):
+        where = f"{name}[{split}]:{i}"
+        try:
+            check_row(row, fmt, where, system)
+        except ChatFormatError as e:
+            errors.append(str(e))
+            continue
+        rows.append({"id": row.get("id", f"{split}-{i:06d}"), **row, "_where": where})
+    if errors:
+        raise DataError(errors, f"{name}[{split}]")
+    return rows
+
+
+def load_split(cfg: DataConfig, which: str, fmt: str, system: str) -> list[dict[str, Any]] | None:
+    """Rows of `which` ('train' or 'eval') from a jsonl or hf source; None when not configured."""
+    name = cfg.train if which == "train" else cfg.eval
+    if name is None:
+        return None
+    if cfg.source == "jsonl":
+        rows = read_rows(name, fmt, system)
+        for r in rows:
+            r.setdefault("id", r["_where"])
+        return rows
+    return load_hf(name, cfg.hf_train_split if which == "train" else cfg.hf_eval_split, fmt, system)

@@ -1,0 +1,126 @@
+"""The stage output contract: one folder per stage, written under a temporary name and renamed when complete.
+
+    runs/<recipe>/<stage>[/<run>]/
+      config.yaml       the resolved config of this stage
+      metrics.jsonl     one JSON object per logged step (and a final summary row)
+      provenance.json   parents, config hash, data hashes, git commit, library versions, wall time
+      DONE              written last; holds the config hash and the parents' hashes
+
+A stage writes into `<folder>.partial/`; only on success is `DONE` written and the folder renamed into
+place, so a folder without `DONE` is never read as a result, and a failed rerun leaves the last good result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import config_hash, dump_yaml
+
+LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "tokenizers")
+
+
+def stage_hash(config: Any, parents: dict[str, str]) -> str:
+    """The identity of a stage's result: its own config and its parents' hashes."""
+    return config_hash({"config": config, "parents": parents})
+
+
+def read_done(folder: Path) -> dict | None:
+    """The DONE record of a finished stage folder, or None when the folder is incomplete or missing."""
+    try:
+        return json.loads((folder / "DONE").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class StageOutput:
+    """Context manager for one stage folder. Use `.path` for files; `.log(row)` for metrics."""
+
+    def __init__(self, final: Path, stage: str, config: Any, parents: dict[str, str] | None = None):
+        self.final, self.stage, self.config = Path(final), stage, config
+        self.parents = parents or {}
+        self.hash = stage_hash(config, self.parents)
+        self.path = self.final.with_name(self.final.name + ".partial")
+        self.summary: dict[str, Any] = {}
+
+    def __enter__(self) -> StageOutput:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        (self.path / "config.yaml").write_text(dump_yaml(self.config))
+        self.started = time.time()
+        return self
+
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            return False  # the .partial folder stays for inspection; the last good result is untouched
+        wall = time.time() - self.started
+        self.log({"summary": True, "wall_time_s": round(wall, 3), **self.summary})
+        data_files = sorted(
+            p for p in self.path.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json")
+        )
+        provenance = {
+            "stage": self.stage,
+            "config_hash": self.hash,
+            "parents": self.parents,
+            "data_hashes": {str(p.relative_to(self.path)): file_sha256(p) for p in data_files},
+            "git_commit": git_commit(),
+            "versions": versions(),
+            "host": socket.gethostname(),
+            "wall_time_s": round(wall, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (self.path / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        write_atomic(
+            self.path / "DONE", json.dumps({"config_hash": self.hash, "parents": self.parents}) + "\n"
+        )
+        old = self.final.with_name(self.final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.final.exists():
+            os.replace(self.final, old)
+        os.replace(self.path, self.final)
+        shutil.rmtree(old, ignore_errors=True)
+        return False

@@ -1,0 +1,1 @@
+"""One module per stage, each with `main(recipe) -> Path` returning its output folder."""
