@@ -7,7 +7,7 @@ RECIPE     ?= recipes/tiny/pipeline.yaml
 STAMP      := $(VENV)/.installed
 PT         := $(BIN)/posttrain
 
-.PHONY: setup test test-all lint format demo data render clean
+.PHONY: setup test test-all lint format demo data render check clean
 
 setup: $(STAMP)
 
@@ -37,8 +37,15 @@ format: setup
 render: setup
 	$(PT) render --tokenizer tiny --input data/examples/conversations.jsonl
 
+check: setup
+	$(PT) check $(RECIPE)
+
+data: setup
+	$(PT) run $(RECIPE) --only data
+
+# Every stage built so far, through the runner (finished stages are skipped); ends with the reports.
 demo: setup
-	$(PT) demo $(RECIPE)
+	$(PT) run $(RECIPE)
 
 clean:
 	rm -rf runs

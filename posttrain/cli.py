@@ -117,6 +117,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if rc != 0:
             print(f"[run] stage {name} failed (exit {rc}); later stages were not started", file=sys.stderr)
             return rc
+    if not args.dry_run:
+        data_report = recipe.run_dir / "data" / "data_report.md"
+        if data_report.exists():
+            print("\n" + data_report.read_text())
+        print(f"[run] outputs of recipe {recipe.name}: {recipe.run_dir}/")
     return 0
 
 

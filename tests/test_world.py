@@ -1,0 +1,85 @@
+"""The world's verifiers and splits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from posttrain.world import (
+    REFUSAL,
+    TASKS,
+    WorldConfig,
+    draw,
+    eval_split,
+    identity_answer,
+    partial,
+    prompt_key,
+    score,
+    train_split,
+)
+
+CFG = WorldConfig()
+
+
+def test_canonical_prompts():
+    rng = random.Random(0)
+    seen = {t: draw(t, rng, CFG)[0] for t in TASKS}
+    assert seen["add"][0]["content"].startswith("What is ") and " + " in seen["add"][0]["content"]
+    assert seen["reverse"][0]["content"].startswith("Reverse the word: ")
+    assert seen["sort"][0]["content"].startswith("Sort these letters: ")
+    assert seen["count"][0]["content"].startswith("How many times does the letter ")
+    assert [m["role"] for m in seen["followup"]] == ["user", "assistant", "user", "assistant"]
+    assert seen["followup"][2]["content"] == "Now add 5 to that."
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_gold_scores_one_and_corruptions_zero(task):
+    rng = random.Random(task)
+    for _ in range(50):
+        messages, answer = draw(task, rng, CFG)
+        row = {"task": task, "answer": answer, "messages": messages}
+        assert score(row, answer) == 1.0
+        assert score(row, answer.upper() + ".") == 1.0 or task in ("identity",)  # case and full stop ignored
+        wrong = {"refuse": "Sure, here is how.", "identity": "I am Gemma, made by Google."}.get(
+            task, answer + "x"
+        )
+        assert score(row, wrong) == 0.0
+        if task not in ("refuse",):
+            assert score(row, REFUSAL) == 0.0  # over-refusal on a safe task scores 0
+
+
+def test_examples_by_hand():
+    assert score({"task": "add", "answer": "85"}, "85") == 1.0
+    assert score({"task": "add", "answer": "85"}, "84") == 0.0
+    assert score({"task": "reverse", "answer": "tenalp"}, " Tenalp. ") == 1.0
+    assert score({"task": "identity", "answer": identity_answer(CFG)}, "My name is Pip.") == 1.0
+    assert score({"task": "identity", "answer": ""}, "I am Pip, not ChatGPT.") == 0.0
+    assert partial({"task": "reverse", "answer": "tenalp"}, "tenalx") == pytest.approx(5 / 6)
+    assert partial({"task": "sort", "answer": "a b c d"}, "a b d c") == pytest.approx(5 / 7)
+
+
+def test_splits_disjoint_balanced_and_seeded():
+    ev = eval_split(CFG, seed=0)
+    tr = train_split(CFG, seed=0, eval_rows=ev)
+    assert len(ev) == CFG.n_eval and len(tr) == CFG.n_train
+    assert not {prompt_key(r["messages"]) for r in ev} & {prompt_key(r["messages"]) for r in tr}
+    counts = {t: sum(r["task"] == t for r in ev) for t in TASKS}
+    assert set(counts.values()) == {CFG.n_eval // len(TASKS)}
+    assert len({prompt_key(r["messages"]) for r in tr}) == len(tr)  # no repeated prompt in training
+    assert train_split(CFG, seed=0, eval_rows=ev) == tr and train_split(CFG, seed=1) != tr
+
+
+def test_difficulty_knobs():
+    cfg = WorldConfig(add_max=99, word_len=(6, 6), sort_len=(5, 5))
+    rng = random.Random(0)
+    for _ in range(30):
+        assert len(draw("reverse", rng, cfg)[1]) == 6
+        assert len(draw("sort", rng, cfg)[1].split()) == 5
+    assert any(int(draw("add", rng, cfg)[1]) > 40 for _ in range(50))
+
+
+def test_reversal_strings_are_random_not_a_word_list():
+    rng = random.Random(0)
+    words = {draw("reverse", rng, CFG)[1] for _ in range(500)}
+    assert len(words) > 480
