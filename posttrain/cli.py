@@ -160,6 +160,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from posttrain.merging import MergeError, merge_models
+
+    try:
+        out = merge_models(args.models, args.out, args.method, args.weights, args.base, args.eta)
+    except MergeError as e:
+        print(f"posttrain merge: {e}", file=sys.stderr)
+        return 1
+    print(f"merged {len(args.models)} models ({args.method}) into {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Gemma-2-style post-training pipeline.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -201,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--max-length", type=int, default=512)
     v.set_defaults(func=_cmd_validate)
+
+    m = sub.add_parser("merge", help="average saved models: linear, slerp (task vectors), liti (WARP)")
+    m.add_argument("--method", choices=["linear", "slerp", "liti"], default="linear")
+    m.add_argument("--models", nargs="+", required=True, help="model folders (safetensors)")
+    m.add_argument("--weights", nargs="+", type=float, help="linear only: one weight per model")
+    m.add_argument("--base", help="the shared initialisation (slerp, liti)")
+    m.add_argument(
+        "--eta", type=float, default=1.0, help="liti: interpolation from the base (0) to the merge (1)"
+    )
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=_cmd_merge)
     return p
 
 
