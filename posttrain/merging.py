@@ -183,7 +183,7 @@ def write_streaming(path: Path, names: list[str], meta: dict, produce) -> None:
             t = produce(n).to(_FROM_ST[meta[n][0]]).contiguous()
             if list(t.shape) != header[n]["shape"]:
                 raise MergeError(f"{n}: produced shape {list(t.shape)}, expected {header[n]['shape']}")
-            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")  # no copy of the bytes
 
 
 def merge_models(
