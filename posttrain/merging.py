@@ -165,13 +165,17 @@ _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", t
 _FROM_ST = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
+def _nbytes(st_dtype: str, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * torch.tensor([], dtype=_FROM_ST[st_dtype]).element_size()
+
+
 def write_streaming(path: Path, names: list[str], meta: dict, produce) -> None:
     """Write a safetensors file whose header is known in advance; `produce(name)` gives each tensor in turn,
     so only one tensor is held at a time."""
     header, offset = {}, 0
     for n in names:
         st_dtype, shape = meta[n]
-        nbytes = math.prod(shape) * torch.tensor([], dtype=_FROM_ST[st_dtype]).element_size()
+        nbytes = _nbytes(st_dtype, shape)
         header[n] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -222,8 +226,7 @@ def merge_models(
     tmp.mkdir(parents=True)
     shards, cur, size = [], [], 0
     for n in names:
-        dtype, shape = inputs[0].meta[n]
-        nbytes = math.prod(shape) * torch.tensor([], dtype=_FROM_ST[dtype]).element_size()
+        nbytes = _nbytes(*inputs[0].meta[n])
         if cur and size + nbytes > max_shard_bytes:
             shards.append(cur)
             cur, size = [], 0
