@@ -249,10 +249,7 @@ def merge_models(
     }  # fmt: skip
     (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     if len(shards) > 1:  # the index last: a folder with an index has every shard
-        total = sum(
-            math.prod(s) * torch.tensor([], dtype=_FROM_ST[d]).element_size()
-            for d, s in inputs[0].meta.values()
-        )
+        total = sum(_nbytes(*m) for m in inputs[0].meta.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     old = out.with_name(out.name + ".old")
