@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from posttrain.outputs import replace_folder
 
 # ----------------------------------------------------------------------------------------- pure functions
 
@@ -252,10 +253,5 @@ def merge_models(
         total = sum(_nbytes(*m) for m in inputs[0].meta.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, out)
     return out

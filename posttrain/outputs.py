@@ -73,6 +73,16 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def replace_folder(tmp: Path, final: Path) -> None:
+    """Move the complete folder `tmp` to `final`, replacing what was there only once `tmp` is in hand."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class StageOutput:
     """Context manager for one stage folder. Use `.path` for files; `.log(row)` for metrics."""
 
@@ -117,10 +127,5 @@ class StageOutput:
         write_atomic(
             self.path / "DONE", json.dumps({"config_hash": self.hash, "parents": self.parents}) + "\n"
         )
-        old = self.final.with_name(self.final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.final.exists():
-            os.replace(self.final, old)
-        os.replace(self.path, self.final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(self.path, self.final)
         return False
