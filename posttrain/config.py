@@ -377,8 +377,10 @@ def from_dict(cls: type, raw: dict, where: Where | None = None, source: str = "<
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load, merge `extends`, apply `--set` overrides, validate. Raises ConfigError listing every problem."""
     raw, where = load_raw(path)
-    own, _ = _read_yaml(Path(path))
-    if "extends" in own and "name" not in own and not any(o.startswith("name=") for o in overrides):
+    here = f"{path}:"
+    extends = any(not w.startswith(here) for w in where.values())  # some key came from a parent file
+    own_name = where.get(("name",), "").startswith(here)
+    if extends and not own_name and not any(o.startswith("name=") for o in overrides):
         raise ConfigError(
             [f"{path}: set 'name:' — a recipe that extends another would otherwise share its run folder"]
         )
