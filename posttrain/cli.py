@@ -66,51 +66,49 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-# Stages in pipeline order; each module has stage_config(recipe) and main(recipe) -> Path.
-STAGES = {"data": "posttrain.stages.data"}
-PLANNED = ("teacher", "generate", "sft", "distill", "rm", "rlhf", "merge", "eval")
-
-
-def _stage_module(name: str):
-    import importlib
-
-    if name not in STAGES:
-        later = f"; not built yet: {', '.join(PLANNED)}" if name in PLANNED else ""
-        raise ConfigError([f"unknown stage {name!r}; stages: {', '.join(STAGES)}{later}"])
-    return importlib.import_module(STAGES[name])
-
-
 def _cmd_stage(args: argparse.Namespace) -> int:
     from posttrain.config import load_recipe
+    from posttrain.runner import stage_module
 
     recipe = load_recipe(args.recipe, args.set)
-    out = _stage_module(args.name).main(recipe)
+    out = stage_module(args.name).main(recipe)
     print(f"[{args.name}] done: {out}")
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    """Run the built stages in order, each in its own process; skip those already done with the same config."""
+    """Run the recipe's stages in order, each in its own process; skip those done with the same config."""
     import subprocess
 
+    from posttrain import runner
     from posttrain.config import load_recipe
-    from posttrain.outputs import read_done, stage_hash
+    from posttrain.outputs import read_done
 
     recipe = load_recipe(args.recipe, args.set)
-    only = set(args.only.split(",")) if args.only else None
-    for name in [s for s in STAGES if only is None or s in only]:
-        module = _stage_module(name)
+    stages = runner.plan(recipe)
+    for name in (args.only.split(",") if args.only else []) + ([args.from_] if args.from_ else []):
+        if name not in stages:
+            runner.stage_module(name)  # unknown stage: a clear error
+            raise ConfigError([f"stage {name!r} is not in recipe {recipe.name}'s plan ({', '.join(stages)})"])
+    if args.only:
+        stages = runner.with_parents(recipe, args.only.split(","))
+    forced = set()
+    if args.from_:
+        forced = set(stages[stages.index(args.from_) :])
+    if args.force:
+        forced |= set(args.only.split(",")) if args.only else set(stages)
+    for name in stages:
         folder = recipe.run_dir / name
         done = read_done(folder)
-        want = stage_hash(module.stage_config(recipe), {})
+        want = runner.expected_hash(recipe, name)
         cmd = [sys.executable, "-m", "posttrain", "stage", name, args.recipe] + [
             f"--set={s}" for s in args.set
         ]
-        if done and done.get("config_hash") == want and not args.force:
-            print(f"[run] skip {name}: {folder} is done with the same config ({want})")
+        if done and done.get("config_hash") == want and name not in forced:
+            print(f"[run] skip {name}: {folder} is done with the same config and parents ({want})")
             continue
-        why = "forced" if args.force and done else ("config changed" if done else "not done yet")
-        print(f"[run] {name} ({why}): {' '.join(cmd)}")
+        why = "forced" if name in forced else ("config or parents changed" if done else "not done yet")
+        print(f"[run] {name} ({why}): {' '.join(cmd)}", flush=True)
         if args.dry_run:
             continue
         rc = subprocess.run(cmd).returncode
@@ -118,9 +116,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"[run] stage {name} failed (exit {rc}); later stages were not started", file=sys.stderr)
             return rc
     if not args.dry_run:
-        data_report = recipe.run_dir / "data" / "data_report.md"
-        if data_report.exists():
-            print("\n" + data_report.read_text())
+        for name, report in (("data", "data_report.md"), ("generate", "generate_report.md")):
+            path = recipe.run_dir / name / report
+            if path.exists() and name in stages:
+                print("\n" + path.read_text())
         print(f"[run] outputs of recipe {recipe.name}: {recipe.run_dir}/")
     return 0
 
@@ -191,16 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_check)
 
     s = sub.add_parser("stage", help="run one stage of a recipe in this process")
-    s.add_argument("name", help=f"stage: {', '.join(STAGES)}")
+    s.add_argument("name", help="stage: data, teacher, generate, sft")
     s.add_argument("recipe")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(func=_cmd_stage)
 
     r = sub.add_parser("run", help="run a recipe's stages in order, skipping those already done")
     r.add_argument("recipe")
-    r.add_argument("--only", help="comma-separated stages to run")
+    r.add_argument("--only", help="comma-separated stages to run (with the parents they need)")
+    r.add_argument("--from", dest="from_", metavar="STAGE", help="rerun this stage and every later one")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    r.add_argument("--force", action="store_true", help="rerun stages that are done")
+    r.add_argument(
+        "--force", action="store_true", help="rerun stages that are done (those in --only, or all)"
+    )
     r.add_argument("--dry-run", action="store_true", help="print what would run and what would be skipped")
     r.set_defaults(func=_cmd_run)
 

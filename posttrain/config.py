@@ -29,6 +29,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from posttrain.data.sources import DataConfig
+from posttrain.generation import EvalConfig, SamplingConfig
+from posttrain.training import TrainConfig
 from posttrain.world import WorldConfig
 
 
@@ -103,7 +105,12 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A whole pipeline. `name` decides the output folder: `<output_dir>/<name>/<stage>/`."""
+    """A whole pipeline. `name` decides the output folder: `<output_dir>/<name>/<stage>/`.
+
+    teacher_train: set it to train the teacher with SFT on the data stage's conversations (the `teacher` stage;
+    the tiny recipe does, from a preset); leave it unset when `teacher` names a trained model. generate: how the
+    teacher samples responses. sft: the student's SFT run. eval: the evaluation done at the end of each stage.
+    """
 
     name: str
     model: ModelSpec
@@ -115,6 +122,10 @@ class Recipe:
     reward_model: ModelSpec | None = None
     world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    teacher_train: TrainConfig | None = None
+    generate: SamplingConfig = field(default_factory=SamplingConfig)
+    sft: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def problems(self) -> list[str]:

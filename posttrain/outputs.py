@@ -86,19 +86,40 @@ def replace_folder(tmp: Path, final: Path) -> None:
 class StageOutput:
     """Context manager for one stage folder. Use `.path` for files; `.log(row)` for metrics."""
 
-    def __init__(self, final: Path, stage: str, config: Any, parents: dict[str, str] | None = None):
+    def __init__(
+        self,
+        final: Path,
+        stage: str,
+        config: Any,
+        parents: dict[str, str] | None = None,
+        resume: bool = False,
+    ):
         self.final, self.stage, self.config = Path(final), stage, config
         self.parents = parents or {}
         self.hash = stage_hash(config, self.parents)
         self.path = self.final.with_name(self.final.name + ".partial")
         self.summary: dict[str, Any] = {}
+        self.resume = resume
+        self.resumed = False
 
     def __enter__(self) -> StageOutput:
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
+        marker = self.path / "STAGE_HASH"
+        if self.resume and marker.exists() and marker.read_text().strip() == self.hash:
+            self.resumed = True  # same config and parents: keep checkpoints and finished shards
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path.mkdir(parents=True)
+            write_atomic(marker, self.hash + "\n")
         (self.path / "config.yaml").write_text(dump_yaml(self.config))
         self.started = time.time()
         return self
+
+    def trim_metrics(self, last_step: int) -> None:
+        """On resume from a checkpoint at `last_step`: drop metric rows logged after it (they will be redone)."""
+        f = self.path / "metrics.jsonl"
+        if f.exists():
+            rows = [r for r in f.read_text().splitlines() if r and json.loads(r).get("step", 0) <= last_step]
+            write_atomic(f, "".join(r + "\n" for r in rows))
 
     def log(self, row: dict[str, Any]) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:
@@ -127,5 +148,6 @@ class StageOutput:
         write_atomic(
             self.path / "DONE", json.dumps({"config_hash": self.hash, "parents": self.parents}) + "\n"
         )
+        (self.path / "STAGE_HASH").unlink(missing_ok=True)
         replace_folder(self.path, self.final)
         return False

@@ -29,6 +29,10 @@ from posttrain.modeling import load_tokenizer
 from posttrain.outputs import StageOutput
 
 
+def parents(recipe: Recipe) -> list[str]:
+    return []
+
+
 def stage_config(recipe: Recipe) -> dict[str, Any]:
     """What this stage's output depends on (its hash decides whether it reruns)."""
     return {

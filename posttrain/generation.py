@@ -1,0 +1,212 @@
+"""Batched generation from rendered prompts, and the world evaluation built on it.
+
+Prompts are rendered by the project's renderer (one `<bos>`, ending in `<start_of_turn>model\\n`), left-padded by
+hand with the pad id and an attention mask, and generated with HF `generate` and its KV cache; prompts are sorted
+by length so that a batch carries little padding, and results come back in the input order. Generation stops on
+`<end_of_turn>` and `<eos>`; a response that reaches `max_new_tokens` without a stop is marked truncated.
+With `temperature: 0` decoding is greedy. vLLM (`engine: vllm`, or `auto` on a GPU where vllm is installed)
+takes the same token ids and stop ids.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from posttrain.chat import CONTROL_TOKENS, prompt_messages, render
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How responses are sampled (the `generate:` section). temperature 0 = greedy; top_k 0 and top_p 1.0 = off.
+
+    batch_size: prompts per `generate` call. shard_size: prompts per output shard; a rerun of a killed stage
+    continues from the last finished shard. engine: `auto` = vLLM on a GPU when installed, else HF generate.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 32
+    shard_size: int = 512
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_new_tokens < 1:
+            out.append(f"max_new_tokens: {self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            out.append(f"temperature: {self.temperature} must be 0 (greedy) or positive")
+        if not 0 < self.top_p <= 1:
+            out.append(f"top_p: {self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            out.append(f"top_k: {self.top_k} must be 0 (off) or positive")
+        if self.batch_size < 1 or self.shard_size < 1:
+            out.append("batch_size and shard_size must be at least 1")
+        return out
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation during and after training stages: greedy responses to the evaluation prompts."""
+
+    max_new_tokens: int = 128
+    batch_size: int = 64
+
+
+@dataclass
+class Generation:
+    ids: list[int]  # generated ids, without the stop token
+    text: str
+    truncated: bool  # no stop within max_new_tokens
+    malformed: bool  # contains a control token (it would forge a turn)
+
+
+def prompt_ids(
+    messages: list[dict], tokenizer: Any, chat: Any, max_new_tokens: int, where: str = "?"
+) -> list[int]:
+    """The prompt part of a conversation, rendered with the generation prompt, cut from the left to leave room
+    for `max_new_tokens` within `chat.max_length`."""
+    r = render(
+        prompt_messages(messages), tokenizer, add_generation_prompt=True, system=chat.system, where=where
+    )
+    room = max(chat.max_length - max_new_tokens, 8)
+    ids = r.input_ids
+    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1 :]
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    stops = [tokenizer.eos_token_id]
+    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    if isinstance(end, int) and end != tokenizer.unk_token_id:
+        stops.append(end)
+    return stops
+
+
+def _decode(ids: list[int], tokenizer: Any, stops: list[int], max_new: int) -> Generation:
+    cut = next((i for i, t in enumerate(ids) if t in stops), None)
+    body = ids if cut is None else ids[:cut]
+    body = [t for t in body if t != tokenizer.pad_token_id]
+    text = tokenizer.decode(body, skip_special_tokens=False)
+    return Generation(
+        ids=body, text=text.strip(), truncated=cut is None and len(ids) >= max_new,
+        malformed=any(tok in text for tok in CONTROL_TOKENS),
+    )  # fmt: skip
+
+
+def use_vllm(cfg: SamplingConfig) -> bool:
+    if cfg.engine == "hf":
+        return False
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        if cfg.engine == "vllm":
+            raise RuntimeError(
+                "generate.engine is 'vllm' but vllm is not installed; pip install vllm, or use 'hf'"
+            ) from None
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def generate(
+    model, tokenizer: Any, prompts: list[list[int]], cfg: SamplingConfig, seed: int = 0, progress: Any = None
+) -> list[Generation]:
+    """Generate one response per prompt (token ids). `progress`: a tqdm bar advanced by prompts done."""
+    import torch
+
+    with torch.no_grad():
+        return _generate(model, tokenizer, prompts, cfg, seed, progress)
+
+
+def _generate(model, tokenizer, prompts, cfg, seed, progress):
+    import torch
+
+    stops = stop_ids(tokenizer)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[Generation | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    for b in range(0, len(order), cfg.batch_size):
+        idx = order[b : b + cfg.batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            p = prompts[i]
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        torch.manual_seed(seed + b)
+        sample = cfg.temperature > 0
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=cfg.max_new_tokens,
+            do_sample=sample, temperature=cfg.temperature if sample else None,
+            top_p=cfg.top_p if sample else None, top_k=cfg.top_k if sample else None,
+            eos_token_id=stops, pad_token_id=pad,
+        )  # fmt: skip
+        for row, i in enumerate(idx):
+            out[i] = _decode(gen[row, width:].tolist(), tokenizer, stops, cfg.max_new_tokens)
+        if progress is not None:
+            progress.update(len(idx))
+    model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def generate_vllm(
+    model_dir: str, tokenizer: Any, prompts: list[list[int]], cfg: SamplingConfig, seed: int = 0
+):
+    """The same contract as `generate`, with vLLM (GPU). Gemma 2 soft-capping is kept by vLLM's Gemma 2 model."""
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    stops = stop_ids(tokenizer)
+    llm = LLM(model=model_dir, dtype="bfloat16", seed=seed)
+    params = SamplingParams(
+        n=1, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or -1, max_tokens=cfg.max_new_tokens,
+        stop_token_ids=stops, seed=seed,
+    )  # fmt: skip
+    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    return [_decode(list(r.outputs[0].token_ids), tokenizer, stops, cfg.max_new_tokens) for r in results]
+
+
+# ------------------------------------------------------------------------------------------ world evaluation
+
+
+def world_eval(
+    model, tokenizer: Any, rows: list[dict], chat: Any, assistant_name: str, max_new_tokens: int = 64,
+    batch_size: int = 64,
+) -> dict[str, Any]:  # fmt: skip
+    """Greedy responses to the world's evaluation prompts, scored by its verifiers.
+
+    Returns {"score", "per_task": {task: score}, "truncation_rate", "mean_length", "examples": [...]}."""
+    from posttrain import world
+
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size, engine="hf")
+    t0 = time.time()
+    prompts = [prompt_ids(r["messages"], tokenizer, chat, max_new_tokens, r.get("id", "?")) for r in rows]
+    gens = generate(model, tokenizer, prompts, cfg)
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for r, g in zip(rows, gens):
+        by_task[r["task"]].append(world.score(r, g.text, assistant_name))
+    scores = [s for v in by_task.values() for s in v]
+    return {
+        "score": sum(scores) / max(len(scores), 1),
+        "per_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())},
+        "n": len(rows),
+        "truncation_rate": sum(g.truncated for g in gens) / max(len(gens), 1),
+        "mean_length": sum(len(g.ids) for g in gens) / max(len(gens), 1),
+        "seconds": round(time.time() - t0, 2),
+        "examples": [
+            {
+                "prompt": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "",
+                "response": g.text,
+                "answer": r.get("answer"),
+            }
+            for r, g in list(zip(rows, gens))[:: max(len(rows) // 7, 1)][:7]
+        ],  # fmt: skip
+    }

@@ -1,0 +1,180 @@
+"""`generate` stage: the teacher writes a response to every training prompt; the data filters run on them.
+
+For each training conversation of the `data` stage, the prompt (every turn before the final model turn) is
+rendered with the generation prompt and the teacher samples a response (`generate:` settings: temperature,
+top-p/top-k, max_new_tokens; batched HF `generate` with the KV cache and left padding, or vLLM on a GPU when
+installed). Prompts are processed in shards of `generate.shard_size`; each finished shard is written atomically
+to `shards/`, so a killed run continues from the last finished shard when rerun with the same recipe.
+
+Then: responses without a stop token within max_new_tokens (truncated) or containing a control token are
+dropped and counted; the rest become conversations (`meta.teacher`, `meta.sampling` record their provenance)
+and pass the Gemma 2 data filters of the `data:` section (personal data, unsafe content, self-identification,
+contamination with the evaluation prompts, duplicates) and the length check, with a report.
+On the built-in world the report also gives the share of teacher responses the verifiers accept.
+
+Writes `runs/<recipe>/generate/`: `data/train.jsonl` (the student's SFT data), `data/eval.jsonl` (the data
+stage's evaluation split), `generate_report.{json,md}`, `metrics.jsonl`, `provenance.json`, `DONE`.
+
+    CPU:      posttrain run recipes/tiny/pipeline.yaml --only generate
+    one GPU:  posttrain stage generate RECIPE        (vLLM when installed, else HF generate in bf16)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import ModelSpec, Recipe, to_dict
+from posttrain.outputs import StageOutput, write_atomic
+from posttrain.stages.sft import read_rows
+
+
+def parents(recipe: Recipe) -> list[str]:
+    return ["data", "teacher"] if recipe.teacher_train is not None else ["data"]
+
+
+def stage_config(recipe: Recipe) -> dict[str, Any]:
+    return {"teacher": recipe.teacher, "generate": recipe.generate, "chat": recipe.chat, "seed": recipe.seed,
+            "filters": recipe.data.filters, "max_dropped_fraction": recipe.data.max_dropped_fraction}  # fmt: skip
+
+
+def teacher_spec(recipe: Recipe) -> ModelSpec:
+    """The teacher to load: the `teacher` stage's model when the recipe trains one, else `teacher:` itself."""
+    t = recipe.teacher
+    if recipe.teacher_train is None:
+        return t
+    folder = str(recipe.run_dir / "teacher" / "model")
+    return ModelSpec(
+        name_or_path=folder, tokenizer=folder, dtype=t.dtype, attn_implementation=t.attn_implementation
+    )
+
+
+def main(recipe: Recipe) -> Path:
+    from tqdm.auto import tqdm
+
+    from posttrain import runner
+    from posttrain.generation import generate, generate_vllm, prompt_ids, use_vllm
+    from posttrain.modeling import load_causal_lm, load_tokenizer
+
+    # --- config & logging
+    cfg = recipe.generate
+    with StageOutput(recipe.run_dir / "generate", "generate", stage_config(recipe),
+                     runner.parent_hashes(recipe, "generate"), resume=True) as out:  # fmt: skip
+        print(f"[generate] recipe {recipe.name}, config {out.hash}: {json.dumps(to_dict(cfg))}")
+        # --- data
+        src = recipe.run_dir / "data" / "data"
+        rows, eval_rows = read_rows(src / "train.jsonl"), read_rows(src / "eval.jsonl")
+        spec = teacher_spec(recipe)
+        tokenizer = load_tokenizer(spec)
+        prompts = [prompt_ids(r["messages"], tokenizer, recipe.chat, cfg.max_new_tokens, r.get("id", "?"))
+                   for r in rows]  # fmt: skip
+        shards = out.path / "shards"
+        shards.mkdir(exist_ok=True)
+        starts = list(range(0, len(rows), cfg.shard_size))
+        todo = [s for s in starts if not (shards / f"{s:08d}.jsonl").exists()]
+        if len(todo) < len(starts):
+            print(f"[generate] resuming: {len(starts) - len(todo)} of {len(starts)} shards already written")
+        # --- models
+        vllm = use_vllm(cfg)
+        model = None if vllm or not todo else load_causal_lm(spec, tokenizer, seed=recipe.seed)
+        # --- generate
+        done_before = sum(min(cfg.shard_size, len(rows) - s) for s in starts if s not in todo)
+        bar = tqdm(total=len(rows), initial=done_before, desc="[generate] teacher responses", unit="prompt")
+        t0, new_tokens = time.time(), 0
+        for s in todo:
+            batch = prompts[s : s + cfg.shard_size]
+            if vllm:
+                gens = generate_vllm(spec.name_or_path, tokenizer, batch, cfg, seed=recipe.seed + s)
+                bar.update(len(batch))
+            else:
+                gens = generate(model, tokenizer, batch, cfg, seed=recipe.seed + s, progress=bar)
+            new_tokens += sum(len(g.ids) for g in gens)
+            lines = [json.dumps({"id": rows[s + i].get("id"), "response": g.text, "truncated": g.truncated,
+                                 "malformed": g.malformed, "tokens": len(g.ids)}, ensure_ascii=False)
+                     for i, g in enumerate(gens)]  # fmt: skip
+            write_atomic(shards / f"{s:08d}.jsonl", "\n".join(lines) + "\n")
+            out.log({"shard": s, "prompts": len(batch), "tokens": sum(len(g.ids) for g in gens)})
+        bar.close()
+        seconds = time.time() - t0
+        # --- filter
+        gens_by_row = [
+            json.loads(line) for s in starts for line in (shards / f"{s:08d}.jsonl").read_text().splitlines()
+        ]
+        report, kept = build_and_filter(recipe, rows, gens_by_row, eval_rows, tokenizer, spec)
+        report["throughput"] = {"seconds": round(seconds, 2), "prompts": sum(min(cfg.shard_size, len(rows) - s) for s in todo),
+                                "new_tokens": new_tokens, "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
+                                "engine": "vllm" if vllm else "hf", "batch_size": cfg.batch_size}  # fmt: skip
+        # --- save
+        (out.path / "data").mkdir(exist_ok=True)
+        for name, part in (("train", kept), ("eval", eval_rows)):
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
+            write_atomic(out.path / "data" / f"{name}.jsonl", text)
+        (out.path / "generate_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out.path / "generate_report.md").write_text(report_markdown(report))
+        print(report_markdown(report))
+        shutil.rmtree(shards)
+        out.summary = {"rows_in": len(rows), "rows_out": len(kept), **report["throughput"],
+                       "teacher_correct": report.get("teacher_correct")}  # fmt: skip
+    return out.final
+
+
+def build_and_filter(recipe: Recipe, rows: list[dict], gens: list[dict], eval_rows: list[dict], tokenizer,
+                     spec: ModelSpec) -> tuple[dict, list[dict]]:  # fmt: skip
+    """Teacher responses → conversations; drop truncated/malformed; length check; the data filters."""
+    from posttrain import world
+    from posttrain.chat import prompt_messages
+    from posttrain.data.filters import apply_filters
+    from posttrain.data.formats import DataError, length_check
+
+    sampling = to_dict(recipe.generate)
+    teacher = spec.name_or_path or spec.preset
+    dropped: Counter = Counter()
+    convs, correct = [], []
+    for row, g in zip(rows, gens):
+        if g["truncated"] or g["malformed"] or not g["response"]:
+            dropped["truncated" if g["truncated"] else "malformed" if g["malformed"] else "empty"] += 1
+            continue
+        conv = {k: v for k, v in row.items() if k not in ("messages", "meta")}
+        conv["messages"] = prompt_messages(row["messages"]) + [
+            {"role": "assistant", "content": g["response"]}
+        ]
+        conv["meta"] = {"teacher": teacher, "sampling": sampling, "source_id": row.get("id")}
+        if "task" in row and "answer" in row:
+            correct.append(world.score(row, g["response"], recipe.world.assistant_name))
+        convs.append(conv)
+    kept, too_long, _ = length_check(convs, "conversations", tokenizer, recipe.chat)
+    n_bad = sum(dropped.values()) + sum(len(v) for v in too_long.values())
+    if rows and n_bad / len(rows) > recipe.data.max_dropped_fraction:
+        raise DataError(
+            [f"generate: {n_bad} of {len(rows)} teacher responses ({n_bad / len(rows):.1%}) were truncated, "
+             f"malformed or too long ({dict(dropped)}, {({k: len(v) for k, v in too_long.items()})}); limit "
+             "data.max_dropped_fraction — raise generate.max_new_tokens / chat.max_length or check the teacher"]
+        )  # fmt: skip
+    kept, filt = apply_filters(kept, recipe.data.filters, eval_rows)
+    report = {
+        "rows_in": len(rows), "dropped": dict(dropped), "too_long": {k: len(v) for k, v in too_long.items()},
+        "filters": filt, "rows_out": len(kept),
+    }  # fmt: skip
+    if correct:
+        report["teacher_correct"] = round(sum(correct) / len(correct), 4)
+    return report, kept
+
+
+def report_markdown(report: dict) -> str:
+    lines = ["## Teacher responses", "", "| | rows |", "|---|---:|", f"| prompts | {report['rows_in']} |"]
+    for k, v in {**report["dropped"], **report["too_long"]}.items():
+        lines.append(f"| dropped: {k} | {v} |")
+    for k, v in report["filters"]["removed"].items():
+        lines.append(f"| removed: {k} (e.g. {', '.join(v['examples'][:2])}) | {v['count']} |")
+    lines.append(f"| **conversations for SFT** | **{report['rows_out']}** |")
+    if "teacher_correct" in report:
+        lines.append(f"| teacher responses the world's verifiers accept | {report['teacher_correct']:.1%} |")
+    t = report.get("throughput")
+    if t:
+        lines += ["", f"Generation ({t['engine']}, batch {t['batch_size']}): {t['prompts']} prompts, "
+                  f"{t['new_tokens']} new tokens in {t['seconds']} s ({t['tokens_per_s']} tokens/s)."]  # fmt: skip
+    return "\n".join(lines) + "\n"

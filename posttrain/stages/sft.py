@@ -1,0 +1,163 @@
+"""`sft` stage: supervised fine-tuning of the policy on conversations (behaviour cloning of the teacher).
+
+Objective: the token-mean negative log-likelihood of the trained tokens — every model turn and its closing
+`<end_of_turn>` (or only the last model turn with `chat.train_on: last`) — as rendered by `posttrain.chat`:
+
+    L(θ) = − Σ_{t ∈ trained} log p_θ(x_t | x_<t) / |trained|      (over all micro-batches of one optimizer step)
+
+Data: the teacher's filtered responses (`generate` stage) when the recipe names a teacher, else the `data`
+stage's conversations. Engine: TRL's `SFTTrainer` fed with the renderer's ids and labels
+(`posttrain.training`); full fine-tuning or LoRA (`sft.lora.enabled`; the saved model has the adapters merged in,
+the adapter itself is kept in `adapter/`). Before and after training the model answers the evaluation prompts
+greedily; on the built-in world the verifiers score those answers per task family (`eval.json`).
+
+A killed run resumes from its last complete checkpoint when rerun with the same recipe.
+
+Writes `runs/<recipe>/sft/`: `model/`, `eval.json`, `metrics.jsonl`, `config.yaml`, `provenance.json`, `DONE`.
+
+    CPU:             posttrain run recipes/tiny/pipeline.yaml --only sft        (or: make sft)
+    one GPU:         posttrain stage sft recipes/gemma2-2b/pipeline.yaml
+    DeepSpeed node:  accelerate launch --config_file recipes/accelerate/zero3.yaml -m posttrain stage sft RECIPE
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import ModelSpec, Recipe, to_dict
+from posttrain.data.jsonl import read_jsonl
+from posttrain.outputs import StageOutput
+from posttrain.training import TrainConfig
+
+
+def parents(recipe: Recipe) -> list[str]:
+    return ["generate"] if recipe.teacher is not None else ["data"]
+
+
+def stage_config(recipe: Recipe) -> dict[str, Any]:
+    return {"model": recipe.model, "train": recipe.sft, "chat": recipe.chat, "eval": recipe.eval,
+            "seed": recipe.seed, "tracking": recipe.tracking.wandb}  # fmt: skip
+
+
+def main(recipe: Recipe) -> Path:
+    return train_stage(recipe, "sft", recipe.model, recipe.sft, stage_config(recipe), parents(recipe)[0])
+
+
+def read_rows(path: Path) -> list[dict]:
+    errors: list[str] = []
+    rows = [row for _, row in read_jsonl(path.read_text().splitlines(), str(path), errors)]
+    if errors:
+        raise ValueError("\n".join(errors))
+    return rows
+
+
+def train_stage(
+    recipe: Recipe, stage: str, spec: ModelSpec, cfg: TrainConfig, config: dict, source: str
+) -> Path:
+    """SFT of `spec` on `<run>/<source>/data/{train,eval}.jsonl` into `<run>/<stage>/` (teacher and sft)."""
+    from posttrain import runner
+    from posttrain.generation import world_eval
+    from posttrain.modeling import (
+        count_parameters,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
+    from posttrain.training import (
+        finalize,
+        last_checkpoint,
+        make_trainer,
+        sft_args,
+        to_dataset,
+        tokenize_rows,
+    )
+
+    # --- config & logging
+    parent_hashes = runner.parent_hashes(recipe, stage)
+    with StageOutput(recipe.run_dir / stage, stage, config, parent_hashes, resume=True) as out:
+        print(f"[{stage}] recipe {recipe.name}, config {out.hash}:\n{json.dumps(to_dict(config), indent=1)}")
+        # --- data
+        src = recipe.run_dir / source / "data"
+        train_rows, eval_rows = read_rows(src / "train.jsonl"), read_rows(src / "eval.jsonl")
+        tokenizer = load_tokenizer(spec)
+        train_ex = tokenize_rows(train_rows, tokenizer, recipe.chat)
+        eval_ex = tokenize_rows([r for r in eval_rows if r["messages"][-1]["role"] == "assistant"], tokenizer,
+                                recipe.chat)  # fmt: skip
+        n_tok = sum(len(e["input_ids"]) for e in train_ex)
+        n_trained = sum(sum(x != -100 for x in e["labels"]) for e in train_ex)
+        print(f"[{stage}] {len(train_ex)} training conversations from {src}: {n_tok} tokens, "
+              f"{n_trained} trained ({n_trained / max(n_tok, 1):.0%})")  # fmt: skip
+        # --- models
+        model = load_causal_lm(spec, tokenizer, seed=recipe.seed)
+        print(f"[{stage}] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
+        on_world = recipe.data.source == "world" and all("task" in r for r in eval_rows)
+
+        def evaluate(m) -> dict | None:
+            if not on_world:
+                return None
+            res = world_eval(m, tokenizer, eval_rows, recipe.chat, recipe.world.assistant_name,
+                             recipe.eval.max_new_tokens, recipe.eval.batch_size)  # fmt: skip
+            print(
+                f"[{stage}] world score {res['score']:.3f} "
+                + " ".join(f"{t} {v:.2f}" for t, v in res["per_task"].items())
+            )
+            return res
+
+        before = evaluate(model)
+        # --- train
+        dev = resolve_device()
+        bf16 = str(resolve_dtype(spec.dtype, dev)) == "torch.bfloat16"
+        args = sft_args(cfg, out.path / "checkpoints", recipe.seed, recipe.chat.max_length, bf16,
+                        recipe.tracking.wandb, f"{recipe.name}/{stage}")  # fmt: skip
+        trainer = make_trainer(model, tokenizer, to_dataset(train_ex), to_dataset(eval_ex) if eval_ex else None,
+                               cfg, args, out.log)  # fmt: skip
+        ckpt = last_checkpoint(out.path / "checkpoints") if out.resumed else None
+        if ckpt is not None:
+            step = int(ckpt.name.split("-")[-1])
+            print(f"[{stage}] resuming from {ckpt} (step {step})")
+            out.trim_metrics(step)
+        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        eval_loss = trainer.evaluate()["eval_loss"] if eval_ex else None
+        if cfg.lora.enabled:
+            trainer.model.save_pretrained(out.path / "adapter")
+        model = finalize(trainer, cfg)
+        after = evaluate(model)
+        # --- save
+        from posttrain.modeling import save_model
+
+        save_model(model, tokenizer, out.path / "model")
+        verify_saved(out.path / "model", model)
+        shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+        report = {"before": before, "after": after, "eval_loss": eval_loss}
+        (out.path / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        out.summary = {
+            "train_loss": result.training_loss, "eval_loss": eval_loss, "train_rows": len(train_ex),
+            "trained_tokens_per_epoch": n_trained, "parameters": count_parameters(model),
+            "world_score_before": before and before["score"], "world_score": after and after["score"],
+            "world_per_task": after and after["per_task"],
+        }  # fmt: skip
+    return out.final
+
+
+def verify_saved(folder: Path, model) -> None:
+    """Every tensor of the saved model is present, non-empty and equal to the trained one (ZeRO-3 saves can be
+    empty; tied weights must stay tied)."""
+    import torch
+    from safetensors.torch import load_file
+
+    saved: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        saved.update(load_file(f))
+    state = {k: v for k, v in model.state_dict().items()}
+    missing = [k for k in state if k not in saved and not k.endswith("lm_head.weight")]
+    empty = [k for k, v in saved.items() if v.numel() == 0]
+    differ = [k for k, v in saved.items() if k in state and not torch.equal(v.cpu(), state[k].detach().cpu())]
+    if missing or empty or differ:
+        raise RuntimeError(
+            f"{folder}: the saved model is not the trained one (missing {missing[:3]}, empty {empty[:3]}, "
+            f"different {differ[:3]})"
+        )

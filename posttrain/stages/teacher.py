@@ -1,0 +1,36 @@
+"""`teacher` stage: train the teacher with SFT on the data stage's conversations.
+
+Only recipes that set `teacher_train:` have it — the tiny recipe, whose teacher is a larger tiny preset trained
+here on the world's gold conversations so that the rest of the pipeline has a teacher better than the student.
+Real recipes name a trained teacher (e.g. a Gemma 2 27B instruction model) in `teacher:` and skip this stage.
+The objective, engine, checkpoints and evaluation are the `sft` stage's (`posttrain.stages.sft.train_stage`).
+
+Writes `runs/<recipe>/teacher/`: `model/`, `eval.json`, `metrics.jsonl`, `config.yaml`, `provenance.json`, `DONE`.
+
+    CPU:  posttrain run recipes/tiny/pipeline.yaml --only teacher
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import Recipe
+from posttrain.stages.sft import train_stage
+
+
+def parents(recipe: Recipe) -> list[str]:
+    return ["data"]
+
+
+def stage_config(recipe: Recipe) -> dict[str, Any]:
+    return {"model": recipe.teacher, "train": recipe.teacher_train, "chat": recipe.chat, "eval": recipe.eval,
+            "seed": recipe.seed, "tracking": recipe.tracking.wandb}  # fmt: skip
+
+
+def main(recipe: Recipe) -> Path:
+    if recipe.teacher is None or recipe.teacher_train is None:
+        from posttrain.config import ConfigError
+
+        raise ConfigError(["stage teacher: set both 'teacher:' and 'teacher_train:' in the recipe"])
+    return train_stage(recipe, "teacher", recipe.teacher, recipe.teacher_train, stage_config(recipe), "data")

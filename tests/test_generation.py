@@ -1,0 +1,80 @@
+"""Batched generation: equals one-by-one, stops at <end_of_turn>, marks truncation; one <bos> per prompt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posttrain.config import ChatConfig, ModelSpec, from_dict
+from posttrain.generation import SamplingConfig, generate, prompt_ids, world_eval
+from posttrain.modeling import load_causal_lm
+from posttrain.training import TrainConfig, make_trainer, sft_args, to_dataset, tokenize_rows
+
+CHAT = ChatConfig(max_length=128)
+QUESTIONS = ["Hi", "What is 2 + 3?", "Reverse the word: planet", "Sort these letters: d b a c", "Who are you?",
+             "How many times does the letter a appear in banana?", "x"]  # fmt: skip
+
+
+def _prompts(tok, max_new=16):
+    return [prompt_ids([{"role": "user", "content": q}], tok, CHAT, max_new) for q in QUESTIONS]
+
+
+def test_prompt_has_one_bos_and_ends_with_the_generation_prompt(tiny_tokenizer):
+    for p in _prompts(tiny_tokenizer):
+        assert p[0] == tiny_tokenizer.bos_token_id and p.count(tiny_tokenizer.bos_token_id) == 1
+        assert tiny_tokenizer.decode(p, skip_special_tokens=False).endswith(
+            "<end_of_turn>\n<start_of_turn>model\n"
+        )
+
+
+def test_long_prompt_is_cut_from_the_left_to_leave_room(tiny_tokenizer):
+    p = prompt_ids([{"role": "user", "content": "y" * 300}], tiny_tokenizer, CHAT, 32)
+    assert len(p) == CHAT.max_length - 32 and p[0] == tiny_tokenizer.bos_token_id
+
+
+@pytest.mark.stage
+def test_batched_greedy_equals_one_by_one(tiny_tokenizer):
+    model = load_causal_lm(ModelSpec(preset="tiny-teacher"), tiny_tokenizer, seed=3)
+    prompts = _prompts(tiny_tokenizer)
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.0, batch_size=len(prompts), engine="hf")
+    batched = generate(model, tiny_tokenizer, prompts, cfg)
+    single = [generate(model, tiny_tokenizer, [p], cfg)[0] for p in prompts]
+    assert [g.ids for g in batched] == [g.ids for g in single]
+    assert len({len(p) for p in prompts}) > 1  # the batch really was left-padded
+
+
+@pytest.mark.stage
+def test_untrained_model_is_marked_truncated(tiny_tokenizer):
+    model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=0)
+    gens = generate(
+        model, tiny_tokenizer, _prompts(tiny_tokenizer), SamplingConfig(max_new_tokens=4, temperature=0)
+    )
+    for g in gens:
+        assert g.truncated == (len(g.ids) == 4)
+
+
+@pytest.mark.stage
+def test_trained_model_stops_at_end_of_turn(tiny_tokenizer, tmp_path):
+    """After SFT on short answers the model emits <end_of_turn> (it is trained) and generation stops there."""
+    rows = [{"id": str(i), "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]}
+            for i, q in enumerate(QUESTIONS)]  # fmt: skip
+    cfg = from_dict(TrainConfig, {"steps": 40, "batch_size": 7, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+                                  "logging_steps": 40, "save_steps": 1000})  # fmt: skip
+    model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=0)
+    args = sft_args(cfg, tmp_path, 0, CHAT.max_length, False, False, "t")
+    make_trainer(model, tiny_tokenizer, to_dataset(tokenize_rows(rows, tiny_tokenizer, CHAT)), None, cfg, args,
+                 lambda r: None).train()  # fmt: skip
+    sampling = SamplingConfig(max_new_tokens=20, temperature=0.0)
+    gens = generate(model, tiny_tokenizer, _prompts(tiny_tokenizer, 20), sampling)
+    assert [g.text for g in gens] == ["ok"] * len(QUESTIONS)
+    assert not any(g.truncated for g in gens)
+    # the raw output: "ok" then <end_of_turn>, then only padding (batch members that stopped)
+    end = tiny_tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    p = _prompts(tiny_tokenizer, 20)[0]
+    raw = model.generate(input_ids=torch.tensor([p]), max_new_tokens=20, do_sample=False)[
+        0, len(p) :
+    ].tolist()
+    assert raw == tiny_tokenizer.convert_tokens_to_ids(["o", "k"]) + [end]
+    rows_eval = [{"id": "e", "task": "add", "answer": "ok", "messages": rows[0]["messages"]}]
+    res = world_eval(model, tiny_tokenizer, rows_eval, CHAT, "Pip", 20)
+    assert res["score"] == 1.0 and res["per_task"] == {"add": 1.0} and res["truncation_rate"] == 0.0

@@ -1,0 +1,104 @@
+"""The smoke recipe end to end through the runner: data → teacher → generate → sft, each stage its own process;
+reruns skip; a changed key reruns exactly the affected stages; a killed generate stage resumes from its shards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import load_recipe
+from posttrain.outputs import read_done
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "recipes" / "tiny" / "smoke.yaml")
+
+
+def _run(*args: str) -> str:
+    p = subprocess.run([sys.executable, "-m", "posttrain", *args], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    log = _run("run", SMOKE, f"--set=output_dir={out}")
+    return out / "tiny-smoke", log
+
+
+@pytest.mark.stage
+def test_every_stage_runs_and_hands_over(smoke_run):
+    run, log = smoke_run
+    for stage in ("data", "teacher", "generate", "sft"):
+        assert read_done(run / stage) is not None, stage
+        assert not (run / f"{stage}.partial").exists()
+    for stage in ("teacher", "sft"):
+        assert (run / stage / "model" / "model.safetensors").exists()
+        assert not (run / stage / "checkpoints").exists()
+        summary = json.loads((run / stage / "metrics.jsonl").read_text().splitlines()[-1])
+        assert summary["summary"] and summary["train_loss"] > 0
+        ev = json.loads((run / stage / "eval.json").read_text())
+        assert set(ev["after"]["per_task"]) == {
+            "add",
+            "reverse",
+            "sort",
+            "count",
+            "identity",
+            "refuse",
+            "followup",
+        }
+    # the sft stage's parent is generate, whose parents are data and teacher
+    assert set(read_done(run / "sft")["parents"]) == {"generate"}
+    assert set(read_done(run / "generate")["parents"]) == {"data", "teacher"}
+    rows = [json.loads(x) for x in (run / "generate" / "data" / "train.jsonl").read_text().splitlines()]
+    assert rows and all(r["meta"]["teacher"].endswith("teacher/model") for r in rows)
+    assert all(r["meta"]["sampling"]["temperature"] == 0.7 for r in rows)
+    assert "## Teacher responses" in log
+
+
+@pytest.mark.stage
+def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(smoke_run):
+    run, _ = smoke_run
+    out = str(run.parent)
+    log = _run("run", SMOKE, f"--set=output_dir={out}", "--dry-run")
+    assert log.count("[run] skip") == 4
+    log = _run("run", SMOKE, f"--set=output_dir={out}", "--set=sft.learning_rate=1e-3", "--dry-run")
+    assert "skip data" in log and "skip teacher" in log and "skip generate" in log
+    assert "[run] sft (config or parents changed)" in log
+    log = _run("run", SMOKE, f"--set=output_dir={out}", "--set=generate.temperature=0.9", "--dry-run")
+    assert "skip teacher" in log and "[run] generate (config" in log and "[run] sft (config" in log
+
+
+@pytest.mark.stage
+def test_killed_generate_resumes_from_its_last_shard(smoke_run, monkeypatch):
+    import posttrain.generation as generation
+    from posttrain.stages import generate as stage
+
+    run, _ = smoke_run
+    recipe = load_recipe(SMOKE, [f"output_dir={run.parent}"])
+    first = (run / "generate" / "data" / "train.jsonl").read_text()
+    real, calls = generation.generate, []
+
+    def dies_on_second_shard(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(generation, "generate", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        stage.main(recipe)
+    assert read_done(run / "generate") is not None  # the finished output is untouched
+    assert len(list((run / "generate.partial" / "shards").glob("*.jsonl"))) == 1
+    calls.clear()
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stage.main(recipe)
+    n_rows = len((run / "data" / "data" / "train.jsonl").read_text().splitlines())
+    n_shards = -(-n_rows // recipe.generate.shard_size)
+    assert n_shards >= 3
+    assert len(calls) == n_shards - 1  # the finished shard was not generated again
+    assert (run / "generate" / "data" / "train.jsonl").read_text() == first  # same result as uninterrupted

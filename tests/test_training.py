@@ -1,0 +1,163 @@
+"""SFT over TRL's SFTTrainer fed by the renderer: real steps on the tiny student, the guards, accumulation, LoRA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from posttrain.config import ChatConfig, ConfigError, ModelSpec, from_dict
+from posttrain.modeling import load_causal_lm
+from posttrain.training import (
+    TrainConfig,
+    TrainingError,
+    check_log,
+    finalize,
+    last_checkpoint,
+    make_trainer,
+    sft_args,
+    to_dataset,
+    tokenize_rows,
+)
+
+CHAT = ChatConfig(max_length=96)
+ROWS = [
+    {"id": f"r{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+    for i, (q, a) in enumerate(
+        [
+            ("What is 2 + 3?", "5"),
+            ("Reverse the word: cat", "tac"),
+            ("Who are you?", "I am Pip."),
+            ("Sort these letters: c a b", "a b c"),
+        ]
+    )  # fmt: skip
+]
+
+
+def _trainer(tok, tmp_path, rows=ROWS, seed=0, **kw):
+    cfg = from_dict(TrainConfig, {"steps": 4, "batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+                         "lr_scheduler": "constant", "save_steps": 1000, "logging_steps": 1, **kw})  # fmt: skip
+    model = load_causal_lm(ModelSpec(preset="tiny-student"), tok, seed=seed)
+    args = sft_args(cfg, tmp_path / "ckpt", seed, CHAT.max_length, False, False, "test")
+    logs: list[dict] = []
+    trainer = make_trainer(
+        model, tok, to_dataset(tokenize_rows(rows, tok, CHAT)), None, cfg, args, logs.append
+    )
+    return trainer, cfg, logs
+
+
+def test_labels_are_the_renderers_mask(tiny_tokenizer):
+    ex = tokenize_rows(ROWS[:1], tiny_tokenizer, CHAT)[0]
+    trained = [t for t in ex["labels"] if t != -100]
+    assert tiny_tokenizer.decode(trained, skip_special_tokens=False) == "5<end_of_turn>"
+    assert (
+        ex["input_ids"][0] == tiny_tokenizer.bos_token_id
+        and ex["input_ids"].count(tiny_tokenizer.bos_token_id) == 1
+    )
+
+
+def test_row_without_room_for_its_response_is_an_error(tiny_tokenizer):
+    long = [
+        {
+            "id": "long",
+            "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * 200}],
+        }
+    ]
+    with pytest.raises(TrainingError, match="long: no trained token fits"):
+        tokenize_rows(long, tiny_tokenizer, CHAT)
+
+
+@pytest.mark.stage
+def test_real_steps_change_every_parameter_and_lower_the_loss(tiny_tokenizer, tmp_path):
+    trainer, cfg, logs = _trainer(tiny_tokenizer, tmp_path, steps=12)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(p.detach(), before[n])]
+    assert unchanged == []
+    losses = [r["loss"] for r in logs if "loss" in r]
+    assert all(math.isfinite(x) for x in losses) and len(losses) == 12
+    assert losses[-1] < 0.5 * losses[0]  # the same 4 conversations every step: the loss must fall
+    assert all("step" in r for r in logs)
+
+
+@pytest.mark.stage
+def test_gradient_accumulation_1x4_equals_4x1(tiny_tokenizer, tmp_path):
+    """One optimizer step over the same 4 conversations: batch 4 × accum 1 vs batch 1 × accum 4 (SGD, so the
+    update is the gradient itself)."""
+    trained = []
+    for bs, acc in ((4, 1), (1, 4)):
+        tr, _, _ = _trainer(tiny_tokenizer, tmp_path / f"{bs}x{acc}", steps=1, batch_size=bs, grad_accum=acc,
+                            max_grad_norm=1e9, trl={"optim": "sgd"})  # fmt: skip
+        init = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        tr.train()
+        trained.append({n: p.detach() - init[n] for n, p in tr.model.named_parameters()})
+    worst = max((trained[0][n] - trained[1][n]).abs().max().item() for n in trained[0])
+    scale = max(trained[0][n].abs().max().item() for n in trained[0])
+    assert scale > 1e-4  # the step did something
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.stage
+def test_micro_batch_without_trained_token_is_an_error(tiny_tokenizer, tmp_path):
+    trainer, _, _ = _trainer(tiny_tokenizer, tmp_path)
+    ex = tokenize_rows(ROWS, tiny_tokenizer, CHAT)
+    for e in ex:
+        e["labels"] = [-100] * len(e["labels"])
+    trainer.train_dataset = to_dataset(ex)
+    with pytest.raises(TrainingError, match="no trained token"):
+        trainer.train()
+
+
+def test_loss_zero_with_nan_grad_norm_is_fatal():
+    with pytest.raises(TrainingError, match="loss 0.0 with grad norm nan"):
+        check_log(3, {"loss": 0.0, "grad_norm": float("nan")})
+    with pytest.raises(TrainingError, match="loss is inf"):
+        check_log(3, {"loss": float("inf"), "grad_norm": 1.0})
+    assert check_log(3, {"loss": 0.5, "grad_norm": 1.0, "note": "x"}) == {
+        "step": 3,
+        "loss": 0.5,
+        "grad_norm": 1.0,
+    }
+
+
+def test_trl_passthrough_keys_are_checked():
+    with pytest.raises(ConfigError) as e:
+        from_dict(TrainConfig, {"trl": {"optimm": "sgd", "max_steps": 3}, "steps": 0})
+    msg = str(e.value)
+    assert "trl.optimm: not a trl.SFTConfig field; did you mean 'optim'?" in msg
+    assert "trl.max_steps: set by the recipe's own key" in msg
+    assert "steps: 0 must be at least 1" in msg
+
+
+@pytest.mark.stage
+def test_lora_adapter_saves_loads_and_merges(tiny_tokenizer, tmp_path):
+    from peft import PeftModel
+
+    trainer, cfg, _ = _trainer(tiny_tokenizer, tmp_path, steps=3, lora={"enabled": True, "r": 4, "alpha": 8})
+    assert cfg.lora.enabled and cfg.lora.r == 4
+    trainer.train()
+    trainer.model.save_pretrained(tmp_path / "adapter")
+    merged = finalize(trainer, cfg)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    base = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=0)
+    assert any(not torch.equal(p, base.state_dict()[n]) for n, p in merged.state_dict().items())
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload()
+    ids = torch.tensor([tokenize_rows(ROWS[:1], tiny_tokenizer, CHAT)[0]["input_ids"]])
+    torch.testing.assert_close(reloaded(ids).logits, merged(ids).logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(reloaded.lm_head.weight, reloaded.model.embed_tokens.weight)
+
+
+@pytest.mark.stage
+def test_checkpoints_are_complete_and_resume_continues(tiny_tokenizer, tmp_path):
+    trainer, _, logs = _trainer(tiny_tokenizer, tmp_path, steps=4, save_steps=2)
+    trainer.train()
+    full = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    ckpt = last_checkpoint(tmp_path / "ckpt")
+    assert ckpt is not None and ckpt.name == "checkpoint-4"
+    (tmp_path / "ckpt" / "checkpoint-9").mkdir()  # a half-written one (no trainer state) is never picked
+    assert last_checkpoint(tmp_path / "ckpt").name == "checkpoint-4"
+    resumed, _, _ = _trainer(tiny_tokenizer, tmp_path / "again", steps=4, save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "ckpt" / "checkpoint-2"))
+    for n, p in resumed.model.named_parameters():
+        torch.testing.assert_close(p.detach(), full[n], atol=1e-6, rtol=1e-5)
