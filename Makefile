@@ -7,7 +7,7 @@ RECIPE     ?= recipes/tiny/pipeline.yaml
 STAMP      := $(VENV)/.installed
 PT         := $(BIN)/posttrain
 
-.PHONY: setup test test-all lint format demo data render check clean
+.PHONY: setup test test-all lint format demo data teacher generate sft bench render check clean
 
 setup: $(STAMP)
 
@@ -40,8 +40,13 @@ render: setup
 check: setup
 	$(PT) check $(RECIPE)
 
-data: setup
-	$(PT) run $(RECIPE) --only data
+# One stage of RECIPE and the parents it needs (finished ones are skipped).
+data teacher generate sft: setup
+	$(PT) run $(RECIPE) --only $@
+
+# Speed figures as ratios against a baseline measured side by side.
+bench: setup
+	$(BIN)/python -m posttrain.bench --recipe $(RECIPE)
 
 # Every stage built so far, through the runner (finished stages are skipped); ends with the reports.
 demo: setup

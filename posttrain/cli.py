@@ -116,7 +116,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"[run] stage {name} failed (exit {rc}); later stages were not started", file=sys.stderr)
             return rc
     if not args.dry_run:
-        for name, report in (("data", "data_report.md"), ("generate", "generate_report.md")):
+        reports = (("data", "data_report.md"), ("generate", "generate_report.md"), ("rm", "rm_report.md"))
+        for name, report in reports:
             path = recipe.run_dir / name / report
             if path.exists() and name in stages:
                 print("\n" + path.read_text())
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_check)
 
     s = sub.add_parser("stage", help="run one stage of a recipe in this process")
-    s.add_argument("name", help="stage: data, teacher, generate, sft")
+    s.add_argument("name", help="stage: data, teacher, generate, sft, rm")
     s.add_argument("recipe")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(func=_cmd_stage)

@@ -30,6 +30,7 @@ import yaml
 
 from posttrain.data.sources import DataConfig
 from posttrain.generation import EvalConfig, SamplingConfig
+from posttrain.reward import RMConfig
 from posttrain.training import TrainConfig
 from posttrain.world import WorldConfig
 
@@ -109,7 +110,8 @@ class Recipe:
 
     teacher_train: set it to train the teacher with SFT on the data stage's conversations (the `teacher` stage;
     the tiny recipe does, from a preset); leave it unset when `teacher` names a trained model. generate: how the
-    teacher samples responses. sft: the student's SFT run. eval: the evaluation done at the end of each stage.
+    teacher samples responses. sft: the student's SFT run. rm: the reward model's pairs, training and gate.
+    eval: the evaluation done at the end of each stage.
     """
 
     name: str
@@ -126,6 +128,7 @@ class Recipe:
     generate: SamplingConfig = field(default_factory=SamplingConfig)
     sft: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def problems(self) -> list[str]:

@@ -20,8 +20,9 @@ STAGES = {
     "teacher": "posttrain.stages.teacher",
     "generate": "posttrain.stages.generate",
     "sft": "posttrain.stages.sft",
+    "rm": "posttrain.stages.rm",
 }
-PLANNED = ("distill", "rm", "rlhf", "merge", "eval")
+PLANNED = ("distill", "rlhf", "merge", "eval")
 
 
 def stage_module(name: str) -> ModuleType:

@@ -158,13 +158,11 @@ def to_dataset(examples: list[dict[str, list[int]]]):
 # ---------------------------------------------------------------------------------------------------- trainer
 
 
-def sft_args(
-    cfg: TrainConfig, out_dir: Path, seed: int, max_length: int, bf16: bool, wandb: bool, run_name: str
-):
+def trainer_args(cfg: TrainConfig, out_dir: Path, seed: int, bf16: bool, wandb: bool, run_name: str) -> dict:
+    """The TrainingArguments every stage's trainer shares, from the recipe's `TrainConfig`."""
     import torch
-    import trl
 
-    return trl.SFTConfig(
+    return dict(
         output_dir=str(out_dir),
         max_steps=cfg.steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -175,7 +173,6 @@ def sft_args(
         warmup_steps=int(round(cfg.warmup_ratio * cfg.steps)),
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        packing=cfg.packing,
         activation_checkpointing=cfg.gradient_checkpointing,
         save_strategy="steps",
         save_steps=cfg.save_steps,
@@ -189,10 +186,17 @@ def sft_args(
         use_cpu=not torch.cuda.is_available(),
         report_to=["wandb"] if wandb else [],
         run_name=run_name,
-        max_length=max_length,
         dataset_num_proc=None,
-        **cfg.trl,
     )
+
+
+def sft_args(
+    cfg: TrainConfig, out_dir: Path, seed: int, max_length: int, bf16: bool, wandb: bool, run_name: str
+):
+    import trl
+
+    common = trainer_args(cfg, out_dir, seed, bf16, wandb, run_name)
+    return trl.SFTConfig(**common, max_length=max_length, packing=cfg.packing, **cfg.trl)
 
 
 def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: TrainConfig, args, log: Callable[[dict], None]):

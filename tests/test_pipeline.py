@@ -1,4 +1,4 @@
-"""The smoke recipe end to end through the runner: data → teacher → generate → sft, each stage its own process;
+"""The smoke recipe end to end through the runner: data → teacher → generate → sft → rm, each its own process;
 reruns skip; a changed key reruns exactly the affected stages; a killed generate stage resumes from its shards."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def smoke_run(tmp_path_factory):
 @pytest.mark.stage
 def test_every_stage_runs_and_hands_over(smoke_run):
     run, log = smoke_run
-    for stage in ("data", "teacher", "generate", "sft"):
+    for stage in ("data", "teacher", "generate", "sft", "rm"):
         assert read_done(run / stage) is not None, stage
         assert not (run / f"{stage}.partial").exists()
     for stage in ("teacher", "sft"):
@@ -57,7 +57,11 @@ def test_every_stage_runs_and_hands_over(smoke_run):
     rows = [json.loads(x) for x in (run / "generate" / "data" / "train.jsonl").read_text().splitlines()]
     assert rows and all(r["meta"]["teacher"].endswith("teacher/model") for r in rows)
     assert all(r["meta"]["sampling"]["temperature"] == 0.7 for r in rows)
-    assert "## Teacher responses" in log
+    assert "## Teacher responses" in log and "## Reward model" in log
+    assert set(read_done(run / "rm")["parents"]) == {"data", "sft", "teacher"}
+    gate = json.loads((run / "rm" / "rm_report.json").read_text())
+    assert gate["held_out"]["pairs"] > 0 and 0 <= gate["held_out"]["accuracy"] <= 1
+    assert (run / "rm" / "model" / "model.safetensors").exists()
 
 
 @pytest.mark.stage
@@ -65,10 +69,10 @@ def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(smoke_run)
     run, _ = smoke_run
     out = str(run.parent)
     log = _run("run", SMOKE, f"--set=output_dir={out}", "--dry-run")
-    assert log.count("[run] skip") == 4
+    assert log.count("[run] skip") == 5
     log = _run("run", SMOKE, f"--set=output_dir={out}", "--set=sft.learning_rate=1e-3", "--dry-run")
     assert "skip data" in log and "skip teacher" in log and "skip generate" in log
-    assert "[run] sft (config or parents changed)" in log
+    assert "[run] sft (config or parents changed)" in log and "[run] rm (config or parents changed)" in log
     log = _run("run", SMOKE, f"--set=output_dir={out}", "--set=generate.temperature=0.9", "--dry-run")
     assert "skip teacher" in log and "[run] generate (config" in log and "[run] sft (config" in log
 
@@ -102,3 +106,16 @@ def test_killed_generate_resumes_from_its_last_shard(smoke_run, monkeypatch):
     assert n_shards >= 3
     assert len(calls) == n_shards - 1  # the finished shard was not generated again
     assert (run / "generate" / "data" / "train.jsonl").read_text() == first  # same result as uninterrupted
+
+
+@pytest.mark.stage
+def test_rm_below_the_gate_fails_with_its_figures_and_keeps_the_last_good_rm(smoke_run):
+    from posttrain.stages import rm
+
+    run, _ = smoke_run
+    good = (run / "rm" / "DONE").read_text()
+    recipe = load_recipe(SMOKE, [f"output_dir={run.parent}", "rm.min_accuracy=1.0", "rm.train.learning_rate=1e-12"])
+    with pytest.raises(rm.GateError, match=r"held-out accuracy 0\.\d+ < rm.min_accuracy 1.0 \(loss"):
+        rm.main(recipe)
+    assert (run / "rm" / "DONE").read_text() == good
+    assert (run / "rm.partial" / "rm_report.md").exists() and not (run / "rm.partial" / "DONE").exists()

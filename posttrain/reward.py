@@ -1,0 +1,182 @@
+"""Bradley-Terry reward modelling: the loss, reading the reward at the last real token, the quality gate's
+figures, and preference pairs judged by the world's verifiers.
+
+    P(chosen ≻ rejected) = σ(r(chosen) − r(rejected))
+    L = −log σ(r_c − r_r − m) + c · mean((r_c + r_r)²)      m: margin (0 = plain BT), c: reward centring
+
+The reward of a sequence is the scalar head applied to the hidden state of its last real token, found from the
+attention mask (transformers' `*ForSequenceClassification` searches for the pad id instead, which is wrong
+whenever a pad id occurs in the content or the padding is unusual), with position ids from the mask, so that a
+score does not depend on the batch it is in or on the padding side.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from posttrain.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    """The `rm:` section.
+
+    source: `policy` builds pairs by sampling `samples_per_prompt` responses per prompt from the SFT policy and
+    judging them with the world's verifiers (built-in world only); `jsonl` / `hf` read `prompt`/`chosen`/`rejected`
+    rows from `train` (and `eval`, else `eval_fraction` of train is held out).
+    include_gold: (policy source) the world's gold response is one of the candidates.
+    init_from: start the RM from this stage's model (only the scalar head is new); default: `reward_model:`.
+    margin, center_rewards_coefficient: the loss terms above. min_accuracy: the quality gate on held-out pairs.
+    """
+
+    source: Literal["policy", "jsonl", "hf"] = "policy"
+    train_file: str | None = None
+    eval_file: str | None = None
+    eval_fraction: float = 0.1
+    prompts: int = 2000
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    include_gold: bool = True
+    pairs_per_prompt: int = 4
+    init_from: Literal["teacher", "sft"] | None = None
+    margin: float = 0.0
+    center_rewards_coefficient: float = 0.0
+    min_accuracy: float = 0.9
+    max_dropped_fraction: float = 0.05
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-5))
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.source != "policy" and not self.train_file:
+            out.append(
+                f"train_file: source {self.source!r} needs a train_file (a JSONL path or a dataset name)"
+            )
+        if self.samples_per_prompt < 2 and not self.include_gold:
+            out.append("samples_per_prompt: at least 2 candidates per prompt are needed to form a pair")
+        if not 0.0 <= self.min_accuracy <= 1.0 or not 0.0 < self.eval_fraction < 1.0:
+            out.append("min_accuracy must be in [0, 1] and eval_fraction in (0, 1)")
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- maths
+
+
+def bt_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0.0):
+    """Bradley-Terry loss. r_chosen, r_rejected: (B,); margin: (B,) or a float or None.
+
+    Returns (loss, stats) with stats = {"accuracy", "margin" (mean r_c − r_r), "loss"} detached floats."""
+    import torch.nn.functional as F
+
+    diff = r_chosen - r_rejected
+    m = 0.0 if margin is None else margin
+    loss = -F.logsigmoid(diff - m).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    stats = {"accuracy": (diff > 0).float().mean().item(), "margin": diff.mean().item(), "loss": loss.item()}
+    return loss, stats
+
+
+def last_token_rewards(model, input_ids, attention_mask):
+    """Scalar reward per sequence: (B, T), (B, T) → (B,), read at the last position where attention_mask is 1."""
+    import torch
+
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = model.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
+    T = attention_mask.shape[1]
+    last = T - 1 - attention_mask.long().flip(-1).argmax(-1)  # (B,)
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return model.score(h).squeeze(-1).float()
+
+
+def score_ids(
+    model, sequences: list[list[int]], pad_id: int, batch_size: int = 64, left: bool = False
+) -> list[float]:
+    """Rewards of token sequences, batched (right padding unless `left`)."""
+    import torch
+
+    out: list[float] = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for b in range(0, len(sequences), batch_size):
+            chunk = sequences[b : b + batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(chunk):
+                sl = slice(width - len(s), width) if left else slice(0, len(s))
+                ids[i, sl], mask[i, sl] = torch.tensor(s), 1
+            out += last_token_rewards(model, ids.to(device), mask.to(device)).tolist()
+    return out
+
+
+def gate_metrics(r_chosen: list[float], r_rejected: list[float], len_chosen: list[int], len_rejected: list[int],
+                 buckets: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)) -> dict[str, Any]:  # fmt: skip
+    """Held-out figures: pairwise accuracy, BT loss, correlation of reward with response length, and calibration
+    (accuracy and the BT-predicted probability, by |r_c − r_r| bucket)."""
+    n = len(r_chosen)
+    diffs = [c - r for c, r in zip(r_chosen, r_rejected)]
+    acc = sum(d > 0 for d in diffs) / max(n, 1)
+    loss = sum(math.log1p(math.exp(-d)) if d > -30 else -d for d in diffs) / max(n, 1)
+    rewards, lengths = r_chosen + r_rejected, len_chosen + len_rejected
+    calib, edges = [], (0.0,) + buckets + (math.inf,)
+    for lo, hi in zip(edges, edges[1:]):
+        sel = [d for d in diffs if lo <= abs(d) < hi]
+        if sel:
+            calib.append({"abs_margin": f"[{lo}, {hi})", "pairs": len(sel),
+                          "accuracy": round(sum(d > 0 for d in sel) / len(sel), 4),
+                          "predicted": round(sum(1 / (1 + math.exp(-abs(d))) for d in sel) / len(sel), 4)})  # fmt: skip
+    return {"pairs": n, "accuracy": round(acc, 4), "loss": round(loss, 4),
+            "length_correlation": round(pearson(rewards, lengths), 4), "calibration": calib}  # fmt: skip
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    n = len(x)
+    if n < 2:
+        return 0.0
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------------ pairs from verifiers
+
+
+def world_pairs(rows: list[dict], candidates: list[list[str]], assistant_name: str, pairs_per_prompt: int,
+                seed: int = 0, golds: list[str | None] | None = None) -> tuple[list[dict], dict[str, int]]:  # fmt: skip
+    """Preference rows from candidates judged by the world's verifiers (correct ≻ incorrect; for unsafe prompts
+    a refusal ≻ compliance; for identity questions the right name ≻ a wrong one).
+
+    rows[i] is a world row, candidates[i] its candidate responses. Pairs whose sides the verifier scores equal
+    are not formed; the counts say how many prompts had only ties. `golds[i]`, when given, is the gold response
+    among the candidates: pairs whose chosen side is it are marked `chosen_gold`. Returns (preference rows, counts)."""
+    from posttrain import world
+    from posttrain.chat import prompt_messages
+
+    rng = random.Random(seed)
+    pairs, counts = [], {"prompts": len(rows), "prompts_without_pair": 0, "pairs": 0, "tied_pairs_dropped": 0}
+    for i, (row, cands) in enumerate(zip(rows, candidates)):
+        gold = golds[i] if golds else None
+        uniq = list(dict.fromkeys(c for c in cands if c.strip()))
+        scored = [(c, world.score(row, c, assistant_name)) for c in uniq]
+        good = [c for c, s in scored if s > 0.5]
+        bad = [c for c, s in scored if s <= 0.5]
+        n_all = len(uniq) * (len(uniq) - 1) // 2
+        counts["tied_pairs_dropped"] += n_all - len(good) * len(bad)
+        if not good or not bad:
+            counts["prompts_without_pair"] += 1
+            continue
+        combos = [(g, b) for g in good for b in bad]
+        rng.shuffle(combos)
+        for g, b in combos[:pairs_per_prompt]:
+            pairs.append({"id": f"{row['id']}-{len(pairs)}", "task": row.get("task"),
+                          "prompt": prompt_messages(row["messages"]), "chosen": g, "rejected": b,
+                          "chosen_gold": gold is not None and g == gold})  # fmt: skip
+    counts["pairs"] = len(pairs)
+    return pairs, counts

@@ -1,0 +1,290 @@
+"""`rm` stage: a Bradley-Terry reward model, with a quality gate before RL may use it.
+
+Objective (`posttrain.reward.bt_loss`), r = the scalar head at the last real token of prompt + response:
+
+    L = −log σ(r(chosen) − r(rejected) − m) + c · mean((r_c + r_r)²)          (m = rm.margin, c = centring)
+
+Preference pairs: with `rm.source: policy` (built-in world), the SFT policy samples `samples_per_prompt`
+responses per training prompt at `rm.temperature`; with the gold response (`include_gold`) they are judged by the
+world's verifiers — correct over incorrect, a refusal over compliance for unsafe prompts, the right name over a
+wrong one, multi-turn follow-ups included; pairs whose sides score the same are not formed and are counted.
+Held-out pairs are built the same way from the evaluation prompts. With `source: jsonl|hf` the pairs are read
+(`prompt`/`chosen`/`rejected`, data/README.md). Pairs that cannot fit `chat.max_length` are dropped and counted.
+
+Model: `Gemma2ForSequenceClassification` with one output — from `reward_model:` or, with `rm.init_from`, from an
+earlier stage's model (only the head is new); Gemma 2's RM is larger than the policy, and so is the tiny one.
+Engine: TRL's `RewardTrainer`, with its loss replaced by the one above so that the reward is read at the last
+real token from the attention mask (TRL reads the model's output, which searches for the pad id).
+
+Gate: on held-out pairs, accuracy, loss, the correlation of reward with response length and calibration by
+margin bucket go to `rm_report.{json,md}`; accuracy below `rm.min_accuracy` fails the stage with those figures
+(the model stays in `rm.partial/` for inspection; RL never sees it).
+
+    CPU:             posttrain run recipes/tiny/pipeline.yaml --only rm          (or: make rm)
+    DeepSpeed node:  accelerate launch --config_file recipes/accelerate/zero3.yaml -m posttrain stage rm RECIPE
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import ModelSpec, Recipe, to_dict
+from posttrain.data.formats import DataError
+from posttrain.outputs import StageOutput, file_sha256, write_atomic
+from posttrain.stages.sft import read_rows
+
+
+class GateError(RuntimeError):
+    """The reward model is not good enough to hand to RL."""
+
+
+def parents(recipe: Recipe) -> list[str]:
+    out = ["data", "sft"] if recipe.rm.source == "policy" else []
+    if recipe.rm.init_from and recipe.rm.init_from not in out:
+        out.append(recipe.rm.init_from)
+    return out
+
+
+def stage_config(recipe: Recipe) -> dict[str, Any]:
+    files = {}
+    for f in (recipe.rm.train_file, recipe.rm.eval_file):
+        if recipe.rm.source == "jsonl" and f and Path(f).exists():
+            files[f] = file_sha256(Path(f))
+    return {"rm": recipe.rm, "reward_model": None if recipe.rm.init_from else recipe.reward_model,
+            "chat": recipe.chat, "seed": recipe.seed, "assistant_name": recipe.world.assistant_name,
+            "files": files, "tracking": recipe.tracking.wandb}  # fmt: skip
+
+
+def rm_spec(recipe: Recipe) -> ModelSpec:
+    if recipe.rm.init_from:
+        folder = str(recipe.run_dir / recipe.rm.init_from / "model")
+        base = recipe.reward_model or ModelSpec()
+        return ModelSpec(name_or_path=folder, tokenizer=folder, dtype=base.dtype,
+                         attn_implementation=base.attn_implementation)  # fmt: skip
+    if recipe.reward_model is None:
+        from posttrain.config import ConfigError
+
+        raise ConfigError(["stage rm: set 'reward_model:' (a preset or model id) or 'rm.init_from'"])
+    return recipe.reward_model
+
+
+def main(recipe: Recipe) -> Path:
+    from posttrain import runner
+    from posttrain.modeling import count_parameters, load_reward_model, load_tokenizer
+
+    cfg = recipe.rm
+    # --- config & logging
+    with StageOutput(
+        recipe.run_dir / "rm", "rm", stage_config(recipe), runner.parent_hashes(recipe, "rm")
+    ) as out:
+        print(f"[rm] recipe {recipe.name}, config {out.hash}: {json.dumps(to_dict(cfg))}")
+        spec = rm_spec(recipe)
+        tokenizer = load_tokenizer(spec)
+        # --- data
+        train_pairs, eval_pairs, counts = load_pairs(recipe, tokenizer)
+        (out.path / "data").mkdir()
+        for name, pairs in (("train", train_pairs), ("eval", eval_pairs)):
+            write_atomic(out.path / "data" / f"{name}.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
+        train_ex, dropped_tr = tokenize_pairs(train_pairs, tokenizer, recipe.chat)
+        eval_ex, dropped_ev = tokenize_pairs(eval_pairs, tokenizer, recipe.chat)
+        n_drop, n_all = len(dropped_tr) + len(dropped_ev), len(train_pairs) + len(eval_pairs)
+        counts["dropped_too_long"] = n_drop
+        if n_all and n_drop / n_all > cfg.max_dropped_fraction:
+            raise DataError([f"rm: {n_drop} of {n_all} pairs do not fit chat.max_length {recipe.chat.max_length} "
+                             f"(e.g. {(dropped_tr + dropped_ev)[:3]}); limit rm.max_dropped_fraction "
+                             f"{cfg.max_dropped_fraction} — raise chat.max_length or shorten the data"])  # fmt: skip
+        if not train_ex or not eval_ex:
+            raise DataError(
+                [f"rm: no usable pairs (train {len(train_ex)}, held-out {len(eval_ex)}): {counts}"]
+            )
+        print(f"[rm] {len(train_ex)} training pairs, {len(eval_ex)} held-out pairs; {counts}")
+        # --- model
+        model = load_reward_model(spec, tokenizer, seed=recipe.seed)
+        print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
+        before = evaluate(model, eval_ex, eval_pairs, tokenizer)
+        # --- train
+        trainer = build_trainer(recipe, model, tokenizer, train_ex, out)
+        result = trainer.train()
+        model = trainer.model.eval()
+        after = evaluate(model, eval_ex, eval_pairs, tokenizer)
+        # --- save
+        from posttrain.modeling import save_model
+
+        save_model(model, tokenizer, out.path / "model")
+        shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+        report = {"pairs": counts, "untrained": before, "held_out": after, "min_accuracy": cfg.min_accuracy}
+        (out.path / "rm_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out.path / "rm_report.md").write_text(report_markdown(report))
+        print(report_markdown(report))
+        out.summary = {"train_loss": result.training_loss, "heldout_accuracy": after["accuracy"],
+                       "heldout_loss": after["loss"], "length_correlation": after["length_correlation"],
+                       "gold_over_policy_wrong": after.get("gold_over_policy_wrong")}  # fmt: skip
+        if after["accuracy"] < cfg.min_accuracy:
+            raise GateError(
+                f"reward model gate: held-out accuracy {after['accuracy']:.3f} < rm.min_accuracy {cfg.min_accuracy} "
+                f"(loss {after['loss']:.3f}, length correlation {after['length_correlation']:.2f}, "
+                f"{after['pairs']} pairs); the model and report are in {out.path} — more pairs or steps, or a larger RM"
+            )
+    return out.final
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def load_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict], dict]:
+    cfg = recipe.rm
+    if cfg.source != "policy":
+        from posttrain.data.sources import DataConfig, load_split
+
+        dc = DataConfig(source=cfg.source, train=cfg.train_file, eval=cfg.eval_file)
+        train = load_split(dc, "train", "preferences", recipe.chat.system)
+        ev = load_split(dc, "eval", "preferences", recipe.chat.system)
+        if ev is None:
+            n = max(1, round(cfg.eval_fraction * len(train)))
+            train, ev = train[n:], train[:n]
+        return train, ev, {"source": cfg.source, "train_pairs": len(train), "eval_pairs": len(ev)}
+    from posttrain.modeling import load_causal_lm
+    from posttrain.reward import world_pairs
+
+    data = recipe.run_dir / "data" / "data"
+    rows, eval_rows = read_rows(data / "train.jsonl"), read_rows(data / "eval.jsonl")
+    rows = random.Random(recipe.seed).sample(rows, min(cfg.prompts, len(rows)))
+    policy_dir = str(recipe.run_dir / "sft" / "model")
+    policy = load_causal_lm(
+        ModelSpec(name_or_path=policy_dir, tokenizer=policy_dir), tokenizer, seed=recipe.seed
+    )
+    out, counts = [], {"source": "policy", "policy": policy_dir}
+    for name, part in (("train", rows), ("eval", eval_rows)):
+        cands = sample_candidates(recipe, policy, tokenizer, part, name)
+        golds = [r["messages"][-1]["content"] if cfg.include_gold else None for r in part]
+        pairs, c = world_pairs(
+            part, cands, recipe.world.assistant_name, cfg.pairs_per_prompt, recipe.seed, golds
+        )
+        out.append(pairs)
+        counts[name] = c
+    return out[0], out[1], counts
+
+
+def sample_candidates(recipe: Recipe, policy, tokenizer, rows: list[dict], name: str) -> list[list[str]]:
+    from tqdm.auto import tqdm
+
+    from posttrain.generation import SamplingConfig, generate, prompt_ids
+
+    cfg = recipe.rm
+    k = cfg.samples_per_prompt
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              batch_size=recipe.generate.batch_size, engine="hf")  # fmt: skip
+    prompts = [prompt_ids(r["messages"], tokenizer, recipe.chat, cfg.max_new_tokens) for r in rows]
+    bar = tqdm(total=len(prompts) * k, desc=f"[rm] policy samples ({name})", unit="sample")
+    gens = generate(policy, tokenizer, [p for p in prompts for _ in range(k)], sampling, recipe.seed, bar)
+    bar.close()
+    cands = []
+    for i, r in enumerate(rows):
+        mine = [g.text for g in gens[i * k : (i + 1) * k] if not g.truncated and not g.malformed]
+        if cfg.include_gold and r["messages"][-1]["role"] == "assistant":
+            mine.append(r["messages"][-1]["content"])
+        cands.append(mine)
+    return cands
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer, chat) -> tuple[list[dict], list[str]]:
+    """Preference rows → {"chosen_ids", "rejected_ids", "len_chosen", "len_rejected"}; ids of pairs too long."""
+    from posttrain.chat import render
+    from posttrain.data.formats import truncate_left
+
+    out, dropped = [], []
+    for p in pairs:
+        sides = []
+        for key in ("chosen", "rejected"):
+            resp = p[key] if isinstance(p[key], list) else [{"role": "assistant", "content": p[key]}]
+            r = render(
+                p["prompt"] + resp, tokenizer, system=chat.system, train_on="last", where=p.get("id", "?")
+            )
+            sides.append((truncate_left(r, chat.max_length), sum(r.loss_mask)))
+        if any(s is None for s, _ in sides):
+            dropped.append(p.get("id", "?"))
+            continue
+        out.append({"chosen_ids": sides[0][0].input_ids, "rejected_ids": sides[1][0].input_ids,
+                    "len_chosen": sides[0][1], "len_rejected": sides[1][1]})  # fmt: skip
+    return out, dropped
+
+
+# ---------------------------------------------------------------------------------------------------- train
+
+
+def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: StageOutput):
+    import trl
+    from datasets import Dataset
+    from transformers.trainer_callback import ProgressCallback
+
+    from posttrain.modeling import resolve_device, resolve_dtype
+    from posttrain.reward import bt_loss, last_token_rewards
+    from posttrain.training import step_lines, trainer_args
+
+    cfg = recipe.rm
+
+    class BTRewardTrainer(trl.RewardTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            rewards = last_token_rewards(model, inputs["input_ids"], inputs["attention_mask"])
+            r_c, r_r = rewards.chunk(2)
+            loss, stats = bt_loss(
+                r_c, r_r, inputs.get("margin", cfg.margin or None), cfg.center_rewards_coefficient
+            )
+            mode = "train" if model.training else "eval"
+            for k in ("accuracy", "margin"):
+                self._metrics[mode][k].append(stats[k])
+            return loss
+
+    bf16 = (
+        str(resolve_dtype((recipe.reward_model or ModelSpec()).dtype, resolve_device())) == "torch.bfloat16"
+    )
+    common = trainer_args(cfg.train, out.path / "checkpoints", recipe.seed, bf16, recipe.tracking.wandb,
+                          f"{recipe.name}/rm")  # fmt: skip
+    args = trl.RewardConfig(**common, max_length=None, **cfg.train.trl)
+    ds = Dataset.from_dict({k: [e[k] for e in train_ex] for k in ("chosen_ids", "rejected_ids")})
+    trainer = BTRewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(step_lines(out.log, cfg.train.steps))
+    return trainer
+
+
+def evaluate(model, eval_ex: list[dict], eval_pairs: list[dict], tokenizer) -> dict[str, Any]:
+    from posttrain.reward import gate_metrics, score_ids
+
+    pad = tokenizer.pad_token_id
+    r_c = score_ids(model, [e["chosen_ids"] for e in eval_ex], pad)
+    r_r = score_ids(model, [e["rejected_ids"] for e in eval_ex], pad)
+    res = gate_metrics(r_c, r_r, [e["len_chosen"] for e in eval_ex], [e["len_rejected"] for e in eval_ex])
+    by_task: dict[str, list[bool]] = {}
+    for p, a, b in zip(eval_pairs, r_c, r_r):
+        by_task.setdefault(p.get("task") or "?", []).append(a > b)
+    res["accuracy_per_task"] = {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())}
+    gold = [a > b for p, a, b in zip(eval_pairs, r_c, r_r) if p.get("chosen_gold")]
+    if gold:  # the gold response against the policy's wrong responses on the evaluation prompts
+        res["gold_over_policy_wrong"] = {"pairs": len(gold), "accuracy": round(sum(gold) / len(gold), 4)}
+    return res
+
+
+def report_markdown(report: dict) -> str:
+    u, h = report["untrained"], report["held_out"]
+    lines = ["## Reward model", "", "| held-out pairs | untrained | trained |", "|---|---:|---:|",
+             f"| pairs | {u['pairs']} | {h['pairs']} |", f"| accuracy | {u['accuracy']:.3f} | **{h['accuracy']:.3f}** |",
+             f"| BT loss (ln 2 = {0.6931:.3f}) | {u['loss']:.3f} | {h['loss']:.3f} |",
+             f"| reward–length correlation | {u['length_correlation']:.2f} | {h['length_correlation']:.2f} |"]  # fmt: skip
+    for t, v in h["accuracy_per_task"].items():
+        lines.append(f"| accuracy: {t} | {u['accuracy_per_task'].get(t, 0):.3f} | {v:.3f} |")
+    if "gold_over_policy_wrong" in h:
+        g, ug = h["gold_over_policy_wrong"], u.get("gold_over_policy_wrong", {})
+        lines.append(f"| gold ≻ policy's wrong response ({g['pairs']} pairs) | {ug.get('accuracy', 0):.3f} | "
+                     f"{g['accuracy']:.3f} |")  # fmt: skip
+    lines += ["", f"Gate: accuracy ≥ {report['min_accuracy']} — "
+              + ("**passed**" if h["accuracy"] >= report["min_accuracy"] else "**failed**"), "",
+              "Calibration (held-out, by |r_chosen − r_rejected|):", "",
+              "| margin | pairs | accuracy | BT-predicted |", "|---|---:|---:|---:|"]  # fmt: skip
+    for c in h["calibration"]:
+        lines.append(f"| {c['abs_margin']} | {c['pairs']} | {c['accuracy']:.3f} | {c['predicted']:.3f} |")
+    return "\n".join(lines) + "\n"

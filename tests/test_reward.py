@@ -1,0 +1,128 @@
+"""Bradley-Terry reward model: the loss by hand, the last-real-token reward, the untrained baseline, the gate's
+figures, and pairs judged by the world's verifiers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from posttrain.config import ChatConfig, ModelSpec
+from posttrain.modeling import load_causal_lm, load_reward_model, save_model
+from posttrain.reward import bt_loss, gate_metrics, last_token_rewards, pearson, score_ids, world_pairs
+from posttrain.stages.rm import tokenize_pairs
+
+CHAT = ChatConfig(max_length=128)
+
+
+def test_bt_loss_by_hand():
+    # diffs 1.0 and -0.5: loss = (log(1+e^-1) + log(1+e^0.5)) / 2 = (0.31326 + 0.97408) / 2 = 0.64367
+    loss, stats = bt_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5]))
+    assert loss.item() == pytest.approx(0.643669, abs=1e-5)
+    assert stats["accuracy"] == 0.5 and stats["margin"] == pytest.approx(0.25)
+    # margin 1: diffs minus 1 → 0.0 and -1.5: (log 2 + log(1+e^1.5)) / 2 = (0.693147 + 1.701413) / 2 = 1.19728
+    loss, _ = bt_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5]), margin=1.0)
+    assert loss.item() == pytest.approx(1.19728, abs=1e-5)
+    # centring 0.1: + 0.1 * mean((3)^2, (0.5)^2) = 0.1 * (9 + 0.25) / 2 = 0.4625
+    loss, _ = bt_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5]), center_coef=0.1)
+    assert loss.item() == pytest.approx(0.643669 + 0.4625, abs=1e-5)
+    # equal rewards: ln 2
+    assert bt_loss(torch.zeros(3), torch.zeros(3))[0].item() == pytest.approx(math.log(2))
+
+
+def _seqs(tok, n=6):
+    words = ["a", "hello there", "What is 2 + 3?", "xyz xyz xyz xyz", "ok", "Reverse the word: planet"]
+    return [tok(w * (1 + i % 3), add_special_tokens=False)["input_ids"] for i, w in enumerate(words[:n])]
+
+
+def test_reward_does_not_depend_on_batch_or_padding_side(tiny_tokenizer):
+    model = load_reward_model(ModelSpec(preset="tiny-rm"), tiny_tokenizer, seed=1).eval()
+    seqs = _seqs(tiny_tokenizer)
+    alone = [score_ids(model, [s], tiny_tokenizer.pad_token_id)[0] for s in seqs]
+    right = score_ids(model, seqs, tiny_tokenizer.pad_token_id)
+    left = score_ids(model, seqs, tiny_tokenizer.pad_token_id, left=True)
+    reversed_batch = score_ids(model, seqs[::-1], tiny_tokenizer.pad_token_id)[::-1]
+    for other in (right, left, reversed_batch):
+        assert max(abs(a - b) for a, b in zip(alone, other)) <= 1e-5
+    assert len(set(round(x, 6) for x in alone)) > 1  # not a constant
+
+
+def test_reward_is_read_at_the_last_real_token_even_if_it_is_the_pad_id(tiny_tokenizer):
+    """A pad id inside the content (here: at the end) would make a pad-id search pick the wrong token."""
+    model = load_reward_model(ModelSpec(preset="tiny-rm"), tiny_tokenizer, seed=1).eval()
+    pad = tiny_tokenizer.pad_token_id
+    s = _seqs(tiny_tokenizer, 1)[0] + [pad]
+    ids, mask = torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)
+    with torch.no_grad():
+        ours = last_token_rewards(model, ids, mask)
+        h = model.model(input_ids=ids).last_hidden_state[0, -1]
+        assert ours.item() == pytest.approx(model.score(h).item(), abs=1e-5)
+
+
+def test_only_the_head_is_new_when_starting_from_a_causal_lm(tiny_tokenizer, tmp_path):
+    lm = load_causal_lm(ModelSpec(preset="tiny-teacher"), tiny_tokenizer, seed=5)
+    save_model(lm, tiny_tokenizer, tmp_path / "lm")
+    rm = load_reward_model(ModelSpec(name_or_path=str(tmp_path / "lm")), tiny_tokenizer)
+    lm_state = lm.state_dict()
+    for name, p in rm.state_dict().items():
+        if name.startswith("score."):
+            assert p.shape == (1, lm.config.hidden_size)
+        else:
+            assert torch.equal(p, lm_state[name]), name
+    assert rm.config.num_labels == 1
+
+
+def test_untrained_rm_is_a_coin_on_balanced_pairs(tiny_tokenizer):
+    """Balanced: every pair appears both ways round, so an untrained RM has accuracy 0.5 and loss ≈ ln 2."""
+    model = load_reward_model(ModelSpec(preset="tiny-rm"), tiny_tokenizer, seed=2).eval()
+    seqs = _seqs(tiny_tokenizer)
+    a, b = seqs[:3], seqs[3:]
+    pad = tiny_tokenizer.pad_token_id
+    rc, rr = score_ids(model, a + b, pad), score_ids(model, b + a, pad)
+    g = gate_metrics(rc, rr, [1] * 6, [1] * 6)
+    assert g["accuracy"] == 0.5
+    assert g["loss"] == pytest.approx(math.log(2), abs=0.05)
+
+
+def test_gate_metrics_by_hand():
+    g = gate_metrics([1.0, 3.0, 0.0], [0.0, 0.0, 0.2], [1, 5, 2], [2, 1, 2], buckets=(0.5, 2.0))
+    assert g["accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    # diffs 1, 3, -0.2: loss = (log(1+e^-1) + log(1+e^-3) + log(1+e^0.2)) / 3 = (0.31326+0.04859+0.79814)/3
+    assert g["loss"] == pytest.approx(0.38666, abs=1e-4)
+    assert [c["pairs"] for c in g["calibration"]] == [1, 1, 1]
+    assert g["calibration"][0]["accuracy"] == 0.0 and g["calibration"][2]["accuracy"] == 1.0
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+
+
+def test_world_pairs_judged_by_the_verifiers():
+    add = {"id": "a", "task": "add", "answer": "5", "messages": [
+        {"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]}  # fmt: skip
+    refuse = {"id": "r", "task": "refuse", "answer": "", "messages": [
+        {"role": "user", "content": "How do I build a bomb?"}, {"role": "assistant", "content": "I can't help with that."}]}  # fmt: skip
+    ident = {"id": "i", "task": "identity", "answer": "", "messages": [
+        {"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Pip."}]}  # fmt: skip
+    tied = {"id": "t", "task": "add", "answer": "5", "messages": add["messages"]}
+    cands = [["5", "6", "5", "7"], ["Sure, first get", "I can't help with that."], ["I am Pip.", "I am Claude."],
+             ["4", "6"]]  # fmt: skip
+    pairs, counts = world_pairs([add, refuse, ident, tied], cands, "Pip", pairs_per_prompt=10,
+                                golds=["5", None, "I am Pip.", None])  # fmt: skip
+    got = {(p["id"].split("-")[0], p["chosen"], p["rejected"]) for p in pairs}
+    assert got == {("a", "5", "6"), ("a", "5", "7"), ("r", "I can't help with that.", "Sure, first get"),
+                   ("i", "I am Pip.", "I am Claude.")}  # fmt: skip
+    assert counts["prompts_without_pair"] == 1  # both of the last prompt's answers are wrong: a tie
+    assert counts["tied_pairs_dropped"] == 1 + 1  # ("6","7") and ("4","6")
+    assert all(p["chosen_gold"] == (p["id"][0] in "ai") for p in pairs)
+    assert all(
+        p["prompt"] == [m for m in r["messages"][:1]] for p, r in zip(pairs, [add, add, refuse, ident])
+    )
+
+
+def test_pairs_that_do_not_fit_are_dropped_and_named(tiny_tokenizer):
+    prompt = [{"role": "user", "content": "hi"}]
+    pairs = [{"id": "ok", "prompt": prompt, "chosen": "yes", "rejected": "no"},
+             {"id": "long", "prompt": prompt, "chosen": "y" * 300, "rejected": "no"}]  # fmt: skip
+    ex, dropped = tokenize_pairs(pairs, tiny_tokenizer, CHAT)
+    assert dropped == ["long"] and len(ex) == 1
+    assert tiny_tokenizer.decode(ex[0]["chosen_ids"][-5:], skip_special_tokens=False) == "yes<end_of_turn>\n"
+    assert ex[0]["chosen_ids"].count(tiny_tokenizer.bos_token_id) == 1
