@@ -132,9 +132,23 @@ class Recipe:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def problems(self) -> list[str]:
+        out = []
         if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
-            return [f"name: {self.name!r} must be a plain folder name (no spaces or slashes)"]
-        return []
+            out.append(f"name: {self.name!r} must be a plain folder name (no spaces or slashes)")
+        for section, train, spec in (
+            ("sft", self.sft, self.model),
+            ("teacher_train", self.teacher_train, self.teacher),
+        ):
+            if (
+                train is not None
+                and train.packing
+                and (spec is None or spec.attn_implementation != "flash_attention_2")
+            ):
+                out.append(
+                    f"{section}.packing: packed sequences would attend to each other with eager attention; "
+                    "set packing: false, or attn_implementation: flash_attention_2 for that model (GPU)"
+                )
+        return out
 
     @property
     def run_dir(self) -> Path:

@@ -161,3 +161,14 @@ def test_checkpoints_are_complete_and_resume_continues(tiny_tokenizer, tmp_path)
     resumed.train(resume_from_checkpoint=str(tmp_path / "ckpt" / "checkpoint-2"))
     for n, p in resumed.model.named_parameters():
         torch.testing.assert_close(p.detach(), full[n], atol=1e-6, rtol=1e-5)
+
+
+def test_packing_with_eager_attention_is_refused(tmp_path):
+    """Packed sequences attend across their boundaries under eager attention (measured: logits of the second
+    sequence change by ~0.7), so the recipe refuses it before any model loads."""
+    from posttrain.config import load_recipe
+
+    with pytest.raises(ConfigError, match="sft.packing: packed sequences would attend to each other"):
+        load_recipe("recipes/tiny/pipeline.yaml", ["sft.packing=true"])
+    r = load_recipe("recipes/tiny/pipeline.yaml", ["sft.packing=true", "model.attn_implementation=flash_attention_2"])
+    assert r.sft.packing
