@@ -11,6 +11,7 @@ from pathlib import Path
 from posttrain.chat import ChatFormatError
 from posttrain.config import ConfigError
 from posttrain.data.formats import DataError
+from posttrain.errors import StageError
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"posttrain: {e}", file=sys.stderr)
         return 2
-    except (ChatFormatError, DataError, FileNotFoundError) as e:
+    except (ChatFormatError, DataError, StageError, FileNotFoundError) as e:
         print(f"posttrain: {e}", file=sys.stderr)
         return 1
 

@@ -27,9 +27,10 @@ from typing import Any, Literal
 
 from posttrain.chat import render
 from posttrain.data.formats import truncate_left
+from posttrain.errors import StageError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(StageError):
     """Training produced something that must not be saved (no trained tokens, a NaN, …)."""
 
 

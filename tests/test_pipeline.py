@@ -56,7 +56,8 @@ def test_every_stage_runs_and_hands_over(smoke_run):
     assert set(read_done(run / "generate")["parents"]) == {"data", "teacher"}
     rows = [json.loads(x) for x in (run / "generate" / "data" / "train.jsonl").read_text().splitlines()]
     assert rows and all(r["meta"]["teacher"].endswith("teacher/model") for r in rows)
-    assert all(r["meta"]["sampling"]["temperature"] == 0.7 for r in rows)
+    recipe = load_recipe(SMOKE)
+    assert all(r["meta"]["sampling"]["temperature"] == recipe.generate.temperature for r in rows)
     assert "## Teacher responses" in log and "## Reward model" in log
     assert set(read_done(run / "rm")["parents"]) == {"data", "sft", "teacher"}
     gate = json.loads((run / "rm" / "rm_report.json").read_text())
@@ -75,6 +76,10 @@ def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(smoke_run)
     assert "[run] sft (config or parents changed)" in log and "[run] rm (config or parents changed)" in log
     log = _run("run", SMOKE, f"--set=output_dir={out}", "--set=generate.temperature=0.9", "--dry-run")
     assert "skip teacher" in log and "[run] generate (config" in log and "[run] sft (config" in log
+    log = _run("run", SMOKE, f"--set=output_dir={out}", "--from", "generate", "--dry-run")
+    assert "skip teacher" in log and "[run] generate (forced)" in log and "[run] rm (forced)" in log
+    log = _run("run", SMOKE, f"--set=output_dir={out}", "--only", "teacher", "--force", "--dry-run")
+    assert "skip data" in log and "[run] teacher (forced)" in log and "sft" not in log
 
 
 @pytest.mark.stage
@@ -114,8 +119,18 @@ def test_rm_below_the_gate_fails_with_its_figures_and_keeps_the_last_good_rm(smo
 
     run, _ = smoke_run
     good = (run / "rm" / "DONE").read_text()
-    recipe = load_recipe(SMOKE, [f"output_dir={run.parent}", "rm.min_accuracy=1.0", "rm.train.learning_rate=1e-12"])
+    recipe = load_recipe(
+        SMOKE, [f"output_dir={run.parent}", "rm.min_accuracy=1.0", "rm.train.learning_rate=1e-12"]
+    )
     with pytest.raises(rm.GateError, match=r"held-out accuracy 0\.\d+ < rm.min_accuracy 1.0 \(loss"):
         rm.main(recipe)
     assert (run / "rm" / "DONE").read_text() == good
     assert (run / "rm.partial" / "rm_report.md").exists() and not (run / "rm.partial" / "DONE").exists()
+
+
+def test_bench_prints_the_generation_ratio(capsys):
+    from posttrain import bench
+
+    assert bench.main(["--recipe", SMOKE, "--prompts", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| generation, 3 prompts" in out and "faster (outputs identical: 3/3)" in out

@@ -170,5 +170,7 @@ def test_packing_with_eager_attention_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="sft.packing: packed sequences would attend to each other"):
         load_recipe("recipes/tiny/pipeline.yaml", ["sft.packing=true"])
-    r = load_recipe("recipes/tiny/pipeline.yaml", ["sft.packing=true", "model.attn_implementation=flash_attention_2"])
+    r = load_recipe(
+        "recipes/tiny/pipeline.yaml", ["sft.packing=true", "model.attn_implementation=flash_attention_2"]
+    )
     assert r.sft.packing

@@ -34,11 +34,12 @@ from typing import Any
 
 from posttrain.config import ModelSpec, Recipe, to_dict
 from posttrain.data.formats import DataError
+from posttrain.errors import StageError
 from posttrain.outputs import StageOutput, file_sha256, write_atomic
 from posttrain.stages.sft import read_rows
 
 
-class GateError(RuntimeError):
+class GateError(StageError):
     """The reward model is not good enough to hand to RL."""
 
 
