@@ -114,16 +114,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
             continue
         rc = subprocess.run(cmd).returncode
         if rc != 0:
+            _print_reports(recipe.run_dir, stages)
             print(f"[run] stage {name} failed (exit {rc}); later stages were not started", file=sys.stderr)
             return rc
     if not args.dry_run:
-        reports = (("data", "data_report.md"), ("generate", "generate_report.md"), ("rm", "rm_report.md"))
-        for name, report in reports:
-            path = recipe.run_dir / name / report
-            if path.exists() and name in stages:
-                print("\n" + path.read_text())
+        _print_reports(recipe.run_dir, stages)
         print(f"[run] outputs of recipe {recipe.name}: {recipe.run_dir}/")
     return 0
+
+
+def _print_reports(run_dir: Path, stages: list[str]) -> None:
+    """The reports of the stages run so far (a gate-failed stage's from its .partial folder), then the table."""
+    from posttrain.report import world_table
+
+    reports = (("data", "data_report.md"), ("generate", "generate_report.md"), ("rm", "rm_report.md"))
+    for name, report in reports:
+        for folder in (run_dir / name, run_dir / f"{name}.partial"):
+            if name in stages and (folder / report).exists():
+                print("\n" + (folder / report).read_text())
+                break
+    table = world_table(run_dir)
+    if table:
+        print("\n" + table)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
