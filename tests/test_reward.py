@@ -126,3 +126,17 @@ def test_pairs_that_do_not_fit_are_dropped_and_named(tiny_tokenizer):
     assert dropped == ["long"] and len(ex) == 1
     assert tiny_tokenizer.decode(ex[0]["chosen_ids"][-5:], skip_special_tokens=False) == "yes<end_of_turn>\n"
     assert ex[0]["chosen_ids"].count(tiny_tokenizer.bos_token_id) == 1
+
+
+def test_held_out_figures_stay_aligned_when_a_pair_is_dropped(tiny_tokenizer):
+    """A too-long pair is dropped before scoring; per-task and gold figures must describe the pairs scored."""
+    from posttrain.stages.rm import evaluate
+
+    prompt = [{"role": "user", "content": "hi"}]
+    pairs = [{"id": "long", "task": "add", "prompt": prompt, "chosen": "y" * 300, "rejected": "no"},
+             {"id": "ok", "task": "sort", "prompt": prompt, "chosen": "yes", "rejected": "no", "chosen_gold": True}]  # fmt: skip
+    ex, dropped = tokenize_pairs(pairs, tiny_tokenizer, CHAT)
+    assert dropped == ["long"] and [(e["task"], e["chosen_gold"]) for e in ex] == [("sort", True)]
+    model = load_reward_model(ModelSpec(preset="tiny-rm"), tiny_tokenizer, seed=1).eval()
+    res = evaluate(model, ex, tiny_tokenizer)
+    assert list(res["accuracy_per_task"]) == ["sort"] and res["gold_over_policy_wrong"]["pairs"] == 1

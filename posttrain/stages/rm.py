@@ -106,12 +106,12 @@ def main(recipe: Recipe) -> Path:
         # --- model
         model = load_reward_model(spec, tokenizer, seed=recipe.seed)
         print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
-        before = evaluate(model, eval_ex, eval_pairs, tokenizer)
+        before = evaluate(model, eval_ex, tokenizer)
         # --- train
         trainer = build_trainer(recipe, model, tokenizer, train_ex, out)
         result = trainer.train()
         model = trainer.model.eval()
-        after = evaluate(model, eval_ex, eval_pairs, tokenizer)
+        after = evaluate(model, eval_ex, tokenizer)
         # --- save
         from posttrain.modeling import save_model
 
@@ -193,7 +193,8 @@ def sample_candidates(recipe: Recipe, policy, tokenizer, rows: list[dict], name:
 
 
 def tokenize_pairs(pairs: list[dict], tokenizer, chat) -> tuple[list[dict], list[str]]:
-    """Preference rows → {"chosen_ids", "rejected_ids", "len_chosen", "len_rejected"}; ids of pairs too long."""
+    """Preference rows → {"chosen_ids", "rejected_ids", "len_chosen", "len_rejected", "task", "chosen_gold"};
+    ids of pairs too long. Each kept example carries its pair's labels, so figures stay aligned after drops."""
     from posttrain.chat import render
     from posttrain.data.formats import truncate_left
 
@@ -210,7 +211,8 @@ def tokenize_pairs(pairs: list[dict], tokenizer, chat) -> tuple[list[dict], list
             dropped.append(p.get("id", "?"))
             continue
         out.append({"chosen_ids": sides[0][0].input_ids, "rejected_ids": sides[1][0].input_ids,
-                    "len_chosen": sides[0][1], "len_rejected": sides[1][1]})  # fmt: skip
+                    "len_chosen": sides[0][1], "len_rejected": sides[1][1], "task": p.get("task") or "?",
+                    "chosen_gold": bool(p.get("chosen_gold"))})  # fmt: skip
     return out, dropped
 
 
@@ -253,7 +255,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: S
     return trainer
 
 
-def evaluate(model, eval_ex: list[dict], eval_pairs: list[dict], tokenizer) -> dict[str, Any]:
+def evaluate(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
     from posttrain.reward import gate_metrics, score_ids
 
     pad = tokenizer.pad_token_id
@@ -261,10 +263,10 @@ def evaluate(model, eval_ex: list[dict], eval_pairs: list[dict], tokenizer) -> d
     r_r = score_ids(model, [e["rejected_ids"] for e in eval_ex], pad)
     res = gate_metrics(r_c, r_r, [e["len_chosen"] for e in eval_ex], [e["len_rejected"] for e in eval_ex])
     by_task: dict[str, list[bool]] = {}
-    for p, a, b in zip(eval_pairs, r_c, r_r):
-        by_task.setdefault(p.get("task") or "?", []).append(a > b)
+    for e, a, b in zip(eval_ex, r_c, r_r):
+        by_task.setdefault(e["task"], []).append(a > b)
     res["accuracy_per_task"] = {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())}
-    gold = [a > b for p, a, b in zip(eval_pairs, r_c, r_r) if p.get("chosen_gold")]
+    gold = [a > b for e, a, b in zip(eval_ex, r_c, r_r) if e["chosen_gold"]]
     if gold:  # the gold response against the policy's wrong responses on the evaluation prompts
         res["gold_over_policy_wrong"] = {"pairs": len(gold), "accuracy": round(sum(gold) / len(gold), 4)}
     return res
