@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from posttrain.chat import render
-from posttrain.data.formats import truncate_left
+from posttrain.data.formats import fit
 from posttrain.errors import StageError
 
 
@@ -134,8 +133,7 @@ def tokenize_rows(rows: list[dict], tokenizer: Any, chat: Any) -> list[dict[str,
     out = []
     for row in rows:
         where = row.get("_where", row.get("id", "?"))
-        r = render(row["messages"], tokenizer, system=chat.system, train_on=chat.train_on, where=where)
-        cut = truncate_left(r, chat.max_length)
+        cut = fit(row["messages"], tokenizer, chat, where)
         if cut is None or not any(cut.loss_mask):
             raise TrainingError(
                 f"{where}: no trained token fits chat.max_length {chat.max_length}; the data stage should have "

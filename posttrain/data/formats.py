@@ -122,6 +122,20 @@ def truncate_left(r: Rendered, max_length: int) -> Rendered | None:
     return Rendered(r.text, ids, mask)
 
 
+def fit(
+    messages: list, tokenizer: Any, chat: Any, where: str, train_on: str | None = None
+) -> Rendered | None:
+    """Render `messages` and cut the prompt from the left to fit `chat.max_length`; None when the final trained
+    turn itself cannot fit. `train_on` defaults to the recipe's `chat.train_on`."""
+    r = render(messages, tokenizer, system=chat.system, train_on=train_on or chat.train_on, where=where)
+    return truncate_left(r, chat.max_length)
+
+
+def pair_sides(row: dict) -> tuple[list, list]:
+    """A preference row → (prompt + chosen, prompt + rejected) as message lists."""
+    return list(row["prompt"]) + _as_turns(row["chosen"]), list(row["prompt"]) + _as_turns(row["rejected"])
+
+
 def length_check(
     rows: list[dict], fmt: str, tokenizer: Any, chat: Any
 ) -> tuple[list[dict], dict[str, list], int]:
@@ -134,10 +148,8 @@ def length_check(
         where = row.get("_where", row.get("id", "?"))
         if fmt == "preferences":
             fits = all(
-                truncate_left(render(row["prompt"] + _as_turns(row[k]), tokenizer, system=chat.system, train_on="last",
-                                     where=where), chat.max_length) is not None
-                for k in ("chosen", "rejected")
-            )  # fmt: skip
+                fit(side, tokenizer, chat, where, train_on="last") is not None for side in pair_sides(row)
+            )
             if not fits:
                 dropped["pair_too_long"].append(row.get("id", where))
                 continue

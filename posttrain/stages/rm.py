@@ -195,24 +195,20 @@ def sample_candidates(recipe: Recipe, policy, tokenizer, rows: list[dict], name:
 def tokenize_pairs(pairs: list[dict], tokenizer, chat) -> tuple[list[dict], list[str]]:
     """Preference rows → {"chosen_ids", "rejected_ids", "len_chosen", "len_rejected", "task", "chosen_gold"};
     ids of pairs too long. Each kept example carries its pair's labels, so figures stay aligned after drops."""
-    from posttrain.chat import render
-    from posttrain.data.formats import truncate_left
+    from posttrain.data.formats import fit, pair_sides
 
     out, dropped = [], []
     for p in pairs:
-        sides = []
-        for key in ("chosen", "rejected"):
-            resp = p[key] if isinstance(p[key], list) else [{"role": "assistant", "content": p[key]}]
-            r = render(
-                p["prompt"] + resp, tokenizer, system=chat.system, train_on="last", where=p.get("id", "?")
-            )
-            sides.append((truncate_left(r, chat.max_length), sum(r.loss_mask)))
-        if any(s is None for s, _ in sides):
+        chosen, rejected = (
+            fit(side, tokenizer, chat, p.get("id", "?"), train_on="last") for side in pair_sides(p)
+        )
+        if chosen is None or rejected is None:
             dropped.append(p.get("id", "?"))
             continue
-        out.append({"chosen_ids": sides[0][0].input_ids, "rejected_ids": sides[1][0].input_ids,
-                    "len_chosen": sides[0][1], "len_rejected": sides[1][1], "task": p.get("task") or "?",
-                    "chosen_gold": bool(p.get("chosen_gold"))})  # fmt: skip
+        # only the final turn is trained and a fitted render keeps it whole: its mask counts the response tokens
+        out.append({"chosen_ids": chosen.input_ids, "rejected_ids": rejected.input_ids,
+                    "len_chosen": sum(chosen.loss_mask), "len_rejected": sum(rejected.loss_mask),
+                    "task": p.get("task") or "?", "chosen_gold": bool(p.get("chosen_gold"))})  # fmt: skip
     return out, dropped
 
 
