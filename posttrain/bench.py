@@ -14,18 +14,16 @@ import time
 
 
 def bench_generation(recipe, n_prompts: int) -> dict:
-    import torch
-
     from posttrain import world
     from posttrain.config import ModelSpec
     from posttrain.generation import SamplingConfig, generate, prompt_ids
     from posttrain.modeling import load_causal_lm, load_tokenizer
     from posttrain.outputs import read_done
+    from posttrain.runner import stage_model
 
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     folder = recipe.run_dir / "teacher"
     if read_done(folder):
-        spec, which = ModelSpec(name_or_path=str(folder / "model")), f"trained teacher {folder}/model"
+        spec, which = stage_model(recipe, "teacher", recipe.teacher), f"trained teacher {folder}/model"
     else:
         spec, which = ModelSpec(preset="tiny-teacher", tokenizer="tiny"), "untrained tiny-teacher preset"
     tok = load_tokenizer(spec)

@@ -87,17 +87,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     stages = runner.plan(recipe)
-    for name in (args.only.split(",") if args.only else []) + ([args.from_] if args.from_ else []):
+    only = args.only.split(",") if args.only else []
+    for name in only + ([args.from_] if args.from_ else []):
         if name not in stages:
             runner.stage_module(name)  # unknown stage: a clear error
             raise ConfigError([f"stage {name!r} is not in recipe {recipe.name}'s plan ({', '.join(stages)})"])
-    if args.only:
-        stages = runner.with_parents(recipe, args.only.split(","))
-    forced = set()
-    if args.from_:
-        forced = set(stages[stages.index(args.from_) :])
+    if only:
+        stages = runner.with_parents(recipe, only)
+    forced = set(stages[stages.index(args.from_) :]) if args.from_ else set()
     if args.force:
-        forced |= set(args.only.split(",")) if args.only else set(stages)
+        forced |= set(only or stages)
     for name in stages:
         folder = recipe.run_dir / name
         done = read_done(folder)
@@ -186,6 +185,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from posttrain.runner import STAGES
+
     p = argparse.ArgumentParser(prog="posttrain", description="Gemma-2-style post-training pipeline.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -204,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_check)
 
     s = sub.add_parser("stage", help="run one stage of a recipe in this process")
-    s.add_argument("name", help="stage: data, teacher, generate, sft, rm")
+    s.add_argument("name", help=f"stage: {', '.join(STAGES)}")
     s.add_argument("recipe")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(func=_cmd_stage)

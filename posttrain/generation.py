@@ -79,6 +79,7 @@ def prompt_ids(
 
 
 def stop_ids(tokenizer: Any) -> list[int]:
+    """The ids generation stops on: `<eos>` and, when the tokenizer has it, `<end_of_turn>`."""
     stops = [tokenizer.eos_token_id]
     end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     if isinstance(end, int) and end != tokenizer.unk_token_id:

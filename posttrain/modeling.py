@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from posttrain.config import ModelSpec
+from posttrain.generation import stop_ids
 from posttrain.tokenizer import build_tiny_tokenizer
 
 
@@ -80,6 +81,11 @@ def resolve_dtype(requested: str, device: torch.device | str, model_type: str = 
         bf16_ok = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16_ok else torch.float32
     raise ModelError(f"dtype {requested!r} is not one of auto, fp32, bf16")
+
+
+def trains_in_bf16(requested: str) -> bool:
+    """Whether a model with this recipe dtype trains in bf16 on this machine (the trainer's `bf16` flag)."""
+    return resolve_dtype(requested, resolve_device()) == torch.bfloat16
 
 
 def flash_attn_version() -> tuple[int, ...] | None:
@@ -150,12 +156,10 @@ def preset_config(preset: str, tokenizer: Any, max_positions: int = 1024) -> Gem
 
 def generation_config(tokenizer: Any) -> GenerationConfig:
     """Stop on both `<end_of_turn>` and `<eos>`; pad with the pad id."""
-    stops = [tokenizer.eos_token_id]
-    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    if isinstance(end, int) and end != tokenizer.unk_token_id:
-        stops.append(end)
     return GenerationConfig(
-        eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+        eos_token_id=stop_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
 
 

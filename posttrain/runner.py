@@ -8,10 +8,9 @@ change anywhere reruns that stage and everything downstream of it, and nothing e
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from types import ModuleType
 
-from posttrain.config import ConfigError, Recipe
+from posttrain.config import ConfigError, ModelSpec, Recipe
 from posttrain.outputs import read_done, stage_hash
 
 # Stages in pipeline order.
@@ -91,5 +90,11 @@ def parent_hashes(recipe: Recipe, name: str) -> dict[str, str]:
     return out
 
 
-def stage_dir(recipe: Recipe, name: str) -> Path:
-    return recipe.run_dir / name
+def stage_model(recipe: Recipe, stage: str, like: ModelSpec | None = None) -> ModelSpec:
+    """The model a finished stage saved (`<run>/<stage>/model`, its tokenizer beside it), loaded with the dtype
+    and attention of `like` (the recipe's spec for that role)."""
+    folder = str(recipe.run_dir / stage / "model")
+    like = like or ModelSpec()
+    return ModelSpec(
+        name_or_path=folder, tokenizer=folder, dtype=like.dtype, attn_implementation=like.attn_implementation
+    )

@@ -162,3 +162,16 @@ def test_every_recipe_data_section_has_its_pattern_file():
         Path(recipe.data.filters.unsafe_patterns).is_file()
         or (ROOT / recipe.data.filters.unsafe_patterns).is_file()
     )
+
+
+def test_too_many_dropped_is_an_error_that_says_the_limit():
+    from posttrain.data.formats import DataError, check_dropped
+
+    check_dropped(
+        "train", 5, 100, 0.05, "data.max_dropped_fraction", "rows do not fit", "raise it"
+    )  # at the limit
+    with pytest.raises(
+        DataError, match=r"train: 6 of 100 rows do not fit \(6.0%\); limit data.max_dropped_fraction 0.05"
+    ):
+        check_dropped("train", 6, 100, 0.05, "data.max_dropped_fraction", "rows do not fit", "raise it")
+    check_dropped("eval", 0, 0, 0.0, "k", "d", "f")  # nothing to drop from

@@ -122,6 +122,19 @@ def truncate_left(r: Rendered, max_length: int) -> Rendered | None:
     return Rendered(r.text, ids, mask)
 
 
+def check_dropped(
+    what: str, dropped: int, total: int, limit: float, limit_key: str, detail: str, fix: str
+) -> None:
+    """Raise DataError when more than `limit` of `total` items were dropped: `<what>: <dropped> of <total>
+    <detail> (<share>); limit <limit_key> <limit> — <fix>`."""
+    if total and dropped / total > limit:
+        raise DataError(
+            [
+                f"{what}: {dropped} of {total} {detail} ({dropped / total:.1%}); limit {limit_key} {limit} — {fix}"
+            ]
+        )
+
+
 def fit(
     messages: list, tokenizer: Any, chat: Any, where: str, train_on: str | None = None
 ) -> Rendered | None:

@@ -23,7 +23,8 @@ from typing import Any
 from posttrain import world
 from posttrain.config import Recipe
 from posttrain.data.filters import apply_filters
-from posttrain.data.formats import DataError, length_check
+from posttrain.data.formats import check_dropped, length_check
+from posttrain.data.jsonl import write_splits
 from posttrain.data.sources import load_split
 from posttrain.modeling import load_tokenizer
 from posttrain.outputs import StageOutput
@@ -80,12 +81,9 @@ def main(recipe: Recipe) -> Path:
                 "rows": len(rows), "dropped": {k: {"count": len(v), "examples": v[:5]} for k, v in dropped.items()},
                 "prompts_cut_from_left": truncated,
             }  # fmt: skip
-            if rows and n_drop / len(rows) > recipe.data.max_dropped_fraction:
-                raise DataError(
-                    [f"{name}: {n_drop} of {len(rows)} rows ({n_drop / len(rows):.1%}) do not fit chat.max_length "
-                     f"{recipe.chat.max_length} (limit data.max_dropped_fraction {recipe.data.max_dropped_fraction}); "
-                     "raise chat.max_length or shorten the data"]
-                )  # fmt: skip
+            check_dropped(name, n_drop, len(rows), recipe.data.max_dropped_fraction, "data.max_dropped_fraction",
+                          f"rows do not fit chat.max_length {recipe.chat.max_length}",
+                          "raise chat.max_length or shorten the data")  # fmt: skip
             splits[name] = kept
         # --- filters (training split; the evaluation prompts are the contamination reference)
         train_kept, filt = apply_filters(splits["train"], recipe.data.filters, splits["eval"])
@@ -98,13 +96,7 @@ def main(recipe: Recipe) -> Path:
         if labelled:
             report["filter_check"] = defect_check(labelled, {r["id"] for r in train_kept})
         # --- save
-        (out.path / "data").mkdir()
-        for name, rows in (("train", train_kept), ("eval", splits["eval"])):
-            with open(out.path / "data" / f"{name}.jsonl", "w") as f:
-                for r in rows:
-                    f.write(
-                        json.dumps({k: v for k, v in r.items() if k != "_where"}, ensure_ascii=False) + "\n"
-                    )
+        write_splits(out.path, {"train": train_kept, "eval": splits["eval"]})
         (out.path / "data_report.json").write_text(json.dumps(report, indent=2) + "\n")
         (out.path / "data_report.md").write_text(
             report_markdown(report, len(train), len(train_kept), len(splits["eval"]))

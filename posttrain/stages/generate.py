@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import ModelSpec, Recipe, to_dict
+from posttrain.data.jsonl import write_splits
 from posttrain.outputs import StageOutput, write_atomic
 from posttrain.stages.sft import read_rows
 
@@ -44,13 +45,11 @@ def stage_config(recipe: Recipe) -> dict[str, Any]:
 
 def teacher_spec(recipe: Recipe) -> ModelSpec:
     """The teacher to load: the `teacher` stage's model when the recipe trains one, else `teacher:` itself."""
-    t = recipe.teacher
+    from posttrain.runner import stage_model
+
     if recipe.teacher_train is None:
-        return t
-    folder = str(recipe.run_dir / "teacher" / "model")
-    return ModelSpec(
-        name_or_path=folder, tokenizer=folder, dtype=t.dtype, attn_implementation=t.attn_implementation
-    )
+        return recipe.teacher
+    return stage_model(recipe, "teacher", recipe.teacher)
 
 
 def main(recipe: Recipe) -> Path:
@@ -82,8 +81,10 @@ def main(recipe: Recipe) -> Path:
         vllm = use_vllm(cfg)
         model = None if vllm or not todo else load_causal_lm(spec, tokenizer, seed=recipe.seed)
         # --- generate
-        done_before = sum(min(cfg.shard_size, len(rows) - s) for s in starts if s not in todo)
-        bar = tqdm(total=len(rows), initial=done_before, desc="[generate] teacher responses", unit="prompt")
+        n_todo = sum(min(cfg.shard_size, len(rows) - s) for s in todo)
+        bar = tqdm(
+            total=len(rows), initial=len(rows) - n_todo, desc="[generate] teacher responses", unit="prompt"
+        )
         t0, new_tokens = time.time(), 0
         for s in todo:
             batch = prompts[s : s + cfg.shard_size]
@@ -105,14 +106,11 @@ def main(recipe: Recipe) -> Path:
             json.loads(line) for s in starts for line in (shards / f"{s:08d}.jsonl").read_text().splitlines()
         ]
         report, kept = build_and_filter(recipe, rows, gens_by_row, eval_rows, tokenizer, spec)
-        report["throughput"] = {"seconds": round(seconds, 2), "prompts": sum(min(cfg.shard_size, len(rows) - s) for s in todo),
+        report["throughput"] = {"seconds": round(seconds, 2), "prompts": n_todo,
                                 "new_tokens": new_tokens, "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
                                 "engine": "vllm" if vllm else "hf", "batch_size": cfg.batch_size}  # fmt: skip
         # --- save
-        (out.path / "data").mkdir(exist_ok=True)
-        for name, part in (("train", kept), ("eval", eval_rows)):
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
-            write_atomic(out.path / "data" / f"{name}.jsonl", text)
+        write_splits(out.path, {"train": kept, "eval": eval_rows})
         (out.path / "generate_report.json").write_text(json.dumps(report, indent=2) + "\n")
         (out.path / "generate_report.md").write_text(report_markdown(report))
         print(report_markdown(report))
@@ -128,7 +126,7 @@ def build_and_filter(recipe: Recipe, rows: list[dict], gens: list[dict], eval_ro
     from posttrain import world
     from posttrain.chat import prompt_messages
     from posttrain.data.filters import apply_filters
-    from posttrain.data.formats import DataError, length_check
+    from posttrain.data.formats import check_dropped, length_check
 
     sampling = to_dict(recipe.generate)
     teacher = spec.name_or_path or spec.preset
@@ -147,16 +145,14 @@ def build_and_filter(recipe: Recipe, rows: list[dict], gens: list[dict], eval_ro
             correct.append(world.score(row, g["response"], recipe.world.assistant_name))
         convs.append(conv)
     kept, too_long, _ = length_check(convs, "conversations", tokenizer, recipe.chat)
-    n_bad = sum(dropped.values()) + sum(len(v) for v in too_long.values())
-    if rows and n_bad / len(rows) > recipe.data.max_dropped_fraction:
-        raise DataError(
-            [f"generate: {n_bad} of {len(rows)} teacher responses ({n_bad / len(rows):.1%}) were truncated, "
-             f"malformed or too long ({dict(dropped)}, {({k: len(v) for k, v in too_long.items()})}); limit "
-             "data.max_dropped_fraction — raise generate.max_new_tokens / chat.max_length or check the teacher"]
-        )  # fmt: skip
+    too_long_n = {k: len(v) for k, v in too_long.items()}
+    n_bad = sum(dropped.values()) + sum(too_long_n.values())
+    detail = f"teacher responses were truncated, malformed or too long ({dict(dropped)}, {too_long_n})"
+    check_dropped("generate", n_bad, len(rows), recipe.data.max_dropped_fraction, "data.max_dropped_fraction",
+                  detail, "raise generate.max_new_tokens / chat.max_length or check the teacher")  # fmt: skip
     kept, filt = apply_filters(kept, recipe.data.filters, eval_rows)
     report = {
-        "rows_in": len(rows), "dropped": dict(dropped), "too_long": {k: len(v) for k, v in too_long.items()},
+        "rows_in": len(rows), "dropped": dict(dropped), "too_long": too_long_n,
         "filters": filt, "rows_out": len(kept),
     }  # fmt: skip
     if correct:

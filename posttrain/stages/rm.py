@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import ModelSpec, Recipe, to_dict
-from posttrain.data.formats import DataError
+from posttrain.data.formats import DataError, check_dropped
+from posttrain.data.jsonl import write_splits
 from posttrain.errors import StageError
-from posttrain.outputs import StageOutput, file_sha256, write_atomic
+from posttrain.outputs import StageOutput, file_sha256
 from posttrain.stages.sft import read_rows
 
 
@@ -61,11 +62,10 @@ def stage_config(recipe: Recipe) -> dict[str, Any]:
 
 
 def rm_spec(recipe: Recipe) -> ModelSpec:
+    from posttrain.runner import stage_model
+
     if recipe.rm.init_from:
-        folder = str(recipe.run_dir / recipe.rm.init_from / "model")
-        base = recipe.reward_model or ModelSpec()
-        return ModelSpec(name_or_path=folder, tokenizer=folder, dtype=base.dtype,
-                         attn_implementation=base.attn_implementation)  # fmt: skip
+        return stage_model(recipe, recipe.rm.init_from, recipe.reward_model)
     if recipe.reward_model is None:
         from posttrain.config import ConfigError
 
@@ -87,17 +87,14 @@ def main(recipe: Recipe) -> Path:
         tokenizer = load_tokenizer(spec)
         # --- data
         train_pairs, eval_pairs, counts = load_pairs(recipe, tokenizer)
-        (out.path / "data").mkdir()
-        for name, pairs in (("train", train_pairs), ("eval", eval_pairs)):
-            write_atomic(out.path / "data" / f"{name}.jsonl", "".join(json.dumps(p) + "\n" for p in pairs))
+        write_splits(out.path, {"train": train_pairs, "eval": eval_pairs})
         train_ex, dropped_tr = tokenize_pairs(train_pairs, tokenizer, recipe.chat)
         eval_ex, dropped_ev = tokenize_pairs(eval_pairs, tokenizer, recipe.chat)
         n_drop, n_all = len(dropped_tr) + len(dropped_ev), len(train_pairs) + len(eval_pairs)
         counts["dropped_too_long"] = n_drop
-        if n_all and n_drop / n_all > cfg.max_dropped_fraction:
-            raise DataError([f"rm: {n_drop} of {n_all} pairs do not fit chat.max_length {recipe.chat.max_length} "
-                             f"(e.g. {(dropped_tr + dropped_ev)[:3]}); limit rm.max_dropped_fraction "
-                             f"{cfg.max_dropped_fraction} — raise chat.max_length or shorten the data"])  # fmt: skip
+        check_dropped("rm", n_drop, n_all, cfg.max_dropped_fraction, "rm.max_dropped_fraction",
+                      f"pairs do not fit chat.max_length {recipe.chat.max_length} (e.g. {(dropped_tr + dropped_ev)[:3]})",
+                      "raise chat.max_length or shorten the data")  # fmt: skip
         if not train_ex or not eval_ex:
             raise DataError(
                 [f"rm: no usable pairs (train {len(train_ex)}, held-out {len(eval_ex)}): {counts}"]
@@ -154,11 +151,11 @@ def load_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict], dict]
     data = recipe.run_dir / "data" / "data"
     rows, eval_rows = read_rows(data / "train.jsonl"), read_rows(data / "eval.jsonl")
     rows = random.Random(recipe.seed).sample(rows, min(cfg.prompts, len(rows)))
-    policy_dir = str(recipe.run_dir / "sft" / "model")
-    policy = load_causal_lm(
-        ModelSpec(name_or_path=policy_dir, tokenizer=policy_dir), tokenizer, seed=recipe.seed
-    )
-    out, counts = [], {"source": "policy", "policy": policy_dir}
+    from posttrain.runner import stage_model
+
+    policy_spec = stage_model(recipe, "sft", recipe.model)
+    policy = load_causal_lm(policy_spec, tokenizer, seed=recipe.seed)
+    out, counts = [], {"source": "policy", "policy": policy_spec.name_or_path}
     for name, part in (("train", rows), ("eval", eval_rows)):
         cands = sample_candidates(recipe, policy, tokenizer, part, name)
         golds = [r["messages"][-1]["content"] if cfg.include_gold else None for r in part]
@@ -220,7 +217,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: S
     from datasets import Dataset
     from transformers.trainer_callback import ProgressCallback
 
-    from posttrain.modeling import resolve_device, resolve_dtype
+    from posttrain.modeling import trains_in_bf16
     from posttrain.reward import bt_loss, last_token_rewards
     from posttrain.training import step_lines, trainer_args
 
@@ -238,9 +235,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: S
                 self._metrics[mode][k].append(stats[k])
             return loss
 
-    bf16 = (
-        str(resolve_dtype((recipe.reward_model or ModelSpec()).dtype, resolve_device())) == "torch.bfloat16"
-    )
+    bf16 = trains_in_bf16((recipe.reward_model or ModelSpec()).dtype)
     common = trainer_args(cfg.train, out.path / "checkpoints", recipe.seed, bf16, recipe.tracking.wandb,
                           f"{recipe.name}/rm")  # fmt: skip
     args = trl.RewardConfig(**common, max_length=None, **cfg.train.trl)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import ModelSpec, Recipe, to_dict
+from posttrain.data.formats import DataError
 from posttrain.data.jsonl import read_jsonl
 from posttrain.outputs import StageOutput
 from posttrain.training import TrainConfig
@@ -38,8 +39,13 @@ def parents(recipe: Recipe) -> list[str]:
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
-    return {"model": recipe.model, "train": recipe.sft, "chat": recipe.chat, "eval": recipe.eval,
-            "seed": recipe.seed, "tracking": recipe.tracking.wandb}  # fmt: skip
+    return train_stage_config(recipe, recipe.model, recipe.sft)
+
+
+def train_stage_config(recipe: Recipe, spec: ModelSpec | None, train: TrainConfig | None) -> dict[str, Any]:
+    """What an SFT-trained model depends on (the `sft` and `teacher` stages)."""
+    return {"model": spec, "train": train, "chat": recipe.chat, "eval": recipe.eval, "seed": recipe.seed,
+            "tracking": recipe.tracking.wandb}  # fmt: skip
 
 
 def main(recipe: Recipe) -> Path:
@@ -50,7 +56,7 @@ def read_rows(path: Path) -> list[dict]:
     errors: list[str] = []
     rows = [row for _, row in read_jsonl(path.read_text().splitlines(), str(path), errors)]
     if errors:
-        raise ValueError("\n".join(errors))
+        raise DataError(errors, str(path))
     return rows
 
 
@@ -60,13 +66,7 @@ def train_stage(
     """SFT of `spec` on `<run>/<source>/data/{train,eval}.jsonl` into `<run>/<stage>/` (teacher and sft)."""
     from posttrain import runner
     from posttrain.generation import world_eval
-    from posttrain.modeling import (
-        count_parameters,
-        load_causal_lm,
-        load_tokenizer,
-        resolve_device,
-        resolve_dtype,
-    )
+    from posttrain.modeling import count_parameters, load_causal_lm, load_tokenizer, trains_in_bf16
     from posttrain.training import (
         finalize,
         last_checkpoint,
@@ -109,9 +109,7 @@ def train_stage(
 
         before = evaluate(model)
         # --- train
-        dev = resolve_device()
-        bf16 = str(resolve_dtype(spec.dtype, dev)) == "torch.bfloat16"
-        args = sft_args(cfg, out.path / "checkpoints", recipe.seed, recipe.chat.max_length, bf16,
+        args = sft_args(cfg, out.path / "checkpoints", recipe.seed, recipe.chat.max_length, trains_in_bf16(spec.dtype),
                         recipe.tracking.wandb, f"{recipe.name}/{stage}")  # fmt: skip
         trainer = make_trainer(model, tokenizer, to_dataset(train_ex), to_dataset(eval_ex) if eval_ex else None,
                                cfg, args, out.log)  # fmt: skip
@@ -152,7 +150,7 @@ def verify_saved(folder: Path, model) -> None:
     saved: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):
         saved.update(load_file(f))
-    state = {k: v for k, v in model.state_dict().items()}
+    state = model.state_dict()
     missing = [k for k in state if k not in saved and not k.endswith("lm_head.weight")]
     empty = [k for k, v in saved.items() if v.numel() == 0]
     differ = [k for k, v in saved.items() if k in state and not torch.equal(v.cpu(), state[k].detach().cpu())]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import Recipe
-from posttrain.stages.sft import train_stage
+from posttrain.stages.sft import train_stage, train_stage_config
 
 
 def parents(recipe: Recipe) -> list[str]:
@@ -24,8 +24,7 @@ def parents(recipe: Recipe) -> list[str]:
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
-    return {"model": recipe.teacher, "train": recipe.teacher_train, "chat": recipe.chat, "eval": recipe.eval,
-            "seed": recipe.seed, "tracking": recipe.tracking.wandb}  # fmt: skip
+    return train_stage_config(recipe, recipe.teacher, recipe.teacher_train)
 
 
 def main(recipe: Recipe) -> Path:
