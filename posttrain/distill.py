@@ -15,18 +15,59 @@ left out is a different distribution from the one it was trained with.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.nn.functional as F
+from posttrain.training import TrainConfig
+
+if TYPE_CHECKING:
+    import torch
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The `distill:` section (leave it out, or null, to skip the stage).
+
+    divergence: `forward_kl` (Gemma 2: the student's negative log-likelihood of the teacher's distribution on the
+    student's samples), `reverse_kl`, or `jsd` with `beta` (TRL `DistillationConfig.beta`: 0 = forward, 1 = reverse).
+    on_policy_fraction: the share of batches whose responses the student samples; the rest use the teacher's
+    responses from the `generate` stage (GKD's λ). temperature: of sampling and of both distributions in the loss.
+    max_new_tokens: the longest sampled response. prompts: how many training prompts to use (0: all).
+    train: steps, batch size, learning rate …; `eval_steps` also sets how often the world score is measured.
+    """
+
+    divergence: Divergence = "forward_kl"
+    beta: float = 0.5
+    on_policy_fraction: float = 1.0
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    prompts: int = 0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, learning_rate=1e-6))
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
+            out.append(
+                f"beta: {self.beta} must be in (0, 1) for divergence jsd (0 is forward_kl, 1 reverse_kl)"
+            )
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            out.append(f"on_policy_fraction: {self.on_policy_fraction} must be in [0, 1]")
+        if self.temperature <= 0.0:
+            out.append(f"temperature: {self.temperature} must be > 0")
+        if self.max_new_tokens < 1 or self.prompts < 0:
+            out.append("max_new_tokens must be ≥ 1 and prompts ≥ 0")
+        return out
 
 
 def capped_log_probs(
     logits: torch.Tensor, softcap: float | None = None, temperature: float = 1.0
 ) -> torch.Tensor:
     """(…, V) logits → (…, V) log-probabilities after the soft-cap and the temperature."""
+    import torch
+    import torch.nn.functional as F
+
     z = logits.float()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -39,6 +80,8 @@ def beta_of(kind: Divergence, beta: float = 0.5) -> float:
 
 def token_divergence(log_ps: torch.Tensor, log_pt: torch.Tensor, beta: float) -> torch.Tensor:
     """(…, V), (…, V) log-probs → (…) divergence per position (see the module docstring for β)."""
+    import torch
+
     if beta == 0.0:
         return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
     if beta == 1.0:
@@ -61,6 +104,8 @@ def distill_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Student logits (B, T, V), teacher logits (B, T, V), mask (B, T) → (mean divergence over masked positions,
     stats {"divergence", "tokens", "student_entropy"}). Gradients flow to the student only."""
+    import torch
+
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(
             f"student and teacher vocabularies differ ({student_logits.shape[-1]} vs {teacher_logits.shape[-1]} "

@@ -185,7 +185,6 @@ def trainer_args(cfg: TrainConfig, out_dir: Path, seed: int, bf16: bool, wandb: 
         use_cpu=not torch.cuda.is_available(),
         report_to=["wandb"] if wandb else [],
         run_name=run_name,
-        dataset_num_proc=None,
     )
 
 
@@ -195,7 +194,9 @@ def sft_args(
     import trl
 
     common = trainer_args(cfg, out_dir, seed, bf16, wandb, run_name)
-    return trl.SFTConfig(**common, max_length=max_length, packing=cfg.packing, **cfg.trl)
+    return trl.SFTConfig(
+        **common, max_length=max_length, packing=cfg.packing, dataset_num_proc=None, **cfg.trl
+    )
 
 
 def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: TrainConfig, args, log: Callable[[dict], None]):
@@ -223,11 +224,31 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: TrainConfig, args, lo
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         peft_config=peft_config,
     )  # fmt: skip
+    use_step_lines(trainer, log, args.max_steps)
+    return trainer
+
+
+def use_step_lines(trainer, log: Callable[[dict], None], total: int) -> None:
+    """Replace the trainer's progress callback by `step_lines`."""
     from transformers.trainer_callback import ProgressCallback
 
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(step_lines(log, args.max_steps))
-    return trainer
+    trainer.add_callback(step_lines(log, total))
+
+
+def world_eval_callback(evaluate: Callable[[Any], dict | None], every: int, log: Callable[[dict], None]):
+    """A callback: every `every` optimizer steps (not the last), `evaluate(model)`'s score as a metrics row."""
+    from transformers import TrainerCallback
+
+    class WorldEval(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % every == 0 and state.global_step < state.max_steps and model is not None:
+                res = evaluate(model)
+                if res is not None:
+                    log({"step": state.global_step, "world_score": res["score"],
+                         **{f"world/{t}": v for t, v in res["per_task"].items()}})  # fmt: skip
+
+    return WorldEval()
 
 
 def step_lines(log: Callable[[dict], None], total: int):
@@ -271,7 +292,9 @@ def check_log(step: int, logs: dict) -> dict:
 def format_line(row: dict, total: int) -> str:
     """`step 12/500 | loss 0.412 | lr 1.0e-06 | tok/s 5.1k` — fixed keys first, the rest after."""
     parts = [f"step {row.get('step', '?')}/{total}"]
-    names = {"loss": "loss", "eval_loss": "eval_loss", "grad_norm": "grad_norm", "mean_token_accuracy": "acc",
+    names = {"loss": "loss", "eval_loss": "eval_loss", "reward": "reward", "reward_std": "reward_std", "kl": "kl",
+             "kl_k3": "kl_k3", "entropy": "entropy", "completions/mean_length": "len",
+             "completions/clipped_ratio": "trunc", "grad_norm": "grad_norm", "mean_token_accuracy": "acc",
              "learning_rate": "lr", "tok_per_s": "tok/s"}  # fmt: skip
     for key, label in names.items():
         if key in row:

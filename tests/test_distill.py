@@ -84,3 +84,100 @@ def test_matches_trls_generalized_jsd(beta):
                                       teacher_final_logit_softcapping=3.0, temperature=0.8)[0]  # fmt: skip
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-4, abs=1e-5)
     assert math.isfinite(ours.item())
+
+
+# ------------------------------------------------------------------ the stage's trainer on tiny models
+
+
+def _distill_trainer(tok, tmp_path, teacher, on_policy_fraction=1.0, steps=2, lr=1e-3):
+    import trl
+    from datasets import Dataset
+
+    from posttrain.chat import render
+    from posttrain.config import ModelSpec
+    from posttrain.modeling import load_causal_lm
+    from posttrain.stages.distill import mixed_policy_trainer
+
+    student = load_causal_lm(ModelSpec(preset="tiny-student"), tok, seed=0)
+    teacher = teacher(student)
+    qs = ["What is 2 + 3?", "Reverse the word cat.", "Who are you?", "Sort the letters b, a."]
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    table = {
+        str(i): {"prompt_ids": render([{"role": "user", "content": q}], tok, add_generation_prompt=True).input_ids,
+                 "fixed_ids": tok.encode("fixed answer", add_special_tokens=False) + [end]}
+        for i, q in enumerate(qs)
+    }  # fmt: skip
+    args = trl.DistillationConfig(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=lr, beta=0.0,
+        max_completion_length=8, use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no",
+        gradient_checkpointing=False, seed=0,
+    )  # fmt: skip
+    trainer = mixed_policy_trainer(trl.DistillationTrainer)(
+        model=student, teacher_model=teacher, args=args, processing_class=tok,
+        train_dataset=Dataset.from_dict({"prompt": list(table) * 2}),
+    )  # fmt: skip
+    trainer.setup(table, on_policy_fraction, 0)
+    return trainer, table
+
+
+@pytest.mark.stage
+def test_a_few_real_steps_change_the_student_and_the_teacher_stays(tiny_tokenizer, tmp_path):
+    from posttrain.config import ModelSpec
+    from posttrain.modeling import load_causal_lm
+
+    trainer, _ = _distill_trainer(
+        tiny_tokenizer,
+        tmp_path,
+        lambda s: load_causal_lm(ModelSpec(preset="tiny-teacher"), tiny_tokenizer, seed=1),
+    )
+    s0 = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    t0 = {k: v.clone() for k, v in trainer.teacher_model.state_dict().items()}
+    trainer.train()
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, s0[k])]
+    assert len(changed) > len(s0) // 2
+    assert all(torch.equal(v, t0[k]) for k, v in trainer.teacher_model.state_dict().items())
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert losses and all(x > 0 and math.isfinite(x) for x in losses)
+
+
+@pytest.mark.stage
+def test_a_teacher_identical_to_the_student_gives_divergence_zero(tiny_tokenizer, tmp_path):
+    import copy
+
+    trainer, _ = _distill_trainer(
+        tiny_tokenizer, tmp_path, lambda s: copy.deepcopy(s).eval(), steps=1, lr=0.0
+    )
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert losses and all(abs(x) < 1e-6 for x in losses)
+
+
+@pytest.mark.stage
+def test_off_policy_batches_use_the_teachers_fixed_responses(tiny_tokenizer, tmp_path):
+    import copy
+
+    trainer, table = _distill_trainer(
+        tiny_tokenizer, tmp_path, lambda s: copy.deepcopy(s), on_policy_fraction=0.0
+    )
+    prompts = [v["prompt_ids"] for v in table.values()]
+    assert trainer._generate_single_turn(prompts, None, {}) == [v["fixed_ids"] for v in table.values()]
+    trainer._fraction = 1.0  # on-policy: the student samples (not the fixed answer)
+    assert trainer._generate_single_turn(prompts, None, {}) != [v["fixed_ids"] for v in table.values()]
+    ids, _, _ = trainer._tokenize_prompts(list(table))
+    assert ids == prompts and all(p.count(tiny_tokenizer.bos_token_id) == 1 and p[0] == tiny_tokenizer.bos_token_id
+                                  for p in ids)  # fmt: skip
+
+
+def test_different_vocabularies_are_refused_naming_the_difference(tiny_tokenizer):
+    from posttrain.config import ConfigError
+    from posttrain.stages.distill import check_same_vocabulary
+
+    class Other:
+        def get_vocab(self):
+            v = dict(tiny_tokenizer.get_vocab())
+            v["<extra>"] = len(v)
+            return v
+
+    check_same_vocabulary(tiny_tokenizer, tiny_tokenizer, "s", "t")
+    with pytest.raises(ConfigError, match=r"only in the teacher \['<extra>'\]"):
+        check_same_vocabulary(tiny_tokenizer, Other(), "s", "t")

@@ -65,7 +65,6 @@ def train_stage(
 ) -> Path:
     """SFT of `spec` on `<run>/<source>/data/{train,eval}.jsonl` into `<run>/<stage>/` (teacher and sft)."""
     from posttrain import runner
-    from posttrain.generation import world_eval
     from posttrain.modeling import count_parameters, load_causal_lm, load_tokenizer, trains_in_bf16
     from posttrain.training import (
         finalize,
@@ -94,19 +93,7 @@ def train_stage(
         # --- models
         model = load_causal_lm(spec, tokenizer, seed=recipe.seed)
         print(f"[{stage}] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
-        on_world = recipe.data.source == "world" and all("task" in r for r in eval_rows)
-
-        def evaluate(m) -> dict | None:
-            if not on_world:
-                return None
-            res = world_eval(m, tokenizer, eval_rows, recipe.chat, recipe.world.assistant_name,
-                             recipe.eval.max_new_tokens, recipe.eval.batch_size)  # fmt: skip
-            print(
-                f"[{stage}] world score {res['score']:.3f} "
-                + " ".join(f"{t} {v:.2f}" for t, v in res["per_task"].items())
-            )
-            return res
-
+        evaluate = world_scorer(recipe, tokenizer, eval_rows, stage)
         before = evaluate(model)
         # --- train
         args = sft_args(cfg, out.path / "checkpoints", recipe.seed, recipe.chat.max_length, trains_in_bf16(spec.dtype),
@@ -159,3 +146,26 @@ def verify_saved(folder: Path, model) -> None:
             f"{folder}: the saved model is not the trained one (missing {missing[:3]}, empty {empty[:3]}, "
             f"different {differ[:3]})"
         )
+
+
+def world_scorer(recipe: Recipe, tokenizer, eval_rows: list[dict], stage: str):
+    """model → the world evaluation (None off the built-in world), printed."""
+    from posttrain.generation import world_eval
+
+    on_world = recipe.data.source == "world" and eval_rows and all("task" in r for r in eval_rows)
+
+    def evaluate(model) -> dict | None:
+        if not on_world:
+            return None
+        was_training = model.training
+        model.eval()
+        res = world_eval(model, tokenizer, eval_rows, recipe.chat, recipe.world.assistant_name,
+                         recipe.eval.max_new_tokens, recipe.eval.batch_size)  # fmt: skip
+        model.train(was_training)
+        print(
+            f"[{stage}] world score {res['score']:.3f} "
+            + " ".join(f"{t} {v:.2f}" for t, v in res["per_task"].items())
+        )
+        return res
+
+    return evaluate

@@ -1,0 +1,119 @@
+"""`merge` stage: weight averaging of the `rlhf` runs (Gemma 2's model averaging; WARP's SLERP + LITI).
+
+With θ_init the policy RL started from and θ_m the runs' policies (`posttrain.merging`):
+
+    δ_m = θ_m − θ_init,   θ_slerp = θ_init + SLERP(δ_1, …, δ_M),   θ(η) = (1 − η) θ_init + η θ_slerp      (liti)
+
+`merge.sweep` lists the η values evaluated; each merged model answers the held-out prompts and is scored as the
+RL runs were (mean RM reward of its samples, KL to θ_init on them, world score). `merge_report.md` tables the runs
+and the merges, `reward_kl.png` plots them together; the model at `merge.eta` is saved as `merge/model`.
+Merging streams tensor by tensor (peak memory: a few tensors, not whole models).
+
+    CPU:  posttrain run recipes/tiny/pipeline.yaml --only merge      (or: make merge)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import ConfigError, ModelSpec, Recipe, to_dict
+from posttrain.outputs import StageOutput
+from posttrain.stages.rlhf import start_stage
+from posttrain.stages.sft import read_rows, world_scorer
+
+
+def parents(recipe: Recipe) -> list[str]:
+    return ["data", start_stage(recipe), "rm", "rlhf"]
+
+
+def stage_config(recipe: Recipe) -> dict[str, Any]:
+    return {"merge": recipe.merge, "chat": recipe.chat, "eval": recipe.eval, "seed": recipe.seed,
+            "max_new_tokens": recipe.rlhf and recipe.rlhf.max_new_tokens}  # fmt: skip
+
+
+def main(recipe: Recipe) -> Path:
+    from posttrain import runner
+    from posttrain.merging import merge_models
+    from posttrain.modeling import load_causal_lm, load_reward_model, load_tokenizer
+    from posttrain.plots import reward_kl_plot
+    from posttrain.rl import policy_figures
+
+    cfg = recipe.merge
+    if cfg is None or recipe.rlhf is None:
+        raise ConfigError(["stage merge: the recipe needs 'merge:' and 'rlhf:' sections"])
+    # --- config & logging
+    with StageOutput(recipe.run_dir / "merge", "merge", stage_config(recipe),
+                     runner.parent_hashes(recipe, "merge")) as out:  # fmt: skip
+        print(f"[merge] recipe {recipe.name}, config {out.hash}: {json.dumps(to_dict(cfg))}")
+        rl_dir = recipe.run_dir / "rlhf"
+        runs = sorted(p.parent for p in rl_dir.glob("*/figures.json"))
+        if not runs:
+            raise ConfigError([f"stage merge: no finished RL run in {rl_dir}"])
+        init = runner.stage_model(recipe, start_stage(recipe), recipe.model)
+        tokenizer = load_tokenizer(init)
+        reference = load_causal_lm(init, tokenizer).eval()
+        rm = load_reward_model(runner.stage_model(recipe, "rm", recipe.reward_model), tokenizer).eval()
+        eval_rows = read_rows(recipe.run_dir / "data" / "data" / "eval.jsonl")
+        evaluate = world_scorer(recipe, tokenizer, eval_rows, "merge")
+        rl = recipe.rlhf
+
+        def figures(model) -> dict:
+            f = policy_figures(model, reference, rm, tokenizer, eval_rows, recipe.chat, rl.max_new_tokens,
+                               rl.temperature, recipe.eval.batch_size, recipe.seed)  # fmt: skip
+            w = evaluate(model)
+            return {**f, "world_score": w and w["score"], "world_per_task": w and w["per_task"]}
+
+        # the start and the runs are measured again here, on the same samples' seed as the merges
+        points = [{"label": start_stage(recipe), "kind": "start", **figures(reference)}]
+        log_point(out, points[-1])
+        for r in runs:
+            model = load_causal_lm(
+                ModelSpec(name_or_path=str(r / "model"), dtype=recipe.model.dtype), tokenizer
+            )
+            points.append({"label": r.name, "kind": "run", **figures(model.eval())})
+            log_point(out, points[-1])
+        # --- merge and evaluate
+        models = [r / "model" for r in runs]
+        etas = sorted(set(cfg.sweep) | {cfg.eta}) if cfg.method == "liti" else [cfg.eta]
+        for eta in etas:
+            folder = out.path / "sweep" / f"eta_{eta:g}"
+            merge_models(models, folder, cfg.method, list(cfg.weights) if cfg.weights else None,
+                         base=init.name_or_path if cfg.method != "linear" else None, eta=eta)  # fmt: skip
+            model = load_causal_lm(ModelSpec(name_or_path=str(folder), dtype=recipe.model.dtype), tokenizer)
+            fig = figures(model.eval())
+            label = f"{cfg.method} η={eta:g}" if cfg.method == "liti" else cfg.method
+            points.append({"label": label, "kind": "merge", "eta": eta, **fig})
+            log_point(out, points[-1])
+            if eta == cfg.eta:
+                shutil.copytree(folder, out.path / "model")
+        # --- report
+        reward_kl_plot(points, out.path / "reward_kl.png")
+        (out.path / "points.json").write_text(json.dumps(points, indent=2) + "\n")
+        (out.path / "merge_report.md").write_text(report_markdown(points, cfg))
+        print(report_markdown(points, cfg))
+        shutil.rmtree(out.path / "sweep")
+        chosen = next(p for p in points if p["kind"] == "merge" and p["eta"] == cfg.eta)
+        out.summary = {"method": cfg.method, "eta": cfg.eta, "runs": [r.name for r in runs],
+                       "reward": chosen.get("reward"), "kl": chosen["kl"], "world_score": chosen["world_score"]}  # fmt: skip
+    return out.final
+
+
+def log_point(out: StageOutput, p: dict) -> None:
+    out.log({k: v for k, v in p.items() if isinstance(v, (int, float, str))})
+    print(f"[merge] {p['label']}: reward {p.get('reward', float('nan')):.3f}, KL {p['kl']:.3f}, "
+          f"world {p['world_score']}")  # fmt: skip
+
+
+def report_markdown(points: list[dict], cfg) -> str:
+    lines = ["## Merge: RL runs and their merges", "",
+             "| model | kind | mean RM reward | KL to start (k1) | KL (k3) | world score | length |",
+             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for p in points:
+        ws = "–" if p.get("world_score") is None else f"{p['world_score']:.3f}"
+        lines.append(f"| {p['label']} | {p['kind']} | {p.get('reward', float('nan')):.3f} | {p['kl']:.3f} | "
+                     f"{p['kl_k3']:.3f} | {ws} | {p['length']:.1f} |")  # fmt: skip
+    lines += ["", f"Saved: {cfg.method} at η = {cfg.eta:g} (`merge/model`). Plot: `reward_kl.png`.", ""]
+    return "\n".join(lines)

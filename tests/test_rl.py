@@ -1,0 +1,194 @@
+"""RL maths by hand (leave-one-out advantages, KL in the reward, k1/k3), and TRL's RLOOTrainer as the rlhf stage
+drives it: its advantages are the formulas above, KL = 0 when policy = reference, the log-probs it trains on are
+the sampling ones (temperature applied in both), a few steps change the policy, the EMA anchor update."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from posttrain.config import ModelSpec
+from posttrain.merging import ema
+from posttrain.modeling import load_causal_lm
+from posttrain.rl import (
+    RLConfig,
+    RLRun,
+    kl_estimates,
+    kl_in_reward,
+    rloo_advantages,
+    scored_sequence,
+    sequence_logps,
+)
+from posttrain.training import TrainConfig
+
+QUESTIONS = ["What is 2 + 3?", "Reverse the word cat.", "Sort the letters d, a, c.", "Who are you?"]
+
+
+def test_rloo_advantages_by_hand():
+    # k = 4, rewards 1 2 3 6: baselines (2+3+6)/3 = 11/3, (1+3+6)/3 = 10/3, (1+2+6)/3 = 3, (1+2+3)/3 = 2
+    adv = rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0]), 4)
+    expected = [1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0, -4 / 3, -4 / 3, -4 / 3, 4.0]
+    assert torch.allclose(adv, torch.tensor(expected))
+    assert abs(adv[:4].sum().item()) < 1e-6  # a group's advantages sum to zero
+
+
+def test_kl_in_reward_by_hand():
+    # Σ_t (logp − ref) = (−1 + 1.5) + (−2 + 1) = −0.5 on the unmasked tokens; the third is padding
+    logp = torch.tensor([[-1.0, -2.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert torch.allclose(kl_in_reward(torch.tensor([1.0]), logp, ref, mask, 0.1), torch.tensor([1.05]))
+
+
+def test_kl_estimates_by_hand():
+    # r = ref − logp = −1 on both tokens: k1 = 1, k3 = e^{−1} − 1 + 1 = 0.3679
+    logp, ref, mask = torch.tensor([[-1.0, -1.0]]), torch.tensor([[-2.0, -2.0]]), torch.ones(1, 2)
+    kl = kl_estimates(logp, ref, mask)
+    assert kl["k1"] == pytest.approx(1.0) and kl["k3"] == pytest.approx(math.exp(-1))
+    assert kl["k1_seq"] == pytest.approx(2.0) and kl["k3_seq"] == pytest.approx(2 * math.exp(-1))
+    same = kl_estimates(logp, logp, mask)
+    assert same["k1"] == 0.0 and same["k3"] == 0.0
+
+
+def test_runs_resolve_over_the_section():
+    cfg = RLConfig(kl_coef=0.05, train=TrainConfig(batch_size=8, learning_rate=1e-5),
+                   runs={"a": RLRun(kl_coef=0.1, seed=3), "b": RLRun(learning_rate=1e-4, anchor="ema")})  # fmt: skip
+    runs = cfg.resolved()
+    assert runs["a"].kl_coef == 0.1 and runs["a"].train.learning_rate == 1e-5 and cfg.seed_of("a", 0) == 3
+    assert runs["b"].kl_coef == 0.05 and runs["b"].train.learning_rate == 1e-4 and runs["b"].anchor == "ema"
+    assert cfg.seed_of("b", 7) == 7 and list(RLConfig().resolved()) == ["main"]
+    assert any(
+        "multiple of samples_per_prompt" in p for p in RLConfig(train=TrainConfig(batch_size=6)).problems()
+    )
+    assert any("k ≥ 2" in p for p in RLConfig(samples_per_prompt=1).problems())
+
+
+def _prompts(tok):
+    from posttrain.chat import render
+
+    return [
+        render([{"role": "user", "content": q}], tok, add_generation_prompt=True).input_ids for q in QUESTIONS
+    ]
+
+
+def test_sampling_and_training_log_probs_agree_with_temperature(tiny_tokenizer, tmp_path):
+    """Pitfall 14: the log-probs of the sampled tokens at generation (HF generate's processed scores at T) equal the
+    ones the trainer computes (logits / T), and TRL's RLOOTrainer computes the same."""
+    tok = tiny_tokenizer
+    model = _saved_student(tok, tmp_path / "init").eval()
+    prompt = _prompts(tok)[0]
+    T = 0.7
+    torch.manual_seed(0)
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         do_sample=True, temperature=T, top_k=0, top_p=1.0, max_new_tokens=12,
+                         output_scores=True, return_dict_in_generate=True, eos_token_id=[], pad_token_id=0)  # fmt: skip
+    response = out.sequences[0, len(prompt) :].tolist()
+    at_sampling = torch.stack([torch.log_softmax(s[0].float(), -1)[t] for s, t in zip(out.scores, response)])
+    at_training, mask = sequence_logps(model, [prompt], [response], temperature=T, pad_id=tok.pad_token_id)
+    assert mask.sum() == len(response)
+    assert torch.allclose(at_sampling, at_training[0], atol=1e-4)
+    trainer = _trainer(tok, tmp_path, model=model, temperature=T)
+    ids = torch.tensor([prompt + response])
+    trl_logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        model, ids, torch.ones_like(ids), len(response), batch_size=1
+    )
+    assert torch.allclose(trl_logps[0], at_training[0], atol=1e-4)
+
+
+def _saved_student(tok, folder):
+    """TRL builds the reference from the policy's folder: a saved tiny student."""
+    from posttrain.modeling import save_model
+
+    save_model(load_causal_lm(ModelSpec(preset="tiny-student"), tok, seed=0), tok, folder)
+    return load_causal_lm(ModelSpec(name_or_path=str(folder)), tok)
+
+
+def _trainer(tok, out_dir, model=None, temperature=1.0, kl_coef=0.1, anchor="init", steps=2, lr=1e-3):
+    import trl
+    from datasets import Dataset
+
+    from posttrain.stages.rlhf import rloo_trainer
+
+    model = model or _saved_student(tok, out_dir / "init")
+    table = {str(i): {"prompt_ids": p} for i, p in enumerate(_prompts(tok))}
+    seen: list[list[float]] = []
+
+    def length_reward(prompts, completions, completion_ids, **kwargs):  # longer is better, a simple signal
+        r = [float(len(c)) / 10 for c in completion_ids]
+        seen.append(r)
+        return r
+
+    args = trl.RLOOConfig(
+        output_dir=str(out_dir / "out"), max_steps=steps, per_device_train_batch_size=8, learning_rate=lr,
+        num_generations=4, beta=kl_coef, temperature=temperature, top_k=0, top_p=1.0, max_completion_length=8,
+        use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", seed=0,
+        sync_ref_model=anchor == "ema", ref_model_mixup_alpha=0.5, ref_model_sync_steps=1,
+        gradient_checkpointing=False,
+    )  # fmt: skip
+    trainer = rloo_trainer(trl.RLOOTrainer)(
+        model=model, reward_funcs=[length_reward], args=args, processing_class=tok,
+        train_dataset=Dataset.from_dict({"prompt": list(table) * 4}),
+    )  # fmt: skip
+    trainer.setup(table)
+    trainer.seen_rewards = seen
+    return trainer
+
+
+@pytest.mark.stage
+def test_trainers_advantages_are_the_leave_one_out_formula_and_steps_change_the_policy(
+    tiny_tokenizer, tmp_path
+):
+    trainer = _trainer(tiny_tokenizer, tmp_path, steps=2)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(changed) > len(before) // 2
+    # rebuild one batch's advantages from its pieces: r − β Σ(logp − ref), then leave-one-out
+    trainer.model.eval()
+    batch = [{"prompt": p} for p in ["0", "0", "0", "0", "1", "1", "1", "1"]]
+    out = trainer._generate_and_score_completions(batch)
+    rewards = torch.tensor(trainer.seen_rewards[-1])
+    expected = rloo_advantages(
+        kl_in_reward(rewards, trainer._logps["policy"], trainer._logps["ref"], out["completion_mask"], 0.1), 4
+    )
+    assert torch.allclose(out["advantages"], expected, atol=1e-5)
+    k3 = [row["kl_k3"] for row in trainer.state.log_history if "kl_k3" in row]
+    assert len(k3) == 2 and all(v >= 0 for v in k3)
+
+
+@pytest.mark.stage
+def test_kl_is_zero_when_policy_is_reference(tiny_tokenizer):
+    from posttrain.config import ChatConfig
+    from posttrain.rl import policy_figures
+
+    model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=0)
+    rows = [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS]
+    fig = policy_figures(model, model, None, tiny_tokenizer, rows, ChatConfig(), 8)
+    assert fig["kl"] == 0.0 and fig["kl_k3"] == 0.0 and fig["length"] > 0
+
+
+@pytest.mark.stage
+def test_ema_anchor_moves_toward_the_policy_by_mu(tiny_tokenizer, tmp_path):
+    trainer = _trainer(tiny_tokenizer, tmp_path, anchor="ema", steps=1)
+    ref0 = {k: v.clone() for k, v in trainer.ref_model.state_dict().items()}
+    trainer.train()
+    policy = trainer.model.state_dict()
+    name = "model.layers.0.mlp.up_proj.weight"
+    # μ = 0.5: ref_1 = 0.5 · ref_0 + 0.5 · θ_1, and θ_1 ≠ ref_0 after a step
+    assert not torch.equal(policy[name], ref0[name])
+    assert torch.allclose(trainer.ref_model.state_dict()[name], ema(ref0[name], policy[name], 0.5), atol=1e-6)
+
+
+def test_scored_sequence_is_the_rendered_conversation(tiny_tokenizer):
+    from posttrain.chat import render
+
+    tok = tiny_tokenizer
+    full = render(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo there"}], tok
+    ).input_ids
+    prompt = render([{"role": "user", "content": "hi"}], tok, add_generation_prompt=True).input_ids
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert scored_sequence(prompt, tok.encode("yo there", add_special_tokens=False) + [end], tok) == full
+    assert full.count(tok.bos_token_id) == 1
