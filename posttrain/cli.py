@@ -101,9 +101,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         folder = recipe.run_dir / name
         done = read_done(folder)
         want = runner.expected_hash(recipe, name)
-        cmd = [sys.executable, "-m", "posttrain", "stage", name, args.recipe] + [
-            f"--set={s}" for s in args.set
-        ]
+        if args.reuse and name not in forced and (not done or done.get("config_hash") != want):
+            done = _reuse(Path(args.reuse) / name, folder, want, args.dry_run) or done
+        cmd = runner.launch_command(recipe, name, args.recipe, args.set)
         if done and done.get("config_hash") == want and name not in forced:
             print(f"[run] skip {name}: {folder} is done with the same config and parents ({want})")
             continue
@@ -122,11 +122,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reuse(source: Path, folder: Path, want: str, dry_run: bool) -> dict | None:
+    """Take a finished stage from another run folder when its hash is the one wanted (hard links, else copies)."""
+    import os
+    import shutil
+
+    from posttrain.outputs import read_done, replace_folder
+
+    done = read_done(source)
+    if not done or done.get("config_hash") != want:
+        return None
+    print(f"[run] reuse {source} for {folder} (same config and parents, {want})")
+    if not dry_run:
+
+        def link(src: str, dst: str) -> None:
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+        tmp = folder.with_name(folder.name + ".reuse")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, copy_function=link)
+        replace_folder(tmp, folder)
+    return done
+
+
 def _print_reports(run_dir: Path, stages: list[str]) -> None:
     """The reports of the stages run so far (a gate-failed stage's from its .partial folder), then the table."""
     from posttrain.report import world_table
 
-    reports = (("data", "data_report.md"), ("generate", "generate_report.md"), ("rm", "rm_report.md"))
+    reports = (("data", "data_report.md"), ("generate", "generate_report.md"), ("rm", "rm_report.md"),
+               ("merge", "merge_report.md"))  # fmt: skip
     for name, report in reports:
         for folder in (run_dir / name, run_dir / f"{name}.partial"):
             if name in stages and (folder / report).exists():
@@ -135,6 +162,24 @@ def _print_reports(run_dir: Path, stages: list[str]) -> None:
     table = world_table(run_dir)
     if table:
         print("\n" + table)
+    from posttrain.report import stage_table, write_report
+
+    print("\n" + stage_table(run_dir))
+    path = write_report(run_dir)
+    print(f"[run] report: {path} (and {path.with_suffix('.html')})")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from posttrain.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        print(f"posttrain report: {run_dir} is not a run folder (runs/<recipe name>/)", file=sys.stderr)
+        return 2
+    path = write_report(run_dir)
+    print(path.read_text())
+    print(f"report: {path} and {path.with_suffix('.html')}")
+    return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -219,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="rerun stages that are done (those in --only, or all)"
     )
     r.add_argument("--dry-run", action="store_true", help="print what would run and what would be skipped")
+    r.add_argument(
+        "--reuse", metavar="RUN_DIR",
+        help="take finished stages with the same config and parents from another run folder (e.g. runs/tiny)",
+    )  # fmt: skip
     r.set_defaults(func=_cmd_run)
 
     v = sub.add_parser("validate", help="check a data file; every bad row as file:line: reason")
@@ -231,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-length", type=int, default=512)
     v.set_defaults(func=_cmd_validate)
 
+    rp = sub.add_parser("report", help="write RUN_DIR/report.md and report.html from a run's stage folders")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=_cmd_report)
     m = sub.add_parser("merge", help="average saved models: linear, slerp (task vectors), liti (WARP)")
     m.add_argument("--method", choices=["linear", "slerp", "liti"], default="linear")
     m.add_argument("--models", nargs="+", required=True, help="model folders (safetensors)")

@@ -29,8 +29,10 @@ from typing import Any, Literal, Union
 import yaml
 
 from posttrain.data.sources import DataConfig
+from posttrain.distill import DistillConfig
 from posttrain.generation import EvalConfig, SamplingConfig
 from posttrain.reward import RMConfig
+from posttrain.rl import RLConfig
 from posttrain.training import TrainConfig
 from posttrain.world import WorldConfig
 
@@ -104,14 +106,51 @@ class TrackingConfig:
     project: str = "posttrain"
 
 
+LAUNCHERS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
+
+
+def launcher_file(name: str) -> Path | None:
+    """A launcher name (`cpu`, `ddp-cpu`, `zero3` … in recipes/accelerate/) or a path to an accelerate config."""
+    path = LAUNCHERS / f"{name}.yaml" if "/" not in name and not name.endswith(".yaml") else Path(name)
+    return path if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """The `merge:` section: average the `rlhf` runs' policies (`posttrain.merging`).
+
+    method: `liti` (WARP: SLERP of the runs' task vectors from the starting policy, then θ = (1 − η) θ_init +
+    η θ_slerp), `slerp` (the same with η = 1) or `linear` (a weighted average, `weights` default uniform).
+    eta: the η of the model saved as `merge/model`. sweep: the η values evaluated for the reward–KL plot (liti).
+    """
+
+    method: Literal["linear", "slerp", "liti"] = "liti"
+    eta: float = 0.5
+    sweep: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    weights: tuple[float, ...] | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if not all(0.0 <= e <= 1.0 for e in (self.eta, *self.sweep)):
+            out.append(
+                f"eta and sweep values must be in [0, 1] (got eta {self.eta}, sweep {list(self.sweep)})"
+            )
+        if self.weights is not None and (self.method != "linear" or any(w < 0 for w in self.weights)):
+            out.append("weights: only for method linear, and non-negative")
+        return out
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A whole pipeline. `name` decides the output folder: `<output_dir>/<name>/<stage>/`.
 
+    launcher: how `posttrain run` starts each stage — `local` (a plain process) or an accelerate config: a name in
+    recipes/accelerate/ (cpu, ddp-cpu, ddp, zero2, zero3, zero3-offload, multinode) or a path; `launchers` sets it
+    per stage (e.g. `launchers: {rlhf: zero3-offload}`).
     teacher_train: set it to train the teacher with SFT on the data stage's conversations (the `teacher` stage;
     the tiny recipe does, from a preset); leave it unset when `teacher` names a trained model. generate: how the
     teacher samples responses. sft: the student's SFT run. rm: the reward model's pairs, training and gate.
-    eval: the evaluation done at the end of each stage.
+    eval: the evaluation done at the end of each stage. distill, rlhf, merge: those stages (absent: skipped).
     """
 
     name: str
@@ -119,6 +158,7 @@ class Recipe:
     output_dir: str = "runs"
     seed: int = 0
     launcher: str = "cpu"
+    launchers: dict[str, str] = field(default_factory=dict)
     chat: ChatConfig = field(default_factory=ChatConfig)
     teacher: ModelSpec | None = None
     reward_model: ModelSpec | None = None
@@ -129,12 +169,22 @@ class Recipe:
     sft: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    distill: DistillConfig | None = None
+    rlhf: RLConfig | None = None
+    merge: MergeConfig | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def problems(self) -> list[str]:
         out = []
         if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
             out.append(f"name: {self.name!r} must be a plain folder name (no spaces or slashes)")
+        for stage, name in [("launcher", self.launcher), *self.launchers.items()]:
+            if name != "local" and launcher_file(name) is None:
+                out.append(
+                    f"{'launchers.' + stage if stage != 'launcher' else 'launcher'}: {name!r} is neither 'local' nor a "
+                    f"launcher in recipes/accelerate/ ({', '.join(sorted(p.stem for p in LAUNCHERS.glob('*.yaml')))}) "
+                    "nor an existing accelerate config file"
+                )  # fmt: skip
         for section, train, spec in (
             ("sft", self.sft, self.model),
             ("teacher_train", self.teacher_train, self.teacher),

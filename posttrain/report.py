@@ -16,27 +16,200 @@ def _wall(folder: Path) -> str:
         return ""
 
 
+def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
+    """(label, {"score", "per_task"}, wall) for every model of the run that was scored on the world."""
+    out: list[tuple[str, dict, str]] = []
+    for stage in ("teacher", "sft"):
+        path = run_dir / stage / "eval.json"
+        if path.exists():
+            ev = json.loads(path.read_text())
+            out += [
+                (f"{stage}: untrained", ev.get("before"), ""),
+                (f"{stage}: trained", ev.get("after"), _wall(run_dir / stage)),
+            ]
+    path = run_dir / "distill" / "eval.json"
+    if path.exists():
+        out.append(("distill", json.loads(path.read_text()).get("distill"), _wall(run_dir / "distill")))
+    for fig in sorted((run_dir / "rlhf").glob("*/figures.json")):
+        end = json.loads(fig.read_text())["end"]
+        res = (
+            {"score": end["world_score"], "per_task": end["world_per_task"]}
+            if end.get("world_per_task")
+            else None
+        )
+        out.append((f"rlhf: {fig.parent.name}", res, ""))
+    path = run_dir / "merge" / "points.json"
+    if path.exists():
+        for p in json.loads(path.read_text()):
+            if p["kind"] == "merge" and p.get("world_per_task"):
+                out.append(
+                    (f"merge: {p['label']}", {"score": p["world_score"], "per_task": p["world_per_task"]}, "")
+                )
+    return [(label, res, wall) for label, res, wall in out if res]
+
+
 def world_table(run_dir: Path) -> str:
-    """Held-out world scores before and after each training stage, per task family, with wall time."""
+    """Held-out world scores of every trained model of the run, per task family, with wall time."""
     tasks = list(world.TASKS)
     lines = [
         "| model | world score | " + " | ".join(tasks) + " | wall |",
         "|---|---:|" + "---:|" * (len(tasks) + 1),
     ]
-    found = False
-    for stage in ("teacher", "sft"):
-        path = run_dir / stage / "eval.json"
-        if not path.exists():
-            continue
-        ev = json.loads(path.read_text())
-        for label, key in ((f"{stage}: untrained", "before"), (f"{stage}: trained", "after")):
-            res = ev.get(key)
-            if not res:
-                continue
-            found = True
-            cells = [f"{res['per_task'][t]:.2f}" if t in res["per_task"] else "" for t in tasks]
-            wall = _wall(run_dir / stage) if key == "after" else ""
-            lines.append(f"| {label} | **{res['score']:.3f}** | " + " | ".join(cells) + f" | {wall} |")
-    if not found:
+    rows = world_rows(run_dir)
+    for label, res, wall in rows:
+        cells = [f"{res['per_task'][t]:.2f}" if t in res["per_task"] else "" for t in tasks]
+        lines.append(f"| {label} | **{res['score']:.3f}** | " + " | ".join(cells) + f" | {wall} |")
+    if not rows:
         return ""
     return "## World evaluation (held-out prompts, greedy)\n\n" + "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ the run report
+
+STAGE_ORDER = ("data", "teacher", "generate", "sft", "distill", "rm", "rlhf", "merge")
+REPORTS = {
+    "data": "data_report.md",
+    "generate": "generate_report.md",
+    "rm": "rm_report.md",
+    "merge": "merge_report.md",
+}
+KEY_FIGURES = {  # summary keys worth a column in the stage table, per stage
+    "data": ("rows_out",), "teacher": ("world_score",), "generate": ("rows_out", "teacher_correct", "tokens_per_s"),
+    "sft": ("world_score", "train_loss"), "distill": ("world_score", "gap_closed"),
+    "rm": ("heldout_accuracy", "heldout_loss", "length_correlation"), "merge": ("reward", "kl", "world_score"),
+}  # fmt: skip
+
+
+def _summary(folder: Path) -> dict:
+    try:
+        rows = folder.joinpath("metrics.jsonl").read_text().splitlines()
+        last = json.loads(rows[-1]) if rows else {}
+        return last if last.get("summary") else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def _stage_folder(run_dir: Path, stage: str) -> tuple[Path | None, str]:
+    if (run_dir / stage / "DONE").exists():
+        return run_dir / stage, "done"
+    if (run_dir / f"{stage}.partial").exists():
+        return run_dir / f"{stage}.partial", "failed or incomplete"
+    return None, "not run"
+
+
+def stage_table(run_dir: Path) -> str:
+    lines = ["| stage | status | wall | figures |", "|---|---|---:|---|"]
+    for stage in STAGE_ORDER:
+        folder, status = _stage_folder(run_dir, stage)
+        if folder is None:
+            continue
+        s = _summary(folder)
+        figs = ", ".join(f"{k} {_fmt(s[k])}" for k in KEY_FIGURES.get(stage, ()) if s.get(k) is not None)
+        if stage == "rlhf" and s.get("runs"):
+            figs = "; ".join(
+                f"{name}: reward {_fmt(r['start'].get('reward'))} → {_fmt(r['end'].get('reward'))}, KL "
+                f"{_fmt(r['end']['kl'])}, world {_fmt(r['start']['world_score'])} → {_fmt(r['end']['world_score'])}"
+                for name, r in s["runs"].items()
+            )  # fmt: skip
+        wall = f"{s['wall_time_s'] / 60:.1f} min" if "wall_time_s" in s else ""
+        lines.append(f"| `{stage}` | {status} | {wall} | {figs} |")
+    return "\n".join(lines) + "\n"
+
+
+def rl_section(run_dir: Path) -> str:
+    figs = sorted((run_dir / "rlhf").glob("*/figures.json"))
+    if not figs:
+        return ""
+    lines = ["## RL runs", "",
+             "| run | kl_coef | anchor | RM reward start → end | KL to start (k1 / k3) | world score start → end | length |",
+             "|---|---:|---|---|---|---|---:|"]  # fmt: skip
+    images = []
+    for f in figs:
+        r = json.loads(f.read_text())
+        a, b = r["start"], r["end"]
+        lines.append(f"| {r['run']} | {r['kl_coef']} | {r['anchor']} | {_fmt(a.get('reward'))} → {_fmt(b.get('reward'))} | "
+                     f"{_fmt(b['kl'])} / {_fmt(b['kl_k3'])} | {_fmt(a['world_score'])} → {_fmt(b['world_score'])} | "
+                     f"{b['length']:.1f} |")  # fmt: skip
+        if (f.parent / "curves.png").exists():
+            images.append(f"![{r['run']}: reward and KL against step](rlhf/{f.parent.name}/curves.png)")
+    return "\n".join(lines + [""] + images) + "\n"
+
+
+def write_report(run_dir: Path) -> Path:
+    """`report.md` and `report.html` in `run_dir`: every stage's figures side by side, the world scores, the data
+    and filter counts, the RM gate, the RL curves and the reward–KL plot of the runs and merges."""
+    run_dir = Path(run_dir)
+    parts = [f"# Run report: {run_dir.name}\n", stage_table(run_dir), world_table(run_dir)]
+    ev = run_dir / "distill" / "eval.json"
+    if ev.exists():
+        d = json.loads(ev.read_text())
+        if d.get("gap_closed") is not None:
+            parts.append(f"Distillation: world score {d['sft']['score']:.3f} (student after SFT) → "
+                         f"{d['distill']['score']:.3f} (after distillation); teacher {d['teacher']['score']:.3f}: "
+                         f"**{d['gap_closed']:.0%}** of the student–teacher gap closed.\n")  # fmt: skip
+    for stage in ("data", "generate", "rm"):
+        folder, _ = _stage_folder(run_dir, stage)
+        if folder is not None and (folder / REPORTS[stage]).exists():
+            parts.append((folder / REPORTS[stage]).read_text())
+    parts.append(rl_section(run_dir))
+    if (run_dir / "merge" / REPORTS["merge"]).exists():
+        parts.append((run_dir / "merge" / REPORTS["merge"]).read_text())
+        parts.append("![reward against KL: the RL runs and their merges](merge/reward_kl.png)\n")
+    md = "\n".join(p for p in parts if p)
+    (run_dir / "report.md").write_text(md)
+    (run_dir / "report.html").write_text(to_html(md, f"posttrain — {run_dir.name}"))
+    return run_dir / "report.md"
+
+
+def to_html(md: str, title: str) -> str:
+    """The subset of markdown the report uses (headings, tables, images, bold, code, paragraphs) as one page."""
+    import html
+    import re
+
+    def inline(text: str) -> str:
+        t = html.escape(text)
+        t = re.sub(
+            r"!\[([^\]]*)\]\(([^)]+)\)",
+            r'<figure><img src="\2" alt="\1"><figcaption>\1</figcaption></figure>',
+            t,
+        )
+        t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+
+    out, table = [], []
+
+    def flush_table() -> None:
+        if not table:
+            return
+        rows = [
+            [c.strip() for c in r.strip().strip("|").split("|")]
+            for r in table
+            if not re.match(r"^\|[-:| ]+\|$", r.strip())
+        ]
+        out.append("<table>" + "".join(
+            "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{inline(c)}</{'th' if i == 0 else 'td'}>" for c in row) + "</tr>"
+            for i, row in enumerate(rows)) + "</table>")  # fmt: skip
+        table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if m := re.match(r"^(#{1,3}) (.*)", line):
+            out.append(f"<h{len(m.group(1))}>{inline(m.group(2))}</h{len(m.group(1))}>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    flush_table()
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:14px}"
+             "th{background:#f3f3f3}td{text-align:right}td:first-child{text-align:left}img{max-width:100%}"
+             "figure{display:inline-block;margin:0 1em 1em 0}figcaption{font-size:12px;color:#666}")  # fmt: skip
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")  # fmt: skip

@@ -19,9 +19,12 @@ STAGES = {
     "teacher": "posttrain.stages.teacher",
     "generate": "posttrain.stages.generate",
     "sft": "posttrain.stages.sft",
+    "distill": "posttrain.stages.distill",
     "rm": "posttrain.stages.rm",
+    "rlhf": "posttrain.stages.rlhf",
+    "merge": "posttrain.stages.merge",
 }
-PLANNED = ("distill", "rlhf", "merge", "eval")
+PLANNED = ("eval",)
 
 
 def stage_module(name: str) -> ModuleType:
@@ -33,11 +36,18 @@ def stage_module(name: str) -> ModuleType:
 
 def applies(recipe: Recipe, name: str) -> bool:
     """Whether the recipe has this stage: `teacher` only when `teacher_train:` is set (the tiny recipe trains its
-    own teacher), `generate` only when a teacher is named."""
+    own teacher), `generate` and `distill` only when a teacher is named, `distill`, `rlhf` and `merge` only when
+    their sections are set."""
     if name == "teacher":
         return recipe.teacher is not None and recipe.teacher_train is not None
     if name == "generate":
         return recipe.teacher is not None
+    if name == "distill":
+        return recipe.distill is not None and recipe.teacher is not None
+    if name == "rlhf":
+        return recipe.rlhf is not None
+    if name == "merge":
+        return recipe.merge is not None and recipe.rlhf is not None
     return True
 
 
@@ -98,3 +108,20 @@ def stage_model(recipe: Recipe, stage: str, like: ModelSpec | None = None) -> Mo
     return ModelSpec(
         name_or_path=folder, tokenizer=folder, dtype=like.dtype, attn_implementation=like.attn_implementation
     )
+
+
+def launch_command(recipe: Recipe, name: str, recipe_path: str, sets: list[str]) -> list[str]:
+    """The command that runs stage `name` as its own job: `accelerate launch --config_file <launcher> -m posttrain
+    stage …`, or a plain process with the `local` launcher."""
+    import sys
+
+    from posttrain.config import launcher_file
+
+    launcher = recipe.launchers.get(name, recipe.launcher)
+    stage = ["-m", "posttrain", "stage", name, recipe_path] + [f"--set={s}" for s in sets]
+    if launcher == "local":
+        return [sys.executable, *stage]
+    path = launcher_file(launcher)
+    if path is None:
+        raise ConfigError([f"launcher {launcher!r} for stage {name}: no such accelerate config"])
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), *stage]

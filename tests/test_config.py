@@ -124,3 +124,55 @@ def test_check_cli_reports_misspelled_key(tmp_path):
     out = subprocess.run([sys.executable, "-m", "posttrain", "check", str(p)], capture_output=True, text=True)
     assert out.returncode == 2
     assert f"{p}:3: sed: unknown key 'sed'; did you mean 'seed'?" in out.stderr
+
+
+LAUNCHERS = sorted(p.stem for p in (ROOT / "recipes" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_each_launcher_gives_an_accelerate_command(launcher):
+    import yaml
+
+    from posttrain.runner import launch_command
+
+    cfg = yaml.safe_load((ROOT / "recipes" / "accelerate" / f"{launcher}.yaml").read_text())
+    assert cfg["num_processes"] >= 1 and cfg["distributed_type"] in (
+        "NO",
+        "MULTI_CPU",
+        "MULTI_GPU",
+        "DEEPSPEED",
+    )
+    recipe = load_recipe(
+        ROOT / "recipes/tiny/pipeline.yaml", [f"launcher={launcher}", "launchers.data=local"]
+    )
+    cmd = launch_command(recipe, "sft", "r.yaml", ["seed=1"])
+    assert cmd[1:5] == [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / f"recipes/accelerate/{launcher}.yaml"),
+    ]
+    assert cmd[5:] == ["-m", "posttrain", "stage", "sft", "r.yaml", "--set=seed=1"]
+    assert launch_command(recipe, "data", "r.yaml", [])[1:4] == [
+        "-m",
+        "posttrain",
+        "stage",
+    ]  # per-stage: local
+
+
+@pytest.mark.parametrize("size", ["2b", "9b", "27b"])
+def test_real_recipes_dry_run_prints_their_launch_commands(size):
+    out = subprocess.run([sys.executable, "-m", "posttrain", "run", f"recipes/gemma2-{size}/pipeline.yaml", "--dry-run"],
+                         capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    recipe = load_recipe(ROOT / f"recipes/gemma2-{size}/pipeline.yaml")
+    assert recipe.model.name_or_path == f"google/gemma-2-{size}" and recipe.model.dtype == "auto"
+    launches = [line for line in out.stdout.splitlines() if "accelerate.commands.launch" in line]
+    assert launches and all("--config_file" in line and "-m posttrain stage" in line for line in launches)
+    assert "posttrain stage rlhf" in out.stdout and "posttrain stage merge" in out.stdout
+
+
+def test_unknown_launcher_is_a_recipe_error(tmp_path):
+    p = write(tmp_path, "r.yaml", MODEL + "name: x\nlaunchers:\n  sft: zero9\n")
+    with pytest.raises(ConfigError, match="launchers.sft: 'zero9' is neither 'local' nor a launcher"):
+        load_recipe(p)

@@ -126,3 +126,13 @@ def test_merge_cli(saved, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "w" / "provenance.json").read_text())["eta"] == 0.5
+
+
+@pytest.mark.stage
+def test_merge_peak_memory_is_a_few_tensors_not_the_models(tmp_path):
+    """Three 192 MB models of 16 MB tensors, merged (liti) in a fresh process: the peak memory growth stays within a
+    few tensors (loading the models would take 3 × 192 MB)."""
+    from posttrain.bench import merge_memory
+
+    m = merge_memory(tmp_path, n_models=3, n_tensors=12, side=2048)
+    assert m["peak_growth"] < 4 * m["tensor_bytes"], m

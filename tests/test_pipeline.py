@@ -1,4 +1,5 @@
-"""The smoke recipe end to end through the runner: data → teacher → generate → sft → rm, each its own process;
+"""The smoke recipe end to end through the runner: data → teacher → generate → sft → distill → rm → rlhf (two runs)
+→ merge, each its own process;
 reruns skip; a changed key reruns exactly the affected stages; a killed generate stage resumes from its shards."""
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def smoke_run(tmp_path_factory):
 @pytest.mark.stage
 def test_every_stage_runs_and_hands_over(smoke_run):
     run, log = smoke_run
-    for stage in ("data", "teacher", "generate", "sft", "rm"):
+    for stage in ("data", "teacher", "generate", "sft", "distill", "rm", "rlhf", "merge"):
         assert read_done(run / stage) is not None, stage
         assert not (run / f"{stage}.partial").exists()
     for stage in ("teacher", "sft"):
@@ -67,14 +68,61 @@ def test_every_stage_runs_and_hands_over(smoke_run):
 
 
 @pytest.mark.stage
+def test_distill_rlhf_and_merge_hand_over(smoke_run):
+    import torch
+
+    from posttrain.config import ModelSpec
+    from posttrain.generation import SamplingConfig, generate
+    from posttrain.modeling import load_causal_lm, load_tokenizer
+
+    run, log = smoke_run
+    assert set(read_done(run / "distill")["parents"]) == {"sft", "generate", "teacher"}
+    ev = json.loads((run / "distill" / "eval.json").read_text())
+    assert {"sft", "distill", "teacher", "gap_closed"} <= set(ev)
+    rows = [json.loads(x) for x in (run / "distill" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert steps and all("completions/mean_length" in r and "completions/clipped_ratio" in r for r in steps)
+    # RL starts from the distilled student; two runs, each with its model, figures and curves
+    assert set(read_done(run / "rlhf")["parents"]) == {"data", "distill", "rm"}
+    for name in ("kl0.02", "kl0.1"):
+        folder = run / "rlhf" / name
+        assert (folder / "model" / "model.safetensors").exists() and (
+            folder / "curves.png"
+        ).stat().st_size > 0
+        fig = json.loads((folder / "figures.json").read_text())
+        assert fig["kl_coef"] == float(name[2:]) and {"reward", "kl", "kl_k3", "world_score"} <= set(
+            fig["end"]
+        )
+        rl_rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert all(
+            {"reward", "reward_std", "kl", "kl_k3", "entropy"} <= set(r) for r in rl_rows if "loss" in r
+        )
+    # the merge: start, both runs and the merges in one table and plot; the saved merge loads and generates
+    points = json.loads((run / "merge" / "points.json").read_text())
+    assert [p["kind"] for p in points].count("run") == 2 and any(p["kind"] == "merge" for p in points)
+    assert (run / "merge" / "reward_kl.png").stat().st_size > 0 and "## Merge" in log
+    tok = load_tokenizer(ModelSpec(name_or_path=str(run / "merge" / "model")))
+    merged = load_causal_lm(ModelSpec(name_or_path=str(run / "merge" / "model")), tok)
+    assert torch.equal(merged.lm_head.weight, merged.model.embed_tokens.weight)
+    prompt = tok(
+        "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", add_special_tokens=False
+    )
+    gens = generate(merged, tok, [prompt["input_ids"]], SamplingConfig(max_new_tokens=4, temperature=0.0))
+    assert len(gens) == 1 and len(gens[0].ids) >= 1
+
+
+@pytest.mark.stage
 def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(smoke_run):
     run, _ = smoke_run
     out = str(run.parent)
     log = _run("run", SMOKE, f"--set=output_dir={out}", "--dry-run")
-    assert log.count("[run] skip") == 5
+    assert log.count("[run] skip") == 8
     log = _run("run", SMOKE, f"--set=output_dir={out}", "--set=sft.learning_rate=1e-3", "--dry-run")
     assert "skip data" in log and "skip teacher" in log and "skip generate" in log
     assert "[run] sft (config or parents changed)" in log and "[run] rm (config or parents changed)" in log
+    assert "[run] merge (config or parents changed)" in log
+    log = _run("run", SMOKE, f"--set=output_dir={out}", "--set=rlhf.kl_coef=0.2", "--dry-run")
+    assert log.count("[run] skip") == 6 and "[run] rlhf (config" in log and "[run] merge (config" in log
     log = _run("run", SMOKE, f"--set=output_dir={out}", "--set=generate.temperature=0.9", "--dry-run")
     assert "skip teacher" in log and "[run] generate (config" in log and "[run] sft (config" in log
     log = _run("run", SMOKE, f"--set=output_dir={out}", "--from", "generate", "--dry-run")
