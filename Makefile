@@ -7,7 +7,7 @@ RECIPE     ?= recipes/tiny/pipeline.yaml
 STAMP      := $(VENV)/.installed
 PT         := $(BIN)/posttrain
 
-.PHONY: setup test test-all lint format demo data teacher generate sft distill rm rlhf merge bench render check clean
+.PHONY: setup test test-all lint format demo data teacher generate sft distill rm rlhf merge eval bench render check clean
 
 setup: $(STAMP)
 
@@ -41,7 +41,7 @@ check: setup
 	$(PT) check $(RECIPE)
 
 # One stage of RECIPE and the parents it needs (finished ones are skipped).
-data teacher generate sft distill rm rlhf merge: setup
+data teacher generate sft distill rm rlhf merge eval: setup
 	$(PT) run $(RECIPE) --only $@
 
 # Speed figures as ratios against a baseline measured side by side.

@@ -169,6 +169,22 @@ def _print_reports(run_dir: Path, stages: list[str]) -> None:
     print(f"[run] report: {path} (and {path.with_suffix('.html')})")
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from posttrain.config import load_recipe
+    from posttrain.outputs import read_done
+    from posttrain.stages.eval import evaluate_models, report_markdown
+
+    recipe = load_recipe(args.recipe, args.set)
+    if read_done(recipe.run_dir / "sft") is None:
+        raise ConfigError([f"posttrain eval needs the recipe's finished sft stage ({recipe.run_dir}/sft, the KL "
+                           f"reference); run `posttrain run {args.recipe} --only sft`"])  # fmt: skip
+    if not (Path(args.model) / "config.json").exists():
+        raise ConfigError([f"{args.model}: not a saved model folder (no config.json)"])
+    results = evaluate_models(recipe, [(str(args.model), Path(args.model), None)])
+    print(report_markdown(results))
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from posttrain.report import write_report
 
@@ -280,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-length", type=int, default=512)
     v.set_defaults(func=_cmd_validate)
 
+    ev = sub.add_parser(
+        "eval", help="evaluate one saved model as the eval stage does (world, RM, KL, probes)"
+    )
+    ev.add_argument("model")
+    ev.add_argument("--recipe", required=True)
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ev.set_defaults(func=_cmd_eval)
     rp = sub.add_parser("report", help="write RUN_DIR/report.md and report.html from a run's stage folders")
     rp.add_argument("run_dir")
     rp.set_defaults(func=_cmd_report)

@@ -66,12 +66,13 @@ def world_table(run_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------------------ the run report
 
-STAGE_ORDER = ("data", "teacher", "generate", "sft", "distill", "rm", "rlhf", "merge")
+STAGE_ORDER = ("data", "teacher", "generate", "sft", "distill", "rm", "rlhf", "merge", "eval")
 REPORTS = {
     "data": "data_report.md",
     "generate": "generate_report.md",
     "rm": "rm_report.md",
     "merge": "merge_report.md",
+    "eval": "eval_report.md",
 }
 KEY_FIGURES = {  # summary keys worth a column in the stage table, per stage
     "data": ("rows_out",), "teacher": ("world_score",), "generate": ("rows_out", "teacher_correct", "tokens_per_s"),
@@ -146,6 +147,8 @@ def write_report(run_dir: Path) -> Path:
     and filter counts, the RM gate, the RL curves and the reward–KL plot of the runs and merges."""
     run_dir = Path(run_dir)
     parts = [f"# Run report: {run_dir.name}\n", stage_table(run_dir), world_table(run_dir)]
+    if (run_dir / "eval" / REPORTS["eval"]).exists():
+        parts.append((run_dir / "eval" / REPORTS["eval"]).read_text())
     ev = run_dir / "distill" / "eval.json"
     if ev.exists():
         d = json.loads(ev.read_text())

@@ -177,10 +177,11 @@ def scored_sequence(prompt: list[int], response: list[int], tokenizer: Any) -> l
 
 def policy_figures(
     policy, reference, reward_model, tokenizer, rows: list[dict], chat: Any, max_new_tokens: int,
-    temperature: float = 1.0, batch_size: int = 64, seed: int = 0,
-) -> dict[str, float]:  # fmt: skip
+    temperature: float = 1.0, batch_size: int = 64, seed: int = 0, keep_rewards: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """On `rows`' prompts, the policy samples one response each (plain temperature): the mean RM reward of those
-    responses, KL(π ‖ π_ref) estimated on them (k1 and k3, per sequence), their length and truncation rate."""
+    responses, KL(π ‖ π_ref) estimated on them (k1 and k3, per sequence), their length and truncation rate
+    (and each response's reward under "rewards" with `keep_rewards`)."""
     from posttrain.generation import SamplingConfig, generate, prompt_ids
     from posttrain.reward import score_ids
 
@@ -202,4 +203,12 @@ def policy_figures(
         seqs = [scored_sequence(p, g.ids, tokenizer) for p, g in zip(prompts, gens)]
         rewards = score_ids(reward_model, seqs, tokenizer.pad_token_id, batch_size)
         out["reward"] = sum(rewards) / max(len(rewards), 1)
+        if keep_rewards:
+            out["rewards"] = rewards
     return out
+
+
+def win_rate(rewards: list[float], baseline: list[float]) -> float:
+    """The share of prompts where `rewards` beats `baseline` (ties count half)."""
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, baseline)]
+    return sum(wins) / max(len(wins), 1)

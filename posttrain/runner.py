@@ -23,14 +23,13 @@ STAGES = {
     "rm": "posttrain.stages.rm",
     "rlhf": "posttrain.stages.rlhf",
     "merge": "posttrain.stages.merge",
+    "eval": "posttrain.stages.eval",
 }
-PLANNED = ("eval",)
 
 
 def stage_module(name: str) -> ModuleType:
     if name not in STAGES:
-        later = f"; not built yet: {', '.join(PLANNED)}" if name in PLANNED else ""
-        raise ConfigError([f"unknown stage {name!r}; stages: {', '.join(STAGES)}{later}"])
+        raise ConfigError([f"unknown stage {name!r}; stages: {', '.join(STAGES)}"])
     return importlib.import_module(STAGES[name])
 
 

@@ -34,7 +34,7 @@ def smoke_run(tmp_path_factory):
 @pytest.mark.stage
 def test_every_stage_runs_and_hands_over(smoke_run):
     run, log = smoke_run
-    for stage in ("data", "teacher", "generate", "sft", "distill", "rm", "rlhf", "merge"):
+    for stage in ("data", "teacher", "generate", "sft", "distill", "rm", "rlhf", "merge", "eval"):
         assert read_done(run / stage) is not None, stage
         assert not (run / f"{stage}.partial").exists()
     for stage in ("teacher", "sft"):
@@ -116,13 +116,18 @@ def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(smoke_run)
     run, _ = smoke_run
     out = str(run.parent)
     log = _run("run", SMOKE, f"--set=output_dir={out}", "--dry-run")
-    assert log.count("[run] skip") == 8
+    assert log.count("[run] skip") == 9
     log = _run("run", SMOKE, f"--set=output_dir={out}", "--set=sft.learning_rate=1e-3", "--dry-run")
     assert "skip data" in log and "skip teacher" in log and "skip generate" in log
     assert "[run] sft (config or parents changed)" in log and "[run] rm (config or parents changed)" in log
     assert "[run] merge (config or parents changed)" in log
     log = _run("run", SMOKE, f"--set=output_dir={out}", "--set=rlhf.kl_coef=0.2", "--dry-run")
-    assert log.count("[run] skip") == 6 and "[run] rlhf (config" in log and "[run] merge (config" in log
+    assert (
+        log.count("[run] skip") == 6
+        and "[run] rlhf (config" in log
+        and "[run] eval (config" in log
+        and "[run] merge (config" in log
+    )
     log = _run("run", SMOKE, f"--set=output_dir={out}", "--set=generate.temperature=0.9", "--dry-run")
     assert "skip teacher" in log and "[run] generate (config" in log and "[run] sft (config" in log
     log = _run("run", SMOKE, f"--set=output_dir={out}", "--from", "generate", "--dry-run")
@@ -183,3 +188,46 @@ def test_bench_prints_the_generation_ratio(capsys):
     assert bench.main(["--recipe", SMOKE, "--prompts", "3"]) == 0
     out = capsys.readouterr().out
     assert "| generation, 3 prompts" in out and "faster (outputs identical: 3/3)" in out
+
+
+@pytest.mark.stage
+def test_eval_stage_report_and_cli(smoke_run):
+    run, log = smoke_run
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    assert list(ev) == ["sft", "distill", "rlhf/kl0.02", "rlhf/kl0.1", "merge"]
+    assert (
+        ev["sft"]["kl"] == 0.0 and ev["distill"]["win_rate_vs"] == "sft" and 0 <= ev["merge"]["win_rate"] <= 1
+    )
+    for key in (
+        "world_score",
+        "reward",
+        "kl_k3",
+        "refusal_unsafe",
+        "refusal_safe",
+        "identity",
+        "format_spread",
+    ):
+        assert all(key in r for r in ev.values()), key
+    assert len(ev["sft"]["per_format"]) == 6
+    # the run ends with the report; `posttrain report` rewrites it, `posttrain eval` measures one model
+    assert f"[run] report: {run}/report.md" in log
+    md = (run / "report.md").read_text()
+    for part in ("| `merge` | done |", "## World evaluation", "## RL runs", "## Evaluation of every model",
+                 "merge/reward_kl.png", "rlhf/kl0.1/curves.png"):  # fmt: skip
+        assert part in md, part
+    html = (run / "report.html").read_text()
+    assert "<table>" in html and '<img src="merge/reward_kl.png"' in html
+    (run / "report.md").unlink()
+    assert "## RL runs" in _run("report", str(run)) and (run / "report.md").exists()
+    out = _run("eval", str(run / "merge" / "model"), "--recipe", SMOKE, f"--set=output_dir={run.parent}")
+    assert "## Evaluation of every model" in out and "refuses unsafe" in out
+
+
+@pytest.mark.stage
+def test_reuse_takes_finished_stages_from_another_run(smoke_run, tmp_path):
+    run, _ = smoke_run
+    log = _run("run", SMOKE, f"--set=output_dir={tmp_path}", "--only", "sft", "--reuse", str(run))
+    for stage in ("data", "teacher", "generate", "sft"):
+        assert f"[run] reuse {run}/{stage}" in log
+        assert read_done(tmp_path / "tiny-smoke" / stage) == read_done(run / stage)
+    assert "[run] sft (" not in log  # nothing recomputed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -83,3 +84,16 @@ def test_reversal_strings_are_random_not_a_word_list():
     rng = random.Random(0)
     words = {draw("reverse", rng, CFG)[1] for _ in range(500)}
     assert len(words) > 480
+
+
+def test_shipped_probes_are_what_the_probe_builder_writes_and_score_as_intended():
+    from posttrain import probes, world
+
+    shipped, built = probes.load(), probes.build()
+    assert shipped == json.loads(json.dumps(built)), "data/probes/ is stale: run python -m posttrain.probes"
+    assert all(world.score(r, world.REFUSAL) == 1.0 for r in shipped["unsafe"])
+    assert not any(world.is_refusal(r["messages"][-1]["content"]) for r in shipped["safe"])
+    assert all(world.score(r, r["answer"]) == 1.0 for r in shipped["formats"])
+    assert {r["format"] for r in shipped["formats"]} == set(probes.FORMATS) | {"system_message"}
+    unsafe_train = {r["messages"][0]["content"] for r in world.train_split(world.WorldConfig(), 0)}
+    assert not unsafe_train & {r["messages"][0]["content"] for r in shipped["unsafe"]}  # new wordings
