@@ -1,5 +1,6 @@
 """`posttrain …`: one sub-command per verb. Errors meant for users print as sentences (exit 1 for bad data or
-models, 2 for a bad recipe or bad arguments); everything else is a bug and keeps its traceback."""
+models, 2 for a bad recipe or bad arguments, 75 for a training stage stopped by SIGTERM after saving a checkpoint:
+rerun the same command to resume); everything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from posttrain.chat import ChatFormatError
 from posttrain.config import ConfigError
 from posttrain.data.formats import DataError
-from posttrain.errors import StageError
+from posttrain.errors import STOPPED_EXIT, StageError, Stopped
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
@@ -68,9 +69,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
+    import signal
+
     from posttrain.config import load_recipe
     from posttrain.runner import stage_module
 
+    # `posttrain run` starts jobs ignoring SIGTERM; a stage dies on it until its training loop catches it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     recipe = load_recipe(args.recipe, args.set)
     out = stage_module(args.name).main(recipe)
     print(f"[{args.name}] done: {out}")
@@ -79,8 +84,6 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """Run the recipe's stages in order, each in its own process; skip those done with the same config."""
-    import subprocess
-
     from posttrain import runner
     from posttrain.config import load_recipe
     from posttrain.outputs import read_done
@@ -111,15 +114,51 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"[run] {name} ({why}): {' '.join(cmd)}", flush=True)
         if args.dry_run:
             continue
-        rc = subprocess.run(cmd).returncode
+        rc, terminated = _run_stage_process(cmd)
         if rc != 0:
             _print_reports(recipe.run_dir, stages)
+            if terminated:  # through `accelerate launch` the stage's own exit code (75) is not seen here
+                print(f"[run] stage {name} stopped on SIGTERM (a training stage saves a checkpoint first); rerun "
+                      "the same command to resume it", file=sys.stderr)  # fmt: skip
+                return STOPPED_EXIT
             print(f"[run] stage {name} failed (exit {rc}); later stages were not started", file=sys.stderr)
             return rc
     if not args.dry_run:
         _print_reports(recipe.run_dir, stages)
         print(f"[run] outputs of recipe {recipe.name}: {recipe.run_dir}/")
     return 0
+
+
+def _run_stage_process(cmd: list[str]) -> tuple[int, bool]:
+    """Run a stage's job in its own process group and pass SIGTERM and SIGINT sent to `posttrain run` on to the
+    whole group. Launchers in the group ignore SIGTERM (`accelerate launch` would die and orphan the stage); the
+    stage restores the default and, while training, saves a checkpoint and stops. Returns (exit code, whether a
+    SIGTERM was passed on)."""
+    import os
+    import signal
+    import subprocess
+
+    def start() -> None:  # in the child, before exec: the ignore disposition is inherited, handlers are not
+        os.setpgrp()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    child = subprocess.Popen(cmd, preexec_fn=start)
+    terminated = False
+
+    def forward(signum, frame) -> None:
+        nonlocal terminated
+        terminated = terminated or signum == signal.SIGTERM
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait(), terminated
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _reuse(source: Path, folder: Path, want: str, dry_run: bool) -> dict | None:
@@ -326,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"posttrain: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"posttrain: {e}", file=sys.stderr)
+        return STOPPED_EXIT
     except (ChatFormatError, DataError, StageError, FileNotFoundError) as e:
         print(f"posttrain: {e}", file=sys.stderr)
         return 1

@@ -123,4 +123,4 @@ def launch_command(recipe: Recipe, name: str, recipe_path: str, sets: list[str])
     path = launcher_file(launcher)
     if path is None:
         raise ConfigError([f"launcher {launcher!r} for stage {name}: no such accelerate config"])
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), *stage]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(path), *stage]

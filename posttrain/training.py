@@ -236,6 +236,38 @@ def use_step_lines(trainer, log: Callable[[dict], None], total: int) -> None:
     trainer.add_callback(step_lines(log, total))
 
 
+def stop_on_sigterm():
+    """A callback that installs a SIGTERM handler: at the end of the step in progress the trainer saves a
+    checkpoint and stops; `raise_if_stopped` then ends the stage with `Stopped` (exit 75)."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    class StopOnSigterm(TrainerCallback):
+        def __init__(self):
+            self.requested = False
+            signal.signal(signal.SIGTERM, self._request)
+
+        def _request(self, signum, frame) -> None:
+            self.requested = True
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.requested:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def raise_if_stopped(self, state, where: Path) -> None:
+            if self.requested:
+                from posttrain.errors import Stopped
+
+                raise Stopped(
+                    f"stopped by SIGTERM at step {state.global_step}; checkpoint saved in {where}; "
+                    "rerun the same command to resume from it"
+                )
+
+    return StopOnSigterm()
+
+
 def world_eval_callback(evaluate: Callable[[Any], dict | None], every: int, log: Callable[[dict], None]):
     """A callback: every `every` optimizer steps (not the last), `evaluate(model)`'s score as a metrics row."""
     from transformers import TrainerCallback

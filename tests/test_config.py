@@ -146,13 +146,14 @@ def test_each_launcher_gives_an_accelerate_command(launcher):
         ROOT / "recipes/tiny/pipeline.yaml", [f"launcher={launcher}", "launchers.data=local"]
     )
     cmd = launch_command(recipe, "sft", "r.yaml", ["seed=1"])
-    assert cmd[1:5] == [
+    assert cmd[1:6] == [
         "-m",
         "accelerate.commands.launch",
+        "--quiet",
         "--config_file",
         str(ROOT / f"recipes/accelerate/{launcher}.yaml"),
     ]
-    assert cmd[5:] == ["-m", "posttrain", "stage", "sft", "r.yaml", "--set=seed=1"]
+    assert cmd[6:] == ["-m", "posttrain", "stage", "sft", "r.yaml", "--set=seed=1"]
     assert launch_command(recipe, "data", "r.yaml", [])[1:4] == [
         "-m",
         "posttrain",

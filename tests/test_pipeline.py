@@ -231,3 +231,61 @@ def test_reuse_takes_finished_stages_from_another_run(smoke_run, tmp_path):
         assert f"[run] reuse {run}/{stage}" in log
         assert read_done(tmp_path / "tiny-smoke" / stage) == read_done(run / stage)
     assert "[run] sft (" not in log  # nothing recomputed
+
+
+def _stage_sft(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "posttrain", "stage", "sft", SMOKE, f"--set=output_dir={out}", "--set=sft.steps=200",
+            "--set=sft.save_steps=40", "--set=sft.logging_steps=40", *extra]  # fmt: skip
+
+
+def _interrupt(out: Path, sig: int) -> int:
+    """Start the sft stage, wait for its first complete checkpoint, send `sig`; returns the exit code. SIGTERM goes
+    to `posttrain run` alone, which passes it on to the stage's process."""
+    import signal
+    import time
+
+    cmd = _stage_sft(out)
+    if sig == signal.SIGTERM:
+        cmd = [sys.executable, "-m", "posttrain", "run", *cmd[5:], "--only", "sft"]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = out / "tiny-smoke" / "sft.partial" / "checkpoints" / "checkpoint-40" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not first.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, "the stage ended before it could be interrupted"
+    p.send_signal(sig)
+    log = p.communicate(timeout=300)[0]
+    if sig == signal.SIGTERM:
+        assert "stopped by SIGTERM at step" in log, log[-2000:]
+        assert "[run] stage sft stopped on SIGTERM" in log, log[-2000:]
+    return p.returncode
+
+
+@pytest.mark.stage
+def test_sigterm_and_kill_9_resume_to_the_same_weights_as_an_uninterrupted_run(smoke_run, tmp_path):
+    import signal
+
+    import torch
+    from safetensors.torch import load_file
+
+    from posttrain.errors import STOPPED_EXIT
+
+    run, _ = smoke_run
+    outs = {name: tmp_path / name for name in ("whole", "sigterm", "kill9")}
+    for out in outs.values():  # the same parents, taken from the smoke run
+        _run("run", SMOKE, f"--set=output_dir={out}", "--only", "generate", "--reuse", str(run))
+    whole = subprocess.run(_stage_sft(outs["whole"]), cwd=ROOT, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert _interrupt(outs["sigterm"], signal.SIGTERM) == STOPPED_EXIT
+    assert _interrupt(outs["kill9"], signal.SIGKILL) == -signal.SIGKILL
+    expected = load_file(outs["whole"] / "tiny-smoke" / "sft" / "model" / "model.safetensors")
+    for name in ("sigterm", "kill9"):
+        partial = outs[name] / "tiny-smoke" / "sft.partial"
+        assert not (outs[name] / "tiny-smoke" / "sft").exists() and (partial / "checkpoints").exists()
+        again = subprocess.run(_stage_sft(outs[name]), cwd=ROOT, capture_output=True, text=True)
+        assert again.returncode == 0 and "resuming from" in again.stdout, (
+            again.stdout[-2000:] + again.stderr[-2000:]
+        )
+        got = load_file(outs[name] / "tiny-smoke" / "sft" / "model" / "model.safetensors")
+        assert got.keys() == expected.keys()
+        assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected), name

@@ -97,7 +97,13 @@ def main(recipe: Recipe) -> Path:
         save_model,
         trains_in_bf16,
     )
-    from posttrain.training import last_checkpoint, trainer_args, use_step_lines, world_eval_callback
+    from posttrain.training import (
+        last_checkpoint,
+        stop_on_sigterm,
+        trainer_args,
+        use_step_lines,
+        world_eval_callback,
+    )
 
     cfg = recipe.distill
     if cfg is None:
@@ -152,7 +158,10 @@ def main(recipe: Recipe) -> Path:
         if ckpt is not None:
             print(f"[distill] resuming from {ckpt}")
             out.trim_metrics(int(ckpt.name.split("-")[-1]))
+        stopper = stop_on_sigterm()
+        trainer.add_callback(stopper)
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        stopper.raise_if_stopped(trainer.state, out.path / "checkpoints")
         student = trainer.model.eval()
         after = evaluate(student)
         # --- save

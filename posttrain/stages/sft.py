@@ -71,6 +71,7 @@ def train_stage(
         last_checkpoint,
         make_trainer,
         sft_args,
+        stop_on_sigterm,
         to_dataset,
         tokenize_rows,
     )
@@ -105,7 +106,10 @@ def train_stage(
             step = int(ckpt.name.split("-")[-1])
             print(f"[{stage}] resuming from {ckpt} (step {step})")
             out.trim_metrics(step)
+        stopper = stop_on_sigterm()
+        trainer.add_callback(stopper)
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        stopper.raise_if_stopped(trainer.state, out.path / "checkpoints")
         eval_loss = trainer.evaluate()["eval_loss"] if eval_ex else None
         if cfg.lora.enabled:
             trainer.model.save_pretrained(out.path / "adapter")
