@@ -63,7 +63,14 @@ PRESETS: dict[str, dict[str, int]] = {
 
 
 def resolve_device(device: str | None = None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The given device, else this process's GPU (`LOCAL_RANK` under a multi-process launch), else the CPU."""
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        from posttrain.dist import local_rank
+
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
 
 
 def resolve_dtype(requested: str, device: torch.device | str, model_type: str = "gemma2") -> torch.dtype:

@@ -8,6 +8,7 @@
 
 A stage writes into `<folder>.partial/`; only on success is `DONE` written and the folder renamed into
 place, so a folder without `DONE` is never read as a result, and a failed rerun leaves the last good result.
+When a stage runs as several processes, only the main one writes here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import config_hash, dump_yaml
+from posttrain.dist import barrier, is_main
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "tokenizers")
 
@@ -104,30 +106,37 @@ class StageOutput:
 
     def __enter__(self) -> StageOutput:
         marker = self.path / "STAGE_HASH"
-        if self.resume and marker.exists() and marker.read_text().strip() == self.hash:
-            self.resumed = True  # same config and parents: keep checkpoints and finished shards
-        else:
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.path.mkdir(parents=True)
-            write_atomic(marker, self.hash + "\n")
-        (self.path / "config.yaml").write_text(dump_yaml(self.config))
+        # same config and parents: keep checkpoints and finished shards (every process decides before any writes)
+        self.resumed = self.resume and marker.exists() and marker.read_text().strip() == self.hash
+        barrier()
+        if is_main():
+            if not self.resumed:
+                shutil.rmtree(self.path, ignore_errors=True)
+                self.path.mkdir(parents=True)
+                write_atomic(marker, self.hash + "\n")
+            (self.path / "config.yaml").write_text(dump_yaml(self.config))
+        barrier()
         self.started = time.time()
         return self
 
     def trim_metrics(self, last_step: int) -> None:
         """On resume from a checkpoint at `last_step`: drop metric rows logged after it (they will be redone)."""
         f = self.path / "metrics.jsonl"
-        if f.exists():
+        if f.exists() and is_main():
             rows = [r for r in f.read_text().splitlines() if r and json.loads(r).get("step", 0) <= last_step]
             write_atomic(f, "".join(r + "\n" for r in rows))
 
     def log(self, row: dict[str, Any]) -> None:
+        if not is_main():
+            return
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row, default=float) + "\n")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             return False  # the .partial folder stays for inspection; the last good result is untouched
+        if not is_main():
+            return False
         wall = time.time() - self.started
         self.log({"summary": True, "wall_time_s": round(wall, 3), **self.summary})
         data_files = sorted(

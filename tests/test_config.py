@@ -177,3 +177,14 @@ def test_unknown_launcher_is_a_recipe_error(tmp_path):
     p = write(tmp_path, "r.yaml", MODEL + "name: x\nlaunchers:\n  sft: zero9\n")
     with pytest.raises(ConfigError, match="launchers.sft: 'zero9' is neither 'local' nor a launcher"):
         load_recipe(p)
+
+
+def test_a_one_process_stage_started_as_several_says_so_before_loading_anything(tmp_path):
+    import os
+
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
+    out = subprocess.run([sys.executable, "-m", "posttrain", "stage", "rm", "recipes/tiny/smoke.yaml",
+                          f"--set=output_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, env=env)  # fmt: skip
+    assert out.returncode == 1
+    assert "stage rm runs in one process, but it was started in 2" in out.stderr
+    assert "launchers: {rm: cpu}" in out.stderr and not any(tmp_path.iterdir())

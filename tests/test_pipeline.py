@@ -289,3 +289,30 @@ def test_sigterm_and_kill_9_resume_to_the_same_weights_as_an_uninterrupted_run(s
         got = load_file(outs[name] / "tiny-smoke" / "sft" / "model" / "model.safetensors")
         assert got.keys() == expected.keys()
         assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected), name
+
+
+@pytest.mark.stage
+def test_two_gloo_processes_train_like_one_with_the_same_global_batch(smoke_run, tmp_path):
+    """sft through the runner with the ddp-cpu launcher (2 processes × batch 4) against one process × batch 8."""
+    import torch
+    from safetensors.torch import load_file
+
+    run, _ = smoke_run
+    sets = ["--set=sft.steps=8", "--set=sft.logging_steps=1", "--set=sft.save_steps=4"]
+    curves, weights = {}, {}
+    for name, extra in (("one", ["--set=sft.batch_size=8"]),
+                        ("two", ["--set=sft.batch_size=4", "--set=launchers.sft=ddp-cpu"])):  # fmt: skip
+        out = tmp_path / name
+        args = [SMOKE, f"--set=output_dir={out}", *sets, *extra]
+        log = _run("run", *args, "--only", "sft", "--reuse", str(run))
+        assert "[run] sft (" in log and ("ddp-cpu.yaml" in log) == (name == "two")
+        assert ("[sft] data parallel over 2 processes: global batch 8" in log) == (name == "two"), log[-3000:]
+        folder = out / "tiny-smoke" / "sft"
+        assert read_done(folder) is not None and not (folder.parent / "sft.partial").exists()
+        rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        curves[name] = [r["loss"] for r in rows if "loss" in r]
+        assert sum(r.get("summary", False) for r in rows) == 1  # one writer
+        weights[name] = load_file(folder / "model" / "model.safetensors")
+    assert len(curves["one"]) == len(curves["two"]) == 8
+    assert curves["one"] == pytest.approx(curves["two"], rel=1e-4), curves
+    assert all(torch.allclose(weights["one"][k], weights["two"][k], atol=1e-5) for k in weights["one"])

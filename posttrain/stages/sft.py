@@ -11,7 +11,9 @@ stage's conversations. Engine: TRL's `SFTTrainer` fed with the renderer's ids an
 the adapter itself is kept in `adapter/`). Before and after training the model answers the evaluation prompts
 greedily; on the built-in world the verifiers score those answers per task family (`eval.json`).
 
-A killed run resumes from its last complete checkpoint when rerun with the same recipe.
+A killed run resumes from its last complete checkpoint when rerun with the same recipe. Data-parallel over
+several processes (e.g. `launchers: {sft: ddp-cpu}`): each process trains on its share of every global batch and
+evaluates; the main one writes the stage folder.
 
 Writes `runs/<recipe>/sft/`: `model/`, `eval.json`, `metrics.jsonl`, `config.yaml`, `provenance.json`, `DONE`.
 
@@ -30,6 +32,7 @@ from typing import Any
 from posttrain.config import ModelSpec, Recipe, to_dict
 from posttrain.data.formats import DataError
 from posttrain.data.jsonl import read_jsonl
+from posttrain.dist import is_main, world_size
 from posttrain.outputs import StageOutput
 from posttrain.training import TrainConfig
 
@@ -94,6 +97,9 @@ def train_stage(
         # --- models
         model = load_causal_lm(spec, tokenizer, seed=recipe.seed)
         print(f"[{stage}] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
+        if world_size() > 1 and is_main():
+            print(f"[{stage}] data parallel over {world_size()} processes: global batch "
+                  f"{cfg.batch_size * cfg.grad_accum * world_size()}")  # fmt: skip
         evaluate = world_scorer(recipe, tokenizer, eval_rows, stage)
         before = evaluate(model)
         # --- train
@@ -111,18 +117,19 @@ def train_stage(
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         stopper.raise_if_stopped(trainer.state, out.path / "checkpoints")
         eval_loss = trainer.evaluate()["eval_loss"] if eval_ex else None
-        if cfg.lora.enabled:
+        if cfg.lora.enabled and is_main():
             trainer.model.save_pretrained(out.path / "adapter")
         model = finalize(trainer, cfg)
         after = evaluate(model)
-        # --- save
+        # --- save (the main process; every process holds the same weights)
         from posttrain.modeling import save_model
 
-        save_model(model, tokenizer, out.path / "model")
-        verify_saved(out.path / "model", model)
-        shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
-        report = {"before": before, "after": after, "eval_loss": eval_loss}
-        (out.path / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        if is_main():
+            save_model(model, tokenizer, out.path / "model")
+            verify_saved(out.path / "model", model)
+            shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+            report = {"before": before, "after": after, "eval_loss": eval_loss}
+            (out.path / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         out.summary = {
             "train_loss": result.training_loss, "eval_loss": eval_loss, "train_rows": len(train_ex),
             "trained_tokens_per_epoch": n_trained, "parameters": count_parameters(model),
