@@ -232,12 +232,15 @@ def check_tied(model: PreTrainedModel) -> None:
         raise ModelError("lm_head and embed_tokens differ although the config ties them")
 
 
-def save_model(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path) -> Path:
-    """save_pretrained the model, its tokenizer and generation config into `out_dir`."""
+def save_model(
+    model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, state_dict: dict | None = None
+) -> Path:
+    """save_pretrained the model (or `state_dict`, its gathered weights under ZeRO-3), its tokenizer and
+    generation config into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_tied(model)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     return out
 

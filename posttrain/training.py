@@ -354,6 +354,19 @@ def last_checkpoint(folder: Path) -> Path | None:
     return best[1] if best else None
 
 
+def gathered_state(trainer) -> dict | None:
+    """Under DeepSpeed ZeRO-3 each process holds a shard of the weights: every process takes part in gathering
+    them and the main one gets the whole state dict (`zero3_save_16bit_model: true` in the launcher). None
+    otherwise: the model's own weights are whole."""
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return None
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
+
+
 def finalize(trainer, cfg: TrainConfig):
     """The trained model as a plain transformers model (LoRA adapters merged in)."""
     model = trainer.model

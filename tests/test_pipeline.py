@@ -291,28 +291,61 @@ def test_sigterm_and_kill_9_resume_to_the_same_weights_as_an_uninterrupted_run(s
         assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected), name
 
 
-@pytest.mark.stage
-def test_two_gloo_processes_train_like_one_with_the_same_global_batch(smoke_run, tmp_path):
-    """sft through the runner with the ddp-cpu launcher (2 processes × batch 4) against one process × batch 8."""
-    import torch
+def _sft_8_steps(run: Path, out: Path, *extra: str) -> tuple[list[float], dict, str]:
+    """sft for 8 steps through the runner on the smoke run's data: (loss per step, final weights, log)."""
     from safetensors.torch import load_file
 
-    run, _ = smoke_run
-    sets = ["--set=sft.steps=8", "--set=sft.logging_steps=1", "--set=sft.save_steps=4"]
-    curves, weights = {}, {}
-    for name, extra in (("one", ["--set=sft.batch_size=8"]),
-                        ("two", ["--set=sft.batch_size=4", "--set=launchers.sft=ddp-cpu"])):  # fmt: skip
-        out = tmp_path / name
-        args = [SMOKE, f"--set=output_dir={out}", *sets, *extra]
-        log = _run("run", *args, "--only", "sft", "--reuse", str(run))
-        assert "[run] sft (" in log and ("ddp-cpu.yaml" in log) == (name == "two")
-        assert ("[sft] data parallel over 2 processes: global batch 8" in log) == (name == "two"), log[-3000:]
-        folder = out / "tiny-smoke" / "sft"
-        assert read_done(folder) is not None and not (folder.parent / "sft.partial").exists()
-        rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-        curves[name] = [r["loss"] for r in rows if "loss" in r]
-        assert sum(r.get("summary", False) for r in rows) == 1  # one writer
-        weights[name] = load_file(folder / "model" / "model.safetensors")
-    assert len(curves["one"]) == len(curves["two"]) == 8
-    assert curves["one"] == pytest.approx(curves["two"], rel=1e-4), curves
-    assert all(torch.allclose(weights["one"][k], weights["two"][k], atol=1e-5) for k in weights["one"])
+    args = [SMOKE, f"--set=output_dir={out}", "--set=sft.steps=8", "--set=sft.logging_steps=1",
+            "--set=sft.save_steps=4", *extra]  # fmt: skip
+    log = _run("run", *args, "--only", "sft", "--reuse", str(run))
+    folder = out / "tiny-smoke" / "sft"
+    assert read_done(folder) is not None and not (folder.parent / "sft.partial").exists()
+    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("summary", False) for r in rows) == 1  # one writer
+    return [r["loss"] for r in rows if "loss" in r], load_file(folder / "model" / "model.safetensors"), log
+
+
+@pytest.fixture(scope="module")
+def one_process_sft(smoke_run, tmp_path_factory):
+    return _sft_8_steps(smoke_run[0], tmp_path_factory.mktemp("one"), "--set=sft.batch_size=8")
+
+
+def _same_training(one, two) -> None:
+    import torch
+
+    assert len(one[0]) == len(two[0]) == 8
+    assert one[0] == pytest.approx(two[0], rel=1e-4), (one[0], two[0])
+    assert all(torch.allclose(one[1][k], two[1][k], atol=1e-5) for k in one[1])
+
+
+@pytest.mark.stage
+def test_two_gloo_processes_train_like_one_with_the_same_global_batch(smoke_run, one_process_sft, tmp_path):
+    """sft with the ddp-cpu launcher (2 processes × batch 4) against one process × batch 8."""
+    two = _sft_8_steps(smoke_run[0], tmp_path, "--set=sft.batch_size=4", "--set=launchers.sft=ddp-cpu")
+    assert "ddp-cpu.yaml" in two[2] and "ddp-cpu.yaml" not in one_process_sft[2]
+    assert "[sft] data parallel over 2 processes: global batch 8" in two[2], two[2][-3000:]
+    _same_training(one_process_sft, two)
+
+
+@pytest.mark.stage
+def test_zero3_over_two_gloo_processes_trains_and_saves_like_one(smoke_run, one_process_sft, tmp_path):
+    """DeepSpeed ZeRO-3 with every tensor sharded (persistence threshold 0): evaluation generates from the sharded
+    model and the saved model holds the gathered weights."""
+    ds = tmp_path / "ds3.json"
+    ds.write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+    }))  # fmt: skip
+    launcher = tmp_path / "zero3-2cpu.yaml"
+    launcher.write_text(
+        "distributed_type: DEEPSPEED\n"
+        f"deepspeed_config: {{deepspeed_config_file: {ds}, zero3_init_flag: true}}\n"
+        "num_machines: 1\nnum_processes: 2\nmachine_rank: 0\nmain_process_port: 29513\nrdzv_backend: static\n"
+    )
+    two = _sft_8_steps(
+        smoke_run[0], tmp_path / "out", "--set=sft.batch_size=4", f"--set=launchers.sft={launcher}"
+    )
+    assert "[sft] data parallel over 2 processes: global batch 8" in two[2], two[2][-3000:]
+    _same_training(one_process_sft, two)

@@ -71,6 +71,7 @@ def train_stage(
     from posttrain.modeling import count_parameters, load_causal_lm, load_tokenizer, trains_in_bf16
     from posttrain.training import (
         finalize,
+        gathered_state,
         last_checkpoint,
         make_trainer,
         sft_args,
@@ -121,12 +122,13 @@ def train_stage(
             trainer.model.save_pretrained(out.path / "adapter")
         model = finalize(trainer, cfg)
         after = evaluate(model)
-        # --- save (the main process; every process holds the same weights)
+        # --- save (by the main process; under ZeRO-3 every process first helps gather the weights)
         from posttrain.modeling import save_model
 
+        state = gathered_state(trainer)
         if is_main():
-            save_model(model, tokenizer, out.path / "model")
-            verify_saved(out.path / "model", model)
+            save_model(model, tokenizer, out.path / "model", state)
+            verify_saved(out.path / "model", model, state)
             shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
             report = {"before": before, "after": after, "eval_loss": eval_loss}
             (out.path / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -139,16 +141,16 @@ def train_stage(
     return out.final
 
 
-def verify_saved(folder: Path, model) -> None:
-    """Every tensor of the saved model is present, non-empty and equal to the trained one (ZeRO-3 saves can be
-    empty; tied weights must stay tied)."""
+def verify_saved(folder: Path, model, state: dict | None = None) -> None:
+    """Every tensor of the saved model is present, non-empty and equal to the trained one (`state`: the gathered
+    weights under ZeRO-3, whose saves can otherwise be empty; tied weights must stay tied)."""
     import torch
     from safetensors.torch import load_file
 
     saved: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):
         saved.update(load_file(f))
-    state = model.state_dict()
+    state = state if state is not None else model.state_dict()
     missing = [k for k in state if k not in saved and not k.endswith("lm_head.weight")]
     empty = [k for k, v in saved.items() if v.numel() == 0]
     differ = [k for k, v in saved.items() if k in state and not torch.equal(v.cpu(), state[k].detach().cpu())]
