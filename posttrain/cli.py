@@ -74,12 +74,14 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     from posttrain.config import load_recipe
     from posttrain.dist import MULTI_PROCESS_STAGES, require_single_process
     from posttrain.runner import stage_module
+    from posttrain.training import tracking_env
 
     # `posttrain run` starts jobs ignoring SIGTERM; a stage dies on it until its training loop catches it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     recipe = load_recipe(args.recipe, args.set)
     if args.name not in MULTI_PROCESS_STAGES:
         require_single_process(args.name)
+    tracking_env(recipe.tracking, recipe.name, args.name, recipe.run_dir)
     out = stage_module(args.name).main(recipe)
     print(f"[{args.name}] done: {out}")
     return 0

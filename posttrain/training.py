@@ -229,11 +229,87 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: TrainConfig, args, lo
 
 
 def use_step_lines(trainer, log: Callable[[dict], None], total: int) -> None:
-    """Replace the trainer's progress callback by `step_lines`."""
+    """Replace the trainer's progress callback by `step_lines`, and its wandb callback (`tracking.wandb`) by one
+    whose failure never stops training."""
+    from transformers.integrations import WandbCallback
     from transformers.trainer_callback import ProgressCallback
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(step_lines(log, total))
+    if trainer.pop_callback(WandbCallback) is not None:
+        tracker = safe_wandb()
+        if tracker is not None:
+            trainer.add_callback(tracker)
+
+
+def tracking_env(tracking, group: str, stage: str, run_dir: Path) -> None:
+    """wandb settings for this stage's process: one run per stage (`run_name` of the trainer), grouped by the
+    recipe run, offline (kept in `<run_dir>/wandb/`, `wandb sync` uploads it) unless `tracking.mode: online`.
+    A `WANDB_MODE` or `WANDB_DIR` already in the environment wins."""
+    import os
+
+    if not tracking.wandb:
+        return
+    os.environ.setdefault("WANDB_MODE", tracking.mode)
+    os.environ["WANDB_PROJECT"] = tracking.project
+    os.environ["WANDB_RUN_GROUP"] = group
+    os.environ["WANDB_JOB_TYPE"] = stage
+    if "WANDB_DIR" not in os.environ:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["WANDB_DIR"] = str(run_dir)
+
+
+def safe_wandb():
+    """transformers' WandbCallback, except that an error in it (no server, no API key, a full disk) prints one
+    warning and turns tracking off for the rest of the run instead of stopping training. None when wandb is not
+    installed."""
+    import sys
+
+    from transformers.integrations import WandbCallback
+
+    def warn(e: Exception) -> None:
+        print(f"[tracking] wandb failed, training goes on without it: {type(e).__name__}: {e}", file=sys.stderr,
+              flush=True)  # fmt: skip
+
+    class SafeWandb(WandbCallback):
+        failed = False
+
+    def guard(name: str):
+        base = getattr(WandbCallback, name)
+
+        def method(self, *args, **kwargs):
+            if self.failed:
+                return None
+            try:
+                return base(self, *args, **kwargs)
+            except Exception as e:  # a tracker must never end a training run
+                self.failed = True
+                warn(e)
+                return None
+
+        return method
+
+    for name in ["setup", *(n for n in vars(WandbCallback) if n.startswith("on_"))]:
+        setattr(SafeWandb, name, guard(name))
+    end = SafeWandb.on_train_end
+
+    def on_train_end(
+        self, args, state, control, **kwargs
+    ):  # one wandb run per training run (rlhf has several)
+        end(self, args, state, control, **kwargs)
+        if not self.failed and state.is_world_process_zero and self._wandb.run is not None:
+            try:
+                self._wandb.finish()
+            except Exception as e:
+                self.failed = True
+                warn(e)
+
+    SafeWandb.on_train_end = on_train_end
+    try:
+        return SafeWandb()
+    except Exception as e:  # wandb missing or broken
+        warn(e)
+        return None
 
 
 def stop_on_sigterm():

@@ -35,11 +35,11 @@ ROWS = [
 ]
 
 
-def _trainer(tok, tmp_path, rows=ROWS, seed=0, **kw):
+def _trainer(tok, tmp_path, rows=ROWS, seed=0, wandb=False, **kw):
     cfg = from_dict(TrainConfig, {"steps": 4, "batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0,
                          "lr_scheduler": "constant", "save_steps": 1000, "logging_steps": 1, **kw})  # fmt: skip
     model = load_causal_lm(ModelSpec(preset="tiny-student"), tok, seed=seed)
-    args = sft_args(cfg, tmp_path / "ckpt", seed, CHAT.max_length, False, False, "test")
+    args = sft_args(cfg, tmp_path / "ckpt", seed, CHAT.max_length, False, wandb, "test")
     logs: list[dict] = []
     trainer = make_trainer(
         model, tok, to_dataset(tokenize_rows(rows, tok, CHAT)), None, cfg, args, logs.append
@@ -174,3 +174,53 @@ def test_packing_with_eager_attention_is_refused(tmp_path):
         "recipes/tiny/pipeline.yaml", ["sft.packing=true", "model.attn_implementation=flash_attention_2"]
     )
     assert r.sft.packing
+
+
+WANDB_KEYS = ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE")
+
+
+@pytest.fixture
+def clean_wandb_env(monkeypatch):
+    for k in WANDB_KEYS:  # set then delete: monkeypatch restores the original state whatever the test sets
+        monkeypatch.setenv(k, "x")
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_wandb_runs_offline_in_the_run_folder_one_run_per_stage_grouped_by_recipe_run(
+    tiny_tokenizer, tmp_path, clean_wandb_env
+):
+    import os
+
+    from posttrain.config import TrackingConfig
+    from posttrain.training import tracking_env
+
+    tracking_env(TrackingConfig(wandb=True), "tiny", "sft", tmp_path / "run")
+    assert {k: os.environ[k] for k in WANDB_KEYS} == {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "run"),
+        "WANDB_PROJECT": "posttrain", "WANDB_RUN_GROUP": "tiny", "WANDB_JOB_TYPE": "sft"}  # fmt: skip
+    trainer, _, logs = _trainer(tiny_tokenizer, tmp_path, wandb=True, steps=2)
+    assert [type(c).__name__ for c in trainer.callback_handler.callbacks].count("SafeWandb") == 1
+    trainer.train()
+    import wandb
+
+    assert wandb.run is None  # finished with the training run
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), runs
+    assert len([r for r in logs if "loss" in r]) == 2
+
+
+def test_a_failing_tracker_never_stops_training(
+    tiny_tokenizer, tmp_path, clean_wandb_env, monkeypatch, capsys
+):
+    import wandb
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("no route to the wandb server")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    trainer, _, logs = _trainer(tiny_tokenizer, tmp_path, wandb=True, steps=2)
+    trainer.train()
+    assert len([r for r in logs if "loss" in r]) == 2
+    err = capsys.readouterr().err
+    assert err.count("[tracking] wandb failed, training goes on without it: ConnectionError") == 1, err

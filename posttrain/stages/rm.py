@@ -215,11 +215,10 @@ def tokenize_pairs(pairs: list[dict], tokenizer, chat) -> tuple[list[dict], list
 def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: StageOutput):
     import trl
     from datasets import Dataset
-    from transformers.trainer_callback import ProgressCallback
 
     from posttrain.modeling import trains_in_bf16
     from posttrain.reward import bt_loss, last_token_rewards
-    from posttrain.training import step_lines, trainer_args
+    from posttrain.training import trainer_args, use_step_lines
 
     cfg = recipe.rm
 
@@ -241,8 +240,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: S
     args = trl.RewardConfig(**common, max_length=None, **cfg.train.trl)
     ds = Dataset.from_dict({k: [e[k] for e in train_ex] for k in ("chosen_ids", "rejected_ids")})
     trainer = BTRewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(step_lines(out.log, cfg.train.steps))
+    use_step_lines(trainer, out.log, cfg.train.steps)
     return trainer
 
 
