@@ -109,8 +109,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         folder = recipe.run_dir / name
         done = read_done(folder)
         want = runner.expected_hash(recipe, name)
-        if args.reuse and name not in forced and (not done or done.get("config_hash") != want):
-            done = _reuse(Path(args.reuse) / name, folder, want, args.dry_run) or done
+        for source in args.reuse or []:  # the first run folder holding this stage with the same hash
+            if name in forced or (done and done.get("config_hash") == want):
+                break
+            done = _reuse(Path(source) / name, folder, want, args.dry_run) or done
         cmd = runner.launch_command(recipe, name, args.recipe, args.set)
         if done and done.get("config_hash") == want and name not in forced:
             print(f"[run] skip {name}: {folder} is done with the same config and parents ({want})")
@@ -131,6 +133,67 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         _print_reports(recipe.run_dir, stages)
         print(f"[run] outputs of recipe {recipe.name}: {recipe.run_dir}/")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Run a recipe once per point of a grid (× seeds), sharing finished stages between the variants, and write
+    one comparison table."""
+    import itertools
+
+    from posttrain import runner
+    from posttrain.config import load_recipe
+    from posttrain.report import sweep_table
+
+    base = load_recipe(args.recipe, args.set)
+    grid: list[tuple[str, list[str]]] = []
+    problems = []
+    for item in args.grid:
+        key, sep, values = item.partition("=")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not vals:
+            problems.append(f"--grid {item!r}: expected KEY=V1,V2,… (e.g. rlhf.kl_coef=0.01,0.05)")
+        else:
+            grid.append((key.strip(), vals))
+    if args.seeds < 1:
+        problems.append(f"--seeds {args.seeds}: expected 1 or more")
+    if problems:
+        raise ConfigError(problems)
+    variants: list[tuple[dict[str, str], list[str]]] = []
+    for combo in itertools.product(*(vals for _, vals in grid)):
+        for i in range(args.seeds):
+            labels = {k: v for (k, _), v in zip(grid, combo)}
+            sets = [f"{k}={v}" for k, v in labels.items()]
+            if args.seeds > 1:
+                labels["seed"] = str(base.seed + i)
+                sets.append(f"seed={base.seed + i}")
+            slug = "-".join(f"{k.split('.')[-1]}{v}" for k, v in labels.items()).replace("/", "_")
+            variants.append((labels, [*args.set, *sets, f"name={base.name}-{slug}"]))
+    recipes = [
+        load_recipe(args.recipe, sets) for _, sets in variants
+    ]  # every variant checked before any runs
+    stages = runner.plan(base)
+    shown = args.only.split(",") if args.only else stages
+    print(f"[sweep] {len(variants)} variants of {base.name}: "
+          + ", ".join(r.name for r in recipes))  # fmt: skip
+    reuse = list(args.reuse or []) + [str(base.run_dir)]
+    for (_, sets), recipe in zip(variants, recipes):
+        print(f"\n[sweep] {recipe.name}: {' '.join(sets[len(args.set) : -1])}", flush=True)
+        run_args = argparse.Namespace(recipe=args.recipe, set=sets, only=args.only, from_=None, force=False,
+                                      dry_run=args.dry_run, reuse=reuse)  # fmt: skip
+        rc = _cmd_run(run_args)
+        if rc != 0:
+            print(f"[sweep] variant {recipe.name} failed (exit {rc}); the later variants were not run",
+                  file=sys.stderr)  # fmt: skip
+            return rc
+        reuse.append(str(recipe.run_dir))  # later variants share this one's finished stages
+    if args.dry_run:
+        return 0
+    table = sweep_table([(labels, r.run_dir) for (labels, _), r in zip(variants, recipes)], shown)
+    out = base.run_dir.parent / f"sweep-{base.name}-{'-'.join(k for k, _ in grid) or 'seeds'}.md"
+    out.write_text(f"# Sweep of {base.name}\n\n`posttrain sweep {args.recipe} "
+                   + " ".join(f"--grid {g}" for g in args.grid) + f" --seeds {args.seeds}`\n\n" + table)  # fmt: skip
+    print("\n" + table + f"\n[sweep] table: {out}")
     return 0
 
 
@@ -325,10 +388,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--dry-run", action="store_true", help="print what would run and what would be skipped")
     r.add_argument(
-        "--reuse", metavar="RUN_DIR",
-        help="take finished stages with the same config and parents from another run folder (e.g. runs/tiny)",
+        "--reuse", metavar="RUN_DIR", action="append",
+        help="take finished stages with the same config and parents from another run folder (e.g. runs/tiny); "
+             "repeatable",
     )  # fmt: skip
     r.set_defaults(func=_cmd_run)
+
+    w = sub.add_parser("sweep", help="run a recipe for every point of a grid of keys (× seeds), one table")
+    w.add_argument("recipe")
+    w.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a key and its values; repeat for a product grid")  # fmt: skip
+    w.add_argument(
+        "--seeds", type=int, default=1, help="seeds per grid point (seed, seed+1, …; reruns every stage)"
+    )
+    w.add_argument("--only", help="comma-separated stages to run per variant (with the parents they need)")
+    w.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every variant"
+    )
+    w.add_argument("--reuse", metavar="RUN_DIR", action="append",
+                   help="also take finished stages from this run folder (the base recipe's is always used)")  # fmt: skip
+    w.add_argument("--dry-run", action="store_true", help="print what each variant would run")
+    w.set_defaults(func=_cmd_sweep)
 
     v = sub.add_parser("validate", help="check a data file; every bad row as file:line: reason")
     v.add_argument("file")

@@ -123,6 +123,37 @@ def stage_table(run_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_table(variants: list[tuple[dict[str, str], Path]], stages: list[str]) -> str:
+    """One row per sweep variant (its grid values, then the key figures of each of `stages`; each RL run's RM
+    reward, KL and world score at the end)."""
+    keys = list(variants[0][0]) if variants else []
+    rows, columns = [], []
+    for labels, run_dir in variants:
+        figs: dict[str, str] = {}
+        for stage in stages:
+            folder, status = _stage_folder(run_dir, stage)
+            s = _summary(folder) if folder else {}
+            if not s:
+                figs[f"{stage}"] = status
+            for k in KEY_FIGURES.get(stage, ()):
+                if s.get(k) is not None:
+                    figs[f"{stage} {k}"] = _fmt(s[k])
+            for name, r in (s.get("runs") or {}).items() if stage == "rlhf" else ():
+                for k, v in (("reward", r["end"].get("reward")), ("KL", r["end"].get("kl")),
+                             ("world", r["end"].get("world_score"))):  # fmt: skip
+                    figs[f"rlhf {name} {k}"] = _fmt(v)
+        columns += [c for c in figs if c not in columns]
+        rows.append((labels, figs, run_dir))
+    lines = [
+        "| " + " | ".join(keys + columns + ["run"]) + " |",
+        "|" + "---|" * (len(keys) + len(columns) + 1),
+    ]
+    for labels, figs, run_dir in rows:
+        cells = [labels[k] for k in keys] + [figs.get(c, "") for c in columns] + [f"`{run_dir}`"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def rl_section(run_dir: Path) -> str:
     figs = sorted((run_dir / "rlhf").glob("*/figures.json"))
     if not figs:

@@ -188,3 +188,26 @@ def test_a_one_process_stage_started_as_several_says_so_before_loading_anything(
     assert out.returncode == 1
     assert "stage rm runs in one process, but it was started in 2" in out.stderr
     assert "launchers: {rm: cpu}" in out.stderr and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ("rlhf.kl_coef", "--grid 'rlhf.kl_coef': expected KEY=V1,V2,…"),
+        ("rlhf.kl_coeff=0.1,0.2", "did you mean 'kl_coef'?"),
+        ("rlhf.kl_coef=0.1,abc", "rlhf.kl_coef"),
+    ],
+)
+def test_a_bad_sweep_grid_is_refused_before_anything_runs(grid, message, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "posttrain", "sweep", "recipes/tiny/smoke.yaml", "--grid", grid,
+                          f"--set=output_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "recipes" / "ablations").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_ablation_recipes_load_and_name_their_own_run(path):
+    recipe = load_recipe(path)
+    assert recipe.name != load_recipe(ROOT / "recipes" / "tiny" / "pipeline.yaml").name

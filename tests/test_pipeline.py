@@ -349,3 +349,22 @@ def test_zero3_over_two_gloo_processes_trains_and_saves_like_one(smoke_run, one_
     )
     assert "[sft] data parallel over 2 processes: global batch 8" in two[2], two[2][-3000:]
     _same_training(one_process_sft, two)
+
+
+@pytest.mark.stage
+def test_sweep_runs_each_variant_sharing_finished_stages_and_writes_one_table(smoke_run, tmp_path):
+    run, _ = smoke_run
+    lr = load_recipe(SMOKE).sft.learning_rate
+    log = _run("sweep", SMOKE, "--grid", f"sft.learning_rate=1e-3,{lr}", "--only", "sft",
+               f"--set=output_dir={tmp_path}", "--reuse", str(run))  # fmt: skip
+    assert "[sweep] 2 variants of tiny-smoke" in log
+    first, second = tmp_path / "tiny-smoke-learning_rate1e-3", tmp_path / f"tiny-smoke-learning_rate{lr}"
+    for variant in (first, second):
+        for stage in ("data", "teacher", "generate"):  # upstream of the change: taken, not recomputed
+            assert f"[run] reuse {run}/{stage} for {variant}/{stage}" in log
+    assert log.count("posttrain stage sft") == 1  # the default learning rate's sft is the smoke run's
+    assert read_done(second / "sft") == read_done(run / "sft") != read_done(first / "sft")
+    table = (tmp_path / "sweep-tiny-smoke-sft.learning_rate.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith(("| 1e-3 |", f"| {lr} |"))]
+    assert len(rows) == 2 and all(len(r.split("|")) == len(rows[0].split("|")) for r in rows)
+    assert "sft world_score" in table and "sft train_loss" in table
