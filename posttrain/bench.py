@@ -4,6 +4,12 @@
                  same prompts, greedy, so both produce the same tokens
     merge memory peak memory growth of a streaming merge of 3 models (a fresh process, `ru_maxrss`) vs the size
                  of one model and of the largest tensor
+    sft          the `sft` stage's trainer (the recipe's settings, renderer ids and labels) vs TRL's SFTTrainer with
+                 its defaults on the same model and conversations: tokens/s and trained tokens/s
+    flop/s       the sft trainer's FLOP/s (transformers' 6 × parameters × tokens count) vs a fp32 matmul on
+                 this machine
+    outside      the share of a finished run's wall time spent outside training (process start-up, loading,
+                 evaluation, generation, saving), from the run folder's metrics and a measured stage start-up
 
 Run: `python -m posttrain.bench [--recipe R] [--prompts N]`. The teacher is the recipe's trained teacher when its
 `teacher` stage is done, else an untrained tiny-teacher preset (said in the output).
@@ -46,6 +52,111 @@ def bench_generation(recipe, n_prompts: int) -> dict:
     return {"model": which, "prompts": len(prompts), "batch_size": cfg.batch_size, "new_tokens": tokens,
             "batched_s": t_batched, "one_at_a_time_s": t_single, "ratio": t_single / t_batched,
             "identical_outputs": f"{same}/{len(prompts)}"}  # fmt: skip
+
+
+def bench_sft(recipe, steps: int, n_rows: int = 2048) -> dict:
+    """The project's SFT trainer vs TRL's SFTTrainer defaults: same fresh student, same conversations."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    import trl
+    from datasets import Dataset
+
+    from posttrain import world
+    from posttrain.modeling import load_causal_lm, load_tokenizer
+    from posttrain.training import make_trainer, sft_args, to_dataset, tokenize_rows
+
+    rows = world.train_split(recipe.world, recipe.seed, n=n_rows)
+    tok = load_tokenizer(recipe.model)
+    out: dict = {"steps": steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        # ours: the recipe's sft settings (batch size, learning rate …), only the step count changed
+        cfg = dataclasses.replace(
+            recipe.sft, steps=steps, save_steps=10**9, logging_steps=steps, eval_steps=0
+        )
+        examples = tokenize_rows(rows, tok, recipe.chat)
+        args = sft_args(cfg, Path(tmp) / "ours", recipe.seed, recipe.chat.max_length, False, False, "bench")
+        args.disable_tqdm, args.include_num_input_tokens_seen = True, "non_padding"
+        trainer = make_trainer(load_causal_lm(recipe.model, tok, seed=recipe.seed), tok, to_dataset(examples),
+                               None, cfg, args, lambda row: None)  # fmt: skip
+        r = trainer.train().metrics
+        per_step = cfg.batch_size * cfg.grad_accum
+        frac = sum(sum(x != -100 for x in e["labels"]) for e in examples) / sum(
+            len(e["input_ids"]) for e in examples
+        )
+        tokens = (
+            trainer.state.num_input_tokens_seen
+        )  # non-padding tokens; trained: the data's model-turn share
+        out["ours"] = {"batch_size": per_step, "seconds": r["train_runtime"], "tokens_per_s": tokens / r["train_runtime"],
+                       "trained_per_s": tokens * frac / r["train_runtime"], "flos": trainer.state.total_flos}  # fmt: skip
+        # TRL's defaults: conversations in, its chat template, loss on every token, its batch size
+        ds = Dataset.from_list([{"messages": r["messages"]} for r in rows])
+        targs = trl.SFTConfig(output_dir=str(Path(tmp) / "trl"), max_steps=steps, report_to=[], use_cpu=True,
+                              save_strategy="no", logging_steps=steps, disable_tqdm=True, dataset_num_proc=None,
+                              include_num_input_tokens_seen="non_padding")  # fmt: skip
+        ttrainer = trl.SFTTrainer(model=load_causal_lm(recipe.model, tok, seed=recipe.seed), args=targs,
+                                  train_dataset=ds, processing_class=tok)  # fmt: skip
+        t = ttrainer.train().metrics
+        ttokens = ttrainer.state.num_input_tokens_seen
+        out["trl"] = {"batch_size": targs.per_device_train_batch_size * targs.gradient_accumulation_steps,
+                      "seconds": t["train_runtime"], "tokens_per_s": ttokens / t["train_runtime"],
+                      "trained_per_s": ttokens / t["train_runtime"]}  # fmt: skip
+    return out
+
+
+def matmul_flops(n: int = 1024, seconds: float = 2.0) -> float:
+    """This machine's fp32 matmul FLOP/s (torch, all its threads)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - t0)
+
+
+def stage_startup() -> float:
+    """Seconds from starting a stage's job (the cpu launcher) to its libraries imported."""
+    import subprocess
+    import sys
+
+    from posttrain.config import launcher_file
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file",
+                    str(launcher_file("cpu")), "-m", "posttrain.bench", "--startup-probe"], check=True,
+                   capture_output=True)  # fmt: skip
+    return time.perf_counter() - t0
+
+
+def time_outside_training(run_dir, startup: float) -> dict | None:
+    """Over a finished run folder's stages: wall time (stage wall + start-up) and time inside trainer.train."""
+    import json
+
+    from posttrain.report import STAGE_ORDER, _summary
+
+    wall = train = 0.0
+    stages = []
+    for stage in STAGE_ORDER:
+        folder = run_dir / stage
+        s = _summary(folder) if (folder / "DONE").exists() else {}
+        if "wall_time_s" not in s:
+            continue
+        stages.append(stage)
+        wall += s["wall_time_s"] + startup
+        # the stage's own metrics, else its runs' (rlhf/<run>/): the stage repeats its runs' rows
+        for metrics in [[folder / "metrics.jsonl"], sorted(folder.glob("*/metrics.jsonl"))]:
+            rows = [json.loads(x) for f in metrics if f.exists() for x in f.read_text().splitlines()]
+            inside = sum(r.get("train_runtime", 0.0) for r in rows)
+            if inside:
+                train += inside
+                break
+    if not stages:
+        return None
+    return {"stages": stages, "wall_s": wall, "train_s": train, "outside_share": 1 - train / wall}
 
 
 _MERGE_SCRIPT = """
@@ -93,14 +204,42 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="posttrain.bench")
     p.add_argument("--recipe", default="recipes/tiny/pipeline.yaml")
     p.add_argument("--prompts", type=int, default=128)
+    p.add_argument("--sft-steps", type=int, default=40)
+    p.add_argument("--startup-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.startup_probe:  # what a stage imports before it does anything
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        import trl  # noqa: F401
+
+        return 0
     recipe = load_recipe(args.recipe)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         m = merge_memory(tmp)
     g = bench_generation(recipe, args.prompts)
+    sft = bench_sft(recipe, args.sft_steps)
+    peak = matmul_flops()
+    startup = stage_startup()
+    outside = time_outside_training(recipe.run_dir, startup)
+    ours, trl_ = sft["ours"], sft["trl"]
     print("\n| benchmark | baseline | measured | ratio |\n|---|---|---|---:|")
+    print(f"| sft, {sft['steps']} steps, {recipe.model.preset or recipe.model.name_or_path} | TRL SFTTrainer defaults "
+          f"(batch {trl_['batch_size']}, loss on every token): {trl_['tokens_per_s']:,.0f} tok/s | the sft stage's "
+          f"trainer (batch {ours['batch_size']}, model turns only): {ours['tokens_per_s']:,.0f} tok/s, "
+          f"{ours['trained_per_s']:,.0f} trained tok/s | **{ours['tokens_per_s'] / trl_['tokens_per_s']:.1f}×** "
+          f"tok/s, {ours['trained_per_s'] / trl_['trained_per_s']:.2f}× trained tok/s |")  # fmt: skip
+    flops = ours["flos"] / ours["seconds"]
+    print(f"| training FLOP/s (sft) | fp32 matmul 1024²: {peak / 1e9:.1f} GFLOP/s | {flops / 1e9:.2f} GFLOP/s | "
+          f"**{flops / peak:.3f}×** |")  # fmt: skip
+    if outside:
+        print(f"| time outside training, {recipe.run_dir} ({len(outside['stages'])} stages, start-up "
+              f"{startup:.1f} s each) | whole run: {outside['wall_s'] / 60:.1f} min | in trainer.train: "
+              f"{outside['train_s'] / 60:.1f} min | **{outside['outside_share']:.0%}** outside |")  # fmt: skip
+    else:
+        print(f"| time outside training | no finished stage in {recipe.run_dir} (run `make demo` first) | "
+              f"stage start-up {startup:.1f} s | |")  # fmt: skip
     print(f"| generation, {g['prompts']} prompts, {g['model']} | one at a time: {g['one_at_a_time_s']:.2f} s | "
           f"batched ({g['batch_size']}): {g['batched_s']:.2f} s, {g['new_tokens'] / g['batched_s']:.0f} tok/s | "
           f"**{g['ratio']:.1f}×** faster (outputs identical: {g['identical_outputs']}) |")  # fmt: skip
