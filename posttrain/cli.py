@@ -91,7 +91,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     """Run the recipe's stages in order, each in its own process; skip those done with the same config."""
     from posttrain import runner
     from posttrain.config import load_recipe
-    from posttrain.outputs import read_done
+    from posttrain.outputs import check_exported, read_done
 
     recipe = load_recipe(args.recipe, args.set)
     stages = runner.plan(recipe)
@@ -130,6 +130,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 return STOPPED_EXIT
             print(f"[run] stage {name} failed (exit {rc}); later stages were not started", file=sys.stderr)
             return rc
+        problems, tensors = check_exported(folder)
+        if problems:
+            print(f"[run] stage {name} exported a broken model; later stages were not started:\n  "
+                  + "\n  ".join(problems[:10]), file=sys.stderr)  # fmt: skip
+            return 1
+        if tensors:
+            print(f"[run] {name}: exported models read back complete ({tensors} tensors, none empty)")
     if not args.dry_run:
         _print_reports(recipe.run_dir, stages)
         print(f"[run] outputs of recipe {recipe.name}: {recipe.run_dir}/")

@@ -160,3 +160,51 @@ class StageOutput:
         (self.path / "STAGE_HASH").unlink(missing_ok=True)
         replace_folder(self.path, self.final)
         return False
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+
+
+def check_exported(stage_folder: Path) -> tuple[list[str], int]:
+    """Every model a stage exported (`model/` folders with a config.json), read back from disk by another
+    process than the one that wrote it: each safetensors file is complete, no tensor is empty (a ZeRO-3 save
+    without the gather writes empty ones), a sharded model's index names only shards that exist. Returns
+    (problems, tensors checked)."""
+    problems, count = [], 0
+    for model in sorted(
+        q.parent for q in Path(stage_folder).rglob("config.json") if q.parent.name == "model"
+    ):
+        files = sorted(model.glob("*.safetensors"))
+        if not files:
+            problems.append(f"{model}: no *.safetensors weights")
+        index = model / "model.safetensors.index.json"
+        if index.exists():
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            problems += [f"{index}: names shard {s} that is missing" for s in sorted(shards)
+                         if not (model / s).exists()]  # fmt: skip
+        for f in files:
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                header = json.loads(fh.read(n)) if 0 < n < 100_000_000 else None
+            if header is None:
+                problems.append(f"{f}: not a safetensors file (truncated header)")
+                continue
+            end = 0
+            for name, t in header.items():
+                if name == "__metadata__":
+                    continue
+                count += 1
+                numel = 1
+                for d in t["shape"]:
+                    numel *= d
+                begin, stop = t["data_offsets"]
+                end = max(end, stop)
+                if numel == 0:
+                    problems.append(f"{f}: tensor {name} is empty (shape {t['shape']})")
+                elif stop - begin != numel * _DTYPE_BYTES.get(t["dtype"], 0):
+                    problems.append(f"{f}: tensor {name} has {stop - begin} bytes for shape {t['shape']}")
+            if f.stat().st_size < 8 + n + end:
+                problems.append(f"{f}: truncated ({f.stat().st_size} bytes, the header needs {8 + n + end})")
+    return problems, count

@@ -60,6 +60,8 @@ def test_every_stage_runs_and_hands_over(smoke_run):
     recipe = load_recipe(SMOKE)
     assert all(r["meta"]["sampling"]["temperature"] == recipe.generate.temperature for r in rows)
     assert "## Teacher responses" in log and "## Reward model" in log
+    for stage in ("teacher", "sft", "distill", "rm", "rlhf", "merge"):  # read back by the runner
+        assert f"[run] {stage}: exported models read back complete (" in log, stage
     assert "## World evaluation" in log and "| sft: trained | **" in log and "| teacher: untrained |" in log
     assert set(read_done(run / "rm")["parents"]) == {"data", "sft", "teacher"}
     gate = json.loads((run / "rm" / "rm_report.json").read_text())

@@ -1,0 +1,46 @@
+"""Exported models read back by the runner: complete files, no empty tensors, shards the index names."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import save_file
+
+from posttrain.outputs import check_exported
+
+
+def _model(folder, tensors, name="model.safetensors"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    save_file(tensors, str(folder / name))
+
+
+def test_a_complete_export_checks_out(tmp_path):
+    _model(tmp_path / "stage" / "model", {"a": torch.ones(3, 2), "b": torch.zeros(4, dtype=torch.bfloat16)})
+    _model(tmp_path / "stage" / "run1" / "model", {"c": torch.ones(1)})
+    assert check_exported(tmp_path / "stage") == ([], 3)
+
+
+def test_empty_truncated_and_missing_shards_are_named(tmp_path):
+    _model(
+        tmp_path / "s" / "model", {"w": torch.ones(2, 2), "ghost": torch.empty(0)}
+    )  # a ZeRO-3 save without gather
+    problems, _ = check_exported(tmp_path / "s")
+    assert problems == [f"{tmp_path}/s/model/model.safetensors: tensor ghost is empty (shape [0])"]
+
+    _model(tmp_path / "t" / "model", {"w": torch.ones(64, 64)})
+    f = tmp_path / "t" / "model" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    assert "truncated" in check_exported(tmp_path / "t")[0][0]
+
+    _model(tmp_path / "u" / "model", {"w": torch.ones(2)}, "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"w": "model-00001-of-00002.safetensors", "v": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "u" / "model" / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert check_exported(tmp_path / "u")[0] == [
+        f"{tmp_path}/u/model/model.safetensors.index.json: names shard model-00002-of-00002.safetensors that is missing"
+    ]
+
+    (tmp_path / "v" / "model").mkdir(parents=True)
+    (tmp_path / "v" / "model" / "config.json").write_text("{}")
+    assert check_exported(tmp_path / "v")[0] == [f"{tmp_path}/v/model: no *.safetensors weights"]
