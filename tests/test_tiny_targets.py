@@ -1,0 +1,96 @@
+"""The tiny recipe's quality targets, checked on a whole run of it. Slow: the run takes about 35 minutes on a
+2-core CPU; `POSTTRAIN_TINY_RUN=runs/tiny pytest -m slow tests/test_tiny_targets.py` checks a finished run folder
+instead. Every target is checked and every miss is reported together."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _summary(folder: Path) -> dict:
+    try:
+        last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+    except (OSError, IndexError, ValueError):
+        return {}
+    return last if (folder / "DONE").exists() and last.get("summary") else {}
+
+
+def _front(points: list[dict]) -> list[tuple[float, float]]:
+    """The upper hull of (KL, reward) over the starting policy and the single RL runs."""
+    pts = sorted((p["kl_k3"], p["reward"]) for p in points if p["kind"] in ("start", "run"))
+    hull: list[tuple[float, float]] = []
+    for p in pts:
+        while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0]) <= (
+            p[1] - hull[-2][1]
+        ) * (hull[-1][0] - hull[-2][0]):
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def on_or_beyond(front: list[tuple[float, float]], kl: float, reward: float, tol: float = 1e-3) -> bool:
+    if kl > front[-1][0]:
+        return reward >= front[-1][1] - tol
+    for (k0, r0), (k1, r1) in zip(front, front[1:]):
+        if k0 <= kl <= k1:
+            return reward >= r0 + (r1 - r0) * (kl - k0) / max(k1 - k0, 1e-12) - tol
+    return reward >= front[0][1] - tol
+
+
+def test_the_front_is_interpolated_between_single_runs():
+    front = _front([{"kind": "start", "kl_k3": 0.0, "reward": 0.0}, {"kind": "run", "kl_k3": 1.0, "reward": 1.0},
+                    {"kind": "run", "kl_k3": 2.0, "reward": 1.2}, {"kind": "run", "kl_k3": 1.5, "reward": 0.5}])  # fmt: skip
+    assert front == [(0.0, 0.0), (1.0, 1.0), (2.0, 1.2)]
+    assert (
+        on_or_beyond(front, 0.5, 0.5) and not on_or_beyond(front, 0.5, 0.45) and on_or_beyond(front, 3.0, 1.2)
+    )
+
+
+def missed_targets(run: Path) -> list[str]:
+    missed = []
+    teacher, sft, distill, rm = (_summary(run / s) for s in ("teacher", "sft", "distill", "rm"))
+    if (teacher.get("world_score") or 0) < 0.90:
+        missed.append(f"teacher world score {teacher.get('world_score')} < 0.90")
+    if (sft.get("world_score") or 0) < (sft.get("world_score_before") or 0) + 0.3:
+        missed.append(
+            f"SFT student {sft.get('world_score')} not well above untrained {sft.get('world_score_before')}"
+        )
+    if not (distill.get("gap_closed") or 0) > 0:
+        missed.append(f"distillation closes no part of the student–teacher gap ({distill.get('gap_closed')})")
+    if (rm.get("heldout_accuracy") or 0) < 0.90:
+        missed.append(f"RM held-out accuracy {rm.get('heldout_accuracy')} < 0.90")
+    runs = _summary(run / "rlhf").get("runs") or {}
+    if not runs:
+        missed.append("no finished RL run")
+    for name, r in runs.items():
+        if r["end"].get("kl") is None or r["end"]["world_score"] <= r["start"]["world_score"]:
+            missed.append(f"RL run {name}: world score {r['start']['world_score']:.3f} → {r['end']['world_score']:.3f}"
+                          f" (KL {r['end'].get('kl')})")  # fmt: skip
+    points = (
+        json.loads((run / "merge" / "points.json").read_text()) if (run / "merge" / "DONE").exists() else []
+    )
+    merges = [p for p in points if p["kind"] == "merge"]
+    if not merges:
+        missed.append("no finished WARP merge")
+    elif not any(on_or_beyond(_front(points), p["kl_k3"], p["reward"]) for p in merges):
+        missed.append("every WARP merge lies below the reward–KL front of the single runs")
+    return missed
+
+
+@pytest.mark.slow
+def test_the_tiny_recipe_meets_its_targets(tmp_path):
+    run = os.environ.get("POSTTRAIN_TINY_RUN")
+    if run is None:
+        subprocess.run([sys.executable, "-m", "posttrain", "run", str(ROOT / "recipes/tiny/pipeline.yaml"),
+                        f"--set=output_dir={tmp_path}"], cwd=ROOT)  # fmt: skip  # a failed gate shows below
+        run = tmp_path / "tiny"
+    missed = missed_targets(Path(run))
+    assert not missed, "targets missed:\n  " + "\n  ".join(missed)
