@@ -1,7 +1,7 @@
 """Which process this is when a stage runs as several (`accelerate launch` with `num_processes` > 1).
 
-Every process trains; only the main one writes the stage folder (metrics, model, DONE) — the trainer saves its
-checkpoints itself. Stages that do not support several processes say so before any model loads.
+Every process works on its share; only the main one writes the stage folder (metrics, model, DONE) — the
+trainer saves its checkpoints itself. Stages that do not support several processes say so before any model loads.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 
 from posttrain.errors import StageError
 
-MULTI_PROCESS_STAGES = ("teacher", "sft")
+MULTI_PROCESS_STAGES = ("teacher", "generate", "sft")
 
 
 def world_size() -> int:
@@ -42,6 +42,6 @@ def require_single_process(stage: str) -> None:
     if world_size() > 1:
         raise StageError(
             f"stage {stage} runs in one process, but it was started in {world_size()} "
-            f"(only {', '.join(MULTI_PROCESS_STAGES)} train data-parallel); give it a one-process launcher "
+            f"(only {', '.join(MULTI_PROCESS_STAGES)} run in several); give it a one-process launcher "
             f"in the recipe: `launchers: {{{stage}: cpu}}` (or `local`), or a config with num_processes: 1"
         )

@@ -370,3 +370,29 @@ def test_sweep_runs_each_variant_sharing_finished_stages_and_writes_one_table(sm
     rows = [line for line in table.splitlines() if line.startswith(("| 1e-3 |", f"| {lr} |"))]
     assert len(rows) == 2 and all(len(r.split("|")) == len(rows[0].split("|")) for r in rows)
     assert "sft world_score" in table and "sft train_loss" in table
+
+
+@pytest.mark.stage
+def test_generate_in_two_processes_writes_what_one_process_wrote(smoke_run, tmp_path):
+    run, _ = smoke_run
+    log = _run("run", SMOKE, f"--set=output_dir={tmp_path}", "--set=launchers.generate=ddp-cpu", "--only", "generate",
+               "--force", "--reuse", str(run))  # fmt: skip
+    assert "ddp-cpu.yaml" in log and "[generate] 2 processes: process r writes shards r, r + 2, …" in log, (
+        log[-3000:]
+    )
+
+    def rows(folder: Path, split: str) -> list[dict]:
+        out = [
+            json.loads(x) for x in (folder / "generate" / "data" / f"{split}.jsonl").read_text().splitlines()
+        ]
+        for r in out:
+            r.get("meta", {}).pop("teacher", None)  # the teacher's folder: this run's, not the smoke run's
+        return out
+
+    for split in ("train", "eval"):
+        assert rows(tmp_path / "tiny-smoke", split) == rows(run, split), split
+    shards = [
+        json.loads(x)
+        for x in (tmp_path / "tiny-smoke" / "generate" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert sum(r.get("prompts", 0) for r in shards if "shard" in r) == load_recipe(SMOKE).world.n_train

@@ -4,7 +4,10 @@ For each training conversation of the `data` stage, the prompt (every turn befor
 rendered with the generation prompt and the teacher samples a response (`generate:` settings: temperature,
 top-p/top-k, max_new_tokens; batched HF `generate` with the KV cache and left padding, or vLLM on a GPU when
 installed). Prompts are processed in shards of `generate.shard_size`; each finished shard is written atomically
-to `shards/`, so a killed run continues from the last finished shard when rerun with the same recipe.
+to `shards/`, so a killed run continues from the last finished shard when rerun with the same recipe. Started
+as several processes (`launchers: {generate: ddp}`), each loads the teacher on its own GPU and writes every n-th
+shard; the main one then filters and writes the stage folder. Shards are seeded by position: the output is the
+same in any number of processes.
 
 Then: responses without a stop token within max_new_tokens (truncated) or containing a control token are
 dropped and counted; the rest become conversations (`meta.teacher`, `meta.sampling` record their provenance)
@@ -30,6 +33,7 @@ from typing import Any
 
 from posttrain.config import ModelSpec, Recipe, to_dict
 from posttrain.data.jsonl import write_splits
+from posttrain.dist import barrier, is_main, rank, world_size
 from posttrain.outputs import StageOutput, write_atomic
 from posttrain.stages.sft import read_rows
 
@@ -77,30 +81,39 @@ def main(recipe: Recipe) -> Path:
         todo = [s for s in starts if not (shards / f"{s:08d}.jsonl").exists()]
         if len(todo) < len(starts):
             print(f"[generate] resuming: {len(starts) - len(todo)} of {len(starts)} shards already written")
-        # --- models
-        vllm = use_vllm(cfg)
-        model = None if vllm or not todo else load_causal_lm(spec, tokenizer, seed=recipe.seed)
-        # --- generate
-        n_todo = sum(min(cfg.shard_size, len(rows) - s) for s in todo)
-        bar = tqdm(
-            total=len(rows), initial=len(rows) - n_todo, desc="[generate] teacher responses", unit="prompt"
-        )
-        t0, new_tokens = time.time(), 0
-        for s in todo:
+        # --- models (several processes: each its own copy, on its own GPU, and every n-th shard)
+        mine = todo[rank() :: world_size()]
+        vllm = use_vllm(cfg) and world_size() == 1  # vLLM brings its own parallelism: one process
+        model = None if vllm or not mine else load_causal_lm(spec, tokenizer, seed=recipe.seed)
+        if world_size() > 1 and is_main():
+            print(f"[generate] {world_size()} processes: process r writes shards r, r + {world_size()}, …")
+        # --- generate (each shard seeded by its position, so the split over processes does not change it)
+        n_mine = sum(min(cfg.shard_size, len(rows) - s) for s in mine)
+        n_done = len(rows) - sum(min(cfg.shard_size, len(rows) - s) for s in todo)
+        bar = tqdm(total=n_mine + n_done if world_size() == 1 else n_mine, initial=n_done if world_size() == 1 else 0,
+                   desc="[generate] teacher responses", unit="prompt", disable=not is_main())  # fmt: skip
+        t0 = time.time()
+        for s in mine:
             batch = prompts[s : s + cfg.shard_size]
             if vllm:
                 gens = generate_vllm(spec.name_or_path, tokenizer, batch, cfg, seed=recipe.seed + s)
                 bar.update(len(batch))
             else:
                 gens = generate(model, tokenizer, batch, cfg, seed=recipe.seed + s, progress=bar)
-            new_tokens += sum(len(g.ids) for g in gens)
             lines = [json.dumps({"id": rows[s + i].get("id"), "response": g.text, "truncated": g.truncated,
                                  "malformed": g.malformed, "tokens": len(g.ids)}, ensure_ascii=False)
                      for i, g in enumerate(gens)]  # fmt: skip
             write_atomic(shards / f"{s:08d}.jsonl", "\n".join(lines) + "\n")
-            out.log({"shard": s, "prompts": len(batch), "tokens": sum(len(g.ids) for g in gens)})
         bar.close()
+        barrier()  # every shard written
         seconds = time.time() - t0
+        if not is_main():
+            return out.final
+        n_todo, new_tokens = 0, 0
+        for s in todo:
+            done = [json.loads(x) for x in (shards / f"{s:08d}.jsonl").read_text().splitlines()]
+            n_todo, new_tokens = n_todo + len(done), new_tokens + sum(g["tokens"] for g in done)
+            out.log({"shard": s, "prompts": len(done), "tokens": sum(g["tokens"] for g in done)})
         # --- filter
         gens_by_row = [
             json.loads(line) for s in starts for line in (shards / f"{s:08d}.jsonl").read_text().splitlines()
