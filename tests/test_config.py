@@ -198,10 +198,14 @@ def test_a_one_process_stage_started_as_several_says_so_before_loading_anything(
         ("rlhf.kl_coef=0.1,abc", "rlhf.kl_coef"),
     ],
 )
-def test_a_bad_sweep_grid_is_refused_before_anything_runs(grid, message, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "posttrain", "sweep", "recipes/tiny/smoke.yaml", "--grid", grid,
-                          f"--set=output_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
-    assert out.returncode == 2 and message in out.stderr, out.stderr
+def test_a_bad_sweep_grid_is_refused_before_anything_runs(grid, message, tmp_path, capsys):
+    from posttrain.cli import main
+
+    rc = main(
+        ["sweep", str(ROOT / "recipes/tiny/smoke.yaml"), "--grid", grid, f"--set=output_dir={tmp_path}"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
     assert not any(tmp_path.iterdir())
 
 
