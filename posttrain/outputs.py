@@ -75,6 +75,14 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def trim_metrics(f: Path, last_step: int) -> None:
+    """On resume from a checkpoint at `last_step`: drop the rows of metrics file `f` logged after it (they will
+    be redone). The main process does it when a stage runs as several."""
+    if f.exists() and is_main():
+        rows = [r for r in f.read_text().splitlines() if r and json.loads(r).get("step", 0) <= last_step]
+        write_atomic(f, "".join(r + "\n" for r in rows))
+
+
 def replace_folder(tmp: Path, final: Path) -> None:
     """Move the complete folder `tmp` to `final`, replacing what was there only once `tmp` is in hand."""
     old = final.with_name(final.name + ".old")
@@ -118,13 +126,6 @@ class StageOutput:
         barrier()
         self.started = time.time()
         return self
-
-    def trim_metrics(self, last_step: int) -> None:
-        """On resume from a checkpoint at `last_step`: drop metric rows logged after it (they will be redone)."""
-        f = self.path / "metrics.jsonl"
-        if f.exists() and is_main():
-            rows = [r for r in f.read_text().splitlines() if r and json.loads(r).get("step", 0) <= last_step]
-            write_atomic(f, "".join(r + "\n" for r in rows))
 
     def log(self, row: dict[str, Any]) -> None:
         if not is_main():

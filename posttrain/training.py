@@ -344,6 +344,24 @@ def stop_on_sigterm():
     return StopOnSigterm()
 
 
+def train_resuming(trainer, checkpoints: Path, metrics: Path, label: str, resume: bool = True):
+    """`trainer.train()` from the last complete checkpoint in `checkpoints` (when `resume`), after dropping the
+    rows of `metrics` logged past it; on SIGTERM the step in progress ends, a checkpoint is saved and `Stopped`
+    is raised. Returns the train output."""
+    from posttrain.outputs import trim_metrics
+
+    ckpt = last_checkpoint(checkpoints) if resume else None
+    if ckpt is not None:
+        step = int(ckpt.name.split("-")[-1])
+        print(f"[{label}] resuming from {ckpt} (step {step})")
+        trim_metrics(metrics, step)
+    stopper = stop_on_sigterm()
+    trainer.add_callback(stopper)
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    stopper.raise_if_stopped(trainer.state, checkpoints)
+    return result
+
+
 def world_eval_callback(evaluate: Callable[[Any], dict | None], every: int, log: Callable[[dict], None]):
     """A callback: every `every` optimizer steps (not the last), `evaluate(model)`'s score as a metrics row."""
     from transformers import TrainerCallback

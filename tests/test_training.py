@@ -224,3 +224,35 @@ def test_a_failing_tracker_never_stops_training(
     assert len([r for r in logs if "loss" in r]) == 2
     err = capsys.readouterr().err
     assert err.count("[tracking] wandb failed, training goes on without it: ConnectionError") == 1, err
+
+
+@pytest.mark.stage
+def test_train_resuming_continues_from_the_last_checkpoint_and_drops_later_metric_rows(
+    tiny_tokenizer, tmp_path, capsys
+):
+    import json
+    import shutil
+
+    from posttrain.training import train_resuming
+
+    first, _, _ = _trainer(tiny_tokenizer, tmp_path, steps=4, save_steps=2)
+    first.train()
+    shutil.rmtree(
+        tmp_path / "ckpt" / "checkpoint-4"
+    )  # killed after step 3: the last complete checkpoint is 2
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    again, _, _ = _trainer(tiny_tokenizer, tmp_path, steps=4, save_steps=2)
+    result = train_resuming(again, tmp_path / "ckpt", metrics, "sft")
+    assert f"[sft] resuming from {tmp_path / 'ckpt' / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2]
+    assert again.state.global_step == 4 and result.global_step == 4
+    for n, p in again.model.named_parameters():
+        torch.testing.assert_close(
+            p.detach(), dict(first.model.named_parameters())[n].detach(), atol=1e-6, rtol=1e-5
+        )
+    fresh, _, _ = _trainer(tiny_tokenizer, tmp_path / "fresh", steps=1)
+    train_resuming(
+        fresh, tmp_path / "ckpt", metrics, "sft", resume=False
+    )  # a new run ignores old checkpoints
+    assert "resuming" not in capsys.readouterr().out

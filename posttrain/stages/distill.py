@@ -97,13 +97,7 @@ def main(recipe: Recipe) -> Path:
         save_model,
         trains_in_bf16,
     )
-    from posttrain.training import (
-        last_checkpoint,
-        stop_on_sigterm,
-        trainer_args,
-        use_step_lines,
-        world_eval_callback,
-    )
+    from posttrain.training import train_resuming, trainer_args, use_step_lines, world_eval_callback
 
     cfg = recipe.distill
     if cfg is None:
@@ -154,14 +148,8 @@ def main(recipe: Recipe) -> Path:
         use_step_lines(trainer, out.log, args.max_steps)
         if cfg.train.eval_steps:
             trainer.add_callback(world_eval_callback(evaluate, cfg.train.eval_steps, out.log))
-        ckpt = last_checkpoint(out.path / "checkpoints") if out.resumed else None
-        if ckpt is not None:
-            print(f"[distill] resuming from {ckpt}")
-            out.trim_metrics(int(ckpt.name.split("-")[-1]))
-        stopper = stop_on_sigterm()
-        trainer.add_callback(stopper)
-        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        stopper.raise_if_stopped(trainer.state, out.path / "checkpoints")
+        result = train_resuming(trainer, out.path / "checkpoints", out.path / "metrics.jsonl", "distill",
+                                out.resumed)  # fmt: skip
         student = trainer.model.eval()
         after = evaluate(student)
         # --- save

@@ -114,13 +114,7 @@ def train_run(
     from posttrain.modeling import load_causal_lm, save_model, trains_in_bf16
     from posttrain.plots import curves_plot
     from posttrain.rl import policy_figures
-    from posttrain.training import (
-        last_checkpoint,
-        stop_on_sigterm,
-        trainer_args,
-        use_step_lines,
-        world_eval_callback,
-    )
+    from posttrain.training import train_resuming, trainer_args, use_step_lines, world_eval_callback
 
     seed = recipe.rlhf.seed_of(name, recipe.seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -162,16 +156,7 @@ def train_run(
     use_step_lines(trainer, log, args.max_steps)
     if cfg.train.eval_steps:
         trainer.add_callback(world_eval_callback(evaluate, cfg.train.eval_steps, log))
-    ckpt = last_checkpoint(folder / "checkpoints")
-    if ckpt is not None:
-        print(f"[rlhf/{name}] resuming from {ckpt}")
-        step = int(ckpt.name.split("-")[-1])
-        kept = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("step", 0) <= step]
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    stopper = stop_on_sigterm()
-    trainer.add_callback(stopper)
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    stopper.raise_if_stopped(trainer.state, folder / "checkpoints")
+    train_resuming(trainer, folder / "checkpoints", metrics, f"rlhf/{name}")
     policy = trainer.model.eval()
     after = figures(policy)
     save_model(policy, tokenizer, folder / "model")

@@ -72,12 +72,11 @@ def train_stage(
     from posttrain.training import (
         finalize,
         gathered_state,
-        last_checkpoint,
         make_trainer,
         sft_args,
-        stop_on_sigterm,
         to_dataset,
         tokenize_rows,
+        train_resuming,
     )
 
     # --- config & logging
@@ -108,15 +107,9 @@ def train_stage(
                         recipe.tracking.wandb, f"{recipe.name}/{stage}")  # fmt: skip
         trainer = make_trainer(model, tokenizer, to_dataset(train_ex), to_dataset(eval_ex) if eval_ex else None,
                                cfg, args, out.log)  # fmt: skip
-        ckpt = last_checkpoint(out.path / "checkpoints") if out.resumed else None
-        if ckpt is not None:
-            step = int(ckpt.name.split("-")[-1])
-            print(f"[{stage}] resuming from {ckpt} (step {step})")
-            out.trim_metrics(step)
-        stopper = stop_on_sigterm()
-        trainer.add_callback(stopper)
-        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        stopper.raise_if_stopped(trainer.state, out.path / "checkpoints")
+        result = train_resuming(
+            trainer, out.path / "checkpoints", out.path / "metrics.jsonl", stage, out.resumed
+        )
         eval_loss = trainer.evaluate()["eval_loss"] if eval_ex else None
         if cfg.lora.enabled and is_main():
             trainer.model.save_pretrained(out.path / "adapter")
