@@ -87,11 +87,15 @@ def main(recipe: Recipe) -> Path:
         model = None if vllm or not mine else load_causal_lm(spec, tokenizer, seed=recipe.seed)
         if world_size() > 1 and is_main():
             print(f"[generate] {world_size()} processes: process r writes shards r, r + {world_size()}, …")
+
         # --- generate (each shard seeded by its position, so the split over processes does not change it)
-        n_mine = sum(min(cfg.shard_size, len(rows) - s) for s in mine)
-        n_done = len(rows) - sum(min(cfg.shard_size, len(rows) - s) for s in todo)
-        bar = tqdm(total=n_mine + n_done if world_size() == 1 else n_mine, initial=n_done if world_size() == 1 else 0,
-                   desc="[generate] teacher responses", unit="prompt", disable=not is_main())  # fmt: skip
+        def size(start: int) -> int:
+            return min(cfg.shard_size, len(rows) - start)
+
+        # in one process the bar counts the shards a killed run already wrote; in several, this process's own
+        shown_done = len(rows) - sum(map(size, todo)) if world_size() == 1 else 0
+        bar = tqdm(total=sum(map(size, mine)) + shown_done, initial=shown_done, desc="[generate] teacher responses",
+                   unit="prompt", disable=not is_main())  # fmt: skip
         t0 = time.time()
         for s in mine:
             batch = prompts[s : s + cfg.shard_size]
@@ -109,15 +113,15 @@ def main(recipe: Recipe) -> Path:
         seconds = time.time() - t0
         if not is_main():
             return out.final
-        n_todo, new_tokens = 0, 0
-        for s in todo:
-            done = [json.loads(x) for x in (shards / f"{s:08d}.jsonl").read_text().splitlines()]
-            n_todo, new_tokens = n_todo + len(done), new_tokens + sum(g["tokens"] for g in done)
-            out.log({"shard": s, "prompts": len(done), "tokens": sum(g["tokens"] for g in done)})
+        written = {
+            s: [json.loads(x) for x in (shards / f"{s:08d}.jsonl").read_text().splitlines()] for s in starts
+        }
+        for s in todo:  # the shards this run wrote, whichever process wrote them
+            out.log({"shard": s, "prompts": len(written[s]), "tokens": sum(g["tokens"] for g in written[s])})
+        n_todo = sum(len(written[s]) for s in todo)
+        new_tokens = sum(g["tokens"] for s in todo for g in written[s])
         # --- filter
-        gens_by_row = [
-            json.loads(line) for s in starts for line in (shards / f"{s:08d}.jsonl").read_text().splitlines()
-        ]
+        gens_by_row = [g for s in starts for g in written[s]]
         report, kept = build_and_filter(recipe, rows, gens_by_row, eval_rows, tokenizer, spec)
         report["throughput"] = {"seconds": round(seconds, 2), "prompts": n_todo,
                                 "new_tokens": new_tokens, "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
