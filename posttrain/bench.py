@@ -82,14 +82,11 @@ def bench_sft(recipe, steps: int, n_rows: int = 2048) -> dict:
                                None, cfg, args, lambda row: None)  # fmt: skip
         r = trainer.train().metrics
         per_step = cfg.batch_size * cfg.grad_accum
-        frac = sum(sum(x != -100 for x in e["labels"]) for e in examples) / sum(
-            len(e["input_ids"]) for e in examples
-        )
-        tokens = (
-            trainer.state.num_input_tokens_seen
-        )  # non-padding tokens; trained: the data's model-turn share
+        n_tokens = sum(len(e["input_ids"]) for e in examples)
+        trained_share = sum(sum(x != -100 for x in e["labels"]) for e in examples) / n_tokens  # model turns
+        tokens = trainer.state.num_input_tokens_seen  # non-padding
         out["ours"] = {"batch_size": per_step, "seconds": r["train_runtime"], "tokens_per_s": tokens / r["train_runtime"],
-                       "trained_per_s": tokens * frac / r["train_runtime"], "flos": trainer.state.total_flos}  # fmt: skip
+                       "trained_per_s": tokens * trained_share / r["train_runtime"], "flos": trainer.state.total_flos}  # fmt: skip
         # TRL's defaults: conversations in, its chat template, loss on every token, its batch size
         ds = Dataset.from_list([{"messages": r["messages"]} for r in rows])
         targs = trl.SFTConfig(output_dir=str(Path(tmp) / "trl"), max_steps=steps, report_to=[], use_cpu=True,

@@ -72,15 +72,14 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     import signal
 
     from posttrain.config import load_recipe
-    from posttrain.dist import MULTI_PROCESS_STAGES, require_single_process
+    from posttrain.dist import check_process_count
     from posttrain.runner import stage_module
     from posttrain.training import tracking_env
 
     # `posttrain run` starts jobs ignoring SIGTERM; a stage dies on it until its training loop catches it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     recipe = load_recipe(args.recipe, args.set)
-    if args.name not in MULTI_PROCESS_STAGES:
-        require_single_process(args.name)
+    check_process_count(args.name)
     tracking_env(recipe.tracking, recipe.name, args.name, recipe.run_dir)
     out = stage_module(args.name).main(recipe)
     print(f"[{args.name}] done: {out}")
@@ -176,9 +175,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                 sets.append(f"seed={base.seed + i}")
             slug = "-".join(f"{k.split('.')[-1]}{v}" for k, v in labels.items()).replace("/", "_")
             variants.append((labels, [*args.set, *sets, f"name={base.name}-{slug}"]))
-    recipes = [
-        load_recipe(args.recipe, sets) for _, sets in variants
-    ]  # every variant checked before any runs
+    # every variant is checked before any runs
+    recipes = [load_recipe(args.recipe, sets) for _, sets in variants]
     stages = runner.plan(base)
     shown = args.only.split(",") if args.only else stages
     print(f"[sweep] {len(variants)} variants of {base.name}: "

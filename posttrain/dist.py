@@ -38,8 +38,9 @@ def barrier() -> None:
         PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
-def require_single_process(stage: str) -> None:
-    if world_size() > 1:
+def check_process_count(stage: str) -> None:
+    """A stage outside MULTI_PROCESS_STAGES started as several processes is an error naming the fix."""
+    if world_size() > 1 and stage not in MULTI_PROCESS_STAGES:
         raise StageError(
             f"stage {stage} runs in one process, but it was started in {world_size()} "
             f"(only {', '.join(MULTI_PROCESS_STAGES)} run in several); give it a one-process launcher "
