@@ -7,7 +7,7 @@ RECIPE     ?= recipes/tiny/pipeline.yaml
 STAMP      := $(VENV)/.installed
 PT         := $(BIN)/posttrain
 
-.PHONY: setup test test-all lint format demo data teacher generate sft distill rm rlhf merge eval bench render check clean
+.PHONY: setup test test-dist test-all lint format demo data teacher generate sft distill rm rlhf merge eval bench render check clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+	$(BIN)/python -m pytest -m "not slow and not gpu and not dist" -q
+
+test-dist: setup
+	$(BIN)/python -m pytest -m "dist" -q
 
 test-all: setup
 	$(BIN)/python -m pytest -m "not gpu" -q

@@ -163,6 +163,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             grid.append((key.strip(), vals))
     if args.seeds < 1:
         problems.append(f"--seeds {args.seeds}: expected 1 or more")
+    seed_stages = [s.strip() for s in (args.seed_stages or "").split(",") if s.strip()]
+    problems += [f"--seed-stages: no stage {s!r}; stages are {', '.join(runner.STAGES)}"
+                 for s in seed_stages if s not in runner.STAGES]  # fmt: skip
     if problems:
         raise ConfigError(problems)
     variants: list[tuple[dict[str, str], list[str]]] = []
@@ -170,7 +173,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         for i in range(args.seeds):
             labels = {k: v for (k, _), v in zip(grid, combo)}
             sets = [f"{k}={v}" for k, v in labels.items()]
-            if args.seeds > 1:
+            if args.seeds > 1 and seed_stages:  # only these stages (and those after them) rerun per seed
+                labels["seed"] = str(i)
+                sets += [f"seeds.{s}={base.seed_for(s) + i}" for s in seed_stages]
+            elif args.seeds > 1:
                 labels["seed"] = str(base.seed + i)
                 sets.append(f"seed={base.seed + i}")
             slug = "-".join(f"{k.split('.')[-1]}{v}" for k, v in labels.items()).replace("/", "_")
@@ -403,9 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("recipe")
     w.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a key and its values; repeat for a product grid")  # fmt: skip
-    w.add_argument(
-        "--seeds", type=int, default=1, help="seeds per grid point (seed, seed+1, …; reruns every stage)"
-    )
+    w.add_argument("--seeds", type=int, default=1,
+                   help="seeds per grid point (seed, seed+1, …): the recipe's seed, which reruns every stage, or "
+                        "with --seed-stages only those stages' seeds")  # fmt: skip
+    w.add_argument("--seed-stages", metavar="STAGES",
+                   help="comma-separated stages whose seed --seeds varies (`seeds.<stage>`); the stages before "
+                        "them are shared by every seed")  # fmt: skip
     w.add_argument("--only", help="comma-separated stages to run per variant (with the parents they need)")
     w.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every variant"

@@ -115,6 +115,18 @@ def launcher_file(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def launcher_processes(name: str) -> int:
+    """How many processes a launcher starts (`num_processes` of its accelerate config; `local`: one)."""
+    path = None if name == "local" else launcher_file(name)
+    if path is None:
+        return 1
+    try:
+        n = (yaml.safe_load(path.read_text()) or {}).get("num_processes", 1)
+    except yaml.YAMLError:
+        return 1  # accelerate itself reports a broken config file when the stage starts
+    return n if isinstance(n, int) else 1
+
+
 @dataclass(frozen=True)
 class MergeConfig:
     """The `merge:` section: average the `rlhf` runs' policies (`posttrain.merging`).
@@ -147,6 +159,8 @@ class Recipe:
     launcher: how `posttrain run` starts each stage — `local` (a plain process) or an accelerate config: a name in
     recipes/accelerate/ (cpu, ddp-cpu, ddp, zero2, zero3, zero3-offload, multinode) or a path; `launchers` sets it
     per stage (e.g. `launchers: {rlhf: zero3-offload}`).
+    seed: every stage's seed (data draws, initialisation, data order, sampling); `seeds` sets it per stage (e.g.
+    `seeds: {sft: 1}`), so that a seed study reruns only that stage and the ones after it.
     teacher_train: set it to train the teacher with SFT on the data stage's conversations (the `teacher` stage;
     the tiny recipe does, from a preset); leave it unset when `teacher` names a trained model. generate: how the
     teacher samples responses. sft: the student's SFT run. rm: the reward model's pairs, training and gate.
@@ -159,6 +173,7 @@ class Recipe:
     seed: int = 0
     launcher: str = "cpu"
     launchers: dict[str, str] = field(default_factory=dict)
+    seeds: dict[str, int] = field(default_factory=dict)
     chat: ChatConfig = field(default_factory=ChatConfig)
     teacher: ModelSpec | None = None
     reward_model: ModelSpec | None = None
@@ -174,8 +189,20 @@ class Recipe:
     merge: MergeConfig | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def seed_for(self, stage: str) -> int:
+        """The seed of `stage`: `seeds.<stage>` when set, else `seed`."""
+        return self.seeds.get(stage, self.seed)
+
     def problems(self) -> list[str]:
+        from posttrain.runner import STAGES
+
         out = []
+        for section, keys in (("launchers", self.launchers), ("seeds", self.seeds)):
+            out += [
+                f"{section}.{k}: no such stage; stages are {', '.join(STAGES)}"
+                for k in keys
+                if k not in STAGES
+            ]
         if not self.name or any(c in self.name for c in "/\\ ") or self.name.startswith("."):
             out.append(f"name: {self.name!r} must be a plain folder name (no spaces or slashes)")
         for stage, name in [("launcher", self.launcher), *self.launchers.items()]:
@@ -185,6 +212,18 @@ class Recipe:
                     f"launcher in recipes/accelerate/ ({', '.join(sorted(p.stem for p in LAUNCHERS.glob('*.yaml')))}) "
                     "nor an existing accelerate config file"
                 )  # fmt: skip
+        from posttrain.dist import MULTI_PROCESS_STAGES
+
+        merges = self.merge is not None and self.rlhf is not None
+        one_process = ["data", "eval"] + ["merge"] * merges
+        for stage in one_process:
+            name = self.launchers.get(stage, self.launcher)
+            if stage not in MULTI_PROCESS_STAGES and launcher_processes(name) > 1:
+                key = f"launchers.{stage}" if stage in self.launchers else "launcher"
+                out.append(
+                    f"{key}: {name!r} starts {launcher_processes(name)} processes, but stage {stage} runs in one; "
+                    f"give it a one-process launcher: `launchers: {{{stage}: local}}` (or cpu)"
+                )
         for section, train, spec in (
             ("sft", self.sft, self.model),
             ("teacher_train", self.teacher_train, self.teacher),

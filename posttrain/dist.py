@@ -10,7 +10,7 @@ import os
 
 from posttrain.errors import StageError
 
-MULTI_PROCESS_STAGES = ("teacher", "generate", "sft")
+MULTI_PROCESS_STAGES = ("teacher", "generate", "sft", "distill", "rm", "rlhf")
 
 
 def world_size() -> int:
@@ -32,10 +32,49 @@ def is_main() -> bool:
 def barrier() -> None:
     """Wait for every process of the stage (a no-op in one process)."""
     if world_size() > 1:
-        import torch
-        from accelerate import PartialState
+        import torch.distributed as td
 
-        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+        process_group()
+        td.barrier()
+
+
+def process_group() -> None:
+    """Join the stage's process group (once; accelerate's state, as the trainers set it up). Under DeepSpeed its
+    own communication is set up too, which zero.Init needs when a trainer loads a model after this; otherwise a
+    machine without GPUs uses gloo."""
+    import torch
+    import torch.distributed as td
+    from accelerate import PartialState
+
+    if td.is_initialized():
+        return
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        PartialState()
+    else:
+        PartialState(cpu=not torch.cuda.is_available())
+
+
+def part() -> tuple[int, int]:
+    """This process's share of work split n ways: (rank, world size)."""
+    return rank(), world_size()
+
+
+def merge_parts(mine: list) -> list:
+    """Every process's list with None where another process did the work (same length everywhere) → the whole
+    list, on every process. One process: `mine` itself."""
+    if world_size() == 1:
+        return mine
+    import torch.distributed as td
+
+    process_group()
+    every: list[list | None] = [None] * world_size()
+    td.all_gather_object(every, mine)
+    out = list(mine)
+    for theirs in every:
+        for i, x in enumerate(theirs or []):
+            if x is not None:
+                out[i] = x
+    return out
 
 
 def check_process_count(stage: str) -> None:

@@ -115,16 +115,32 @@ def use_vllm(cfg: SamplingConfig) -> bool:
 
 
 def generate(
-    model, tokenizer: Any, prompts: list[list[int]], cfg: SamplingConfig, seed: int = 0, progress: Any = None
+    model,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    cfg: SamplingConfig,
+    seed: int = 0,
+    progress: Any = None,
+    part: tuple[int, int] = (0, 1),
 ) -> list[Generation]:
-    """Generate one response per prompt (token ids). `progress`: a tqdm bar advanced by prompts done."""
+    """Generate one response per prompt (token ids). `progress`: a tqdm bar advanced by prompts done.
+
+    Prompts go in batches longest first, each batch sampled with its own seed (`seed` + its position). With
+    `part=(r, n)` only every n-th batch from the r-th is generated (the others are None): n processes with parts
+    (0, n) … (n-1, n) together produce exactly what one process produces (`posttrain.dist.merge_parts`)."""
     import torch
 
     with torch.no_grad():
-        return _generate(model, tokenizer, prompts, cfg, seed, progress)
+        return _generate(model, tokenizer, prompts, cfg, seed, progress, part)
 
 
-def _generate(model, tokenizer, prompts, cfg, seed, progress):
+def part_size(n: int, batch_size: int, part: tuple[int, int]) -> int:
+    """How many of n prompts `generate(..., part=part)` answers."""
+    starts = range(0, n, batch_size)
+    return sum(min(batch_size, n - b) for k, b in enumerate(starts) if k % part[1] == part[0])
+
+
+def _generate(model, tokenizer, prompts, cfg, seed, progress, part=(0, 1)):
     import torch
 
     stops = stop_ids(tokenizer)
@@ -134,7 +150,9 @@ def _generate(model, tokenizer, prompts, cfg, seed, progress):
     model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    for b in range(0, len(order), cfg.batch_size):
+    for k, b in enumerate(range(0, len(order), cfg.batch_size)):
+        if k % part[1] != part[0]:
+            continue
         idx = order[b : b + cfg.batch_size]
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)

@@ -81,17 +81,24 @@ def bt_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0.0):
 
 
 def last_token_rewards(model, input_ids, attention_mask):
-    """Scalar reward per sequence: (B, T), (B, T) → (B,), read at the last position where attention_mask is 1."""
+    """Scalar reward per sequence: (B, T), (B, T) → (B,), read at the last position where attention_mask is 1.
+
+    The model's own forward runs (through its DDP or DeepSpeed wrapper when training, so that gradients are
+    synchronised); its pooled output, which looks for the pad id, is ignored: the per-position scores of the
+    `score` head are taken from a hook and read at the mask's last position."""
     import torch
 
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = model.model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    ).last_hidden_state
+    scores: list[torch.Tensor] = []
+    head = getattr(model, "module", model).score  # DDP / DeepSpeed keep the model in .module
+    hook = head.register_forward_hook(lambda _m, _i, out: scores.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    finally:
+        hook.remove()
     T = attention_mask.shape[1]
     last = T - 1 - attention_mask.long().flip(-1).argmax(-1)  # (B,)
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return model.score(h).squeeze(-1).float()
+    return scores[-1][torch.arange(last.shape[0], device=last.device), last, 0].float()
 
 
 def score_ids(

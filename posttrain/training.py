@@ -461,6 +461,14 @@ def gathered_state(trainer) -> dict | None:
     return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
 
+def end_zero3() -> None:
+    """After a ZeRO-3 trainer is done: models loaded from now on load whole, not partitioned by DeepSpeed's
+    zero.Init (the stage's next run loads its fixed models before its own trainer exists)."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 def finalize(trainer, cfg: TrainConfig):
     """The trained model as a plain transformers model (LoRA adapters merged in)."""
     model = trainer.model

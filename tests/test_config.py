@@ -143,7 +143,7 @@ def test_each_launcher_gives_an_accelerate_command(launcher):
         "DEEPSPEED",
     )
     recipe = load_recipe(
-        ROOT / "recipes/tiny/pipeline.yaml", [f"launcher={launcher}", "launchers.data=local"]
+        ROOT / "recipes/tiny/pipeline.yaml", [f"launchers.sft={launcher}", "launchers.data=local"]
     )
     cmd = launch_command(recipe, "sft", "r.yaml", ["seed=1"])
     assert cmd[1:6] == [
@@ -183,11 +183,47 @@ def test_a_one_process_stage_started_as_several_says_so_before_loading_anything(
     import os
 
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
-    out = subprocess.run([sys.executable, "-m", "posttrain", "stage", "rm", "recipes/tiny/smoke.yaml",
+    out = subprocess.run([sys.executable, "-m", "posttrain", "stage", "eval", "recipes/tiny/smoke.yaml",
                           f"--set=output_dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, env=env)  # fmt: skip
     assert out.returncode == 1
-    assert "stage rm runs in one process, but it was started in 2" in out.stderr
-    assert "launchers: {rm: cpu}" in out.stderr and not any(tmp_path.iterdir())
+    assert "stage eval runs in one process, but it was started in 2" in out.stderr
+    assert "launchers: {eval: cpu}" in out.stderr and not any(tmp_path.iterdir())
+
+
+def test_a_several_process_launcher_for_a_one_process_stage_is_a_recipe_error(tmp_path):
+    p = write(tmp_path, "r.yaml", MODEL + "name: x\nlauncher: zero3\nlaunchers:\n  data: local\n")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(p)
+    assert "launcher: 'zero3' starts 8 processes, but stage eval runs in one" in str(e.value)
+    assert "stage data" not in str(e.value)  # its own launcher is local
+    load_recipe(p, ["launchers.eval=local"])  # the fix the message names
+
+
+def test_launchers_and_seeds_name_real_stages(tmp_path):
+    p = write(tmp_path, "r.yaml", MODEL + "name: x\nlaunchers:\n  sfft: ddp\nseeds:\n  rlfh: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(p)
+    assert "launchers.sfft: no such stage" in str(e.value) and "seeds.rlfh: no such stage" in str(e.value)
+
+
+def test_a_stage_seed_changes_that_stage_and_the_later_ones_only():
+    from posttrain import runner
+
+    smoke = ROOT / "recipes/tiny/smoke.yaml"
+    base, other = load_recipe(smoke), load_recipe(smoke, ["seeds.sft=7"])
+    assert (other.seed_for("sft"), other.seed_for("data")) == (7, base.seed)
+    same = [s for s in runner.plan(base) if runner.expected_hash(base, s) == runner.expected_hash(other, s)]
+    assert same == ["data", "teacher", "generate"]
+
+
+def test_sweep_seed_stages_name_real_stages(tmp_path, capsys):
+    from posttrain.cli import main
+
+    rc = main(["sweep", str(ROOT / "recipes/tiny/smoke.yaml"), "--seeds", "2", "--seed-stages", "sft,rlfh",
+               f"--set=output_dir={tmp_path}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--seed-stages: no stage 'rlfh'" in err, err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,25 @@ def test_batched_greedy_equals_one_by_one(tiny_tokenizer):
     assert len({len(p) for p in prompts}) > 1  # the batch really was left-padded
 
 
+def test_sampling_split_in_parts_equals_sampling_whole(tiny_tokenizer):
+    """What n processes sample with parts (r, n) is what one process samples: each batch has its own seed."""
+    from posttrain.dist import merge_parts
+    from posttrain.generation import part_size
+
+    model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=0)
+    prompts = _prompts(tiny_tokenizer) * 3
+    cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, batch_size=2, engine="hf")
+    whole = generate(model, tiny_tokenizer, prompts, cfg, seed=5)
+    parts = [generate(model, tiny_tokenizer, prompts, cfg, seed=5, part=(r, 3)) for r in range(3)]
+    assert [sum(g is not None for g in p) for p in parts] == [
+        part_size(len(prompts), 2, (r, 3)) for r in range(3)
+    ]
+    merged = [next(p[i] for p in parts if p[i] is not None) for i in range(len(prompts))]
+    assert [g.ids for g in merged] == [g.ids for g in whole]
+    assert merge_parts(whole) is whole  # one process: nothing to gather
+    assert len({tuple(g.ids) for g in whole}) > 1  # really sampled
+
+
 @pytest.mark.stage
 def test_untrained_model_is_marked_truncated(tiny_tokenizer):
     model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=0)

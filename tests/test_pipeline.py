@@ -320,7 +320,7 @@ def _same_training(one, two) -> None:
     assert all(torch.allclose(one[1][k], two[1][k], atol=1e-5) for k in one[1])
 
 
-@pytest.mark.stage
+@pytest.mark.dist
 def test_two_gloo_processes_train_like_one_with_the_same_global_batch(smoke_run, one_process_sft, tmp_path):
     """sft with the ddp-cpu launcher (2 processes × batch 4) against one process × batch 8."""
     two = _sft_8_steps(smoke_run[0], tmp_path, "--set=sft.batch_size=4", "--set=launchers.sft=ddp-cpu")
@@ -329,23 +329,29 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch(smoke_run,
     _same_training(one_process_sft, two)
 
 
-@pytest.mark.stage
-def test_zero3_over_two_gloo_processes_trains_and_saves_like_one(smoke_run, one_process_sft, tmp_path):
-    """DeepSpeed ZeRO-3 with every tensor sharded (persistence threshold 0): evaluation generates from the sharded
-    model and the saved model holds the gathered weights."""
-    ds = tmp_path / "ds3.json"
+def _zero3_launcher(folder: Path, port: int) -> Path:
+    """An accelerate config: DeepSpeed ZeRO-3 over 2 CPU processes, every tensor sharded (persistence threshold 0)."""
+    ds = folder / "ds3.json"
     ds.write_text(json.dumps({
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                               "stage3_gather_16bit_weights_on_model_save": True},
         "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
     }))  # fmt: skip
-    launcher = tmp_path / "zero3-2cpu.yaml"
+    launcher = folder / "zero3-2cpu.yaml"
     launcher.write_text(
         "distributed_type: DEEPSPEED\n"
         f"deepspeed_config: {{deepspeed_config_file: {ds}, zero3_init_flag: true}}\n"
-        "num_machines: 1\nnum_processes: 2\nmachine_rank: 0\nmain_process_port: 29513\nrdzv_backend: static\n"
+        f"num_machines: 1\nnum_processes: 2\nmachine_rank: 0\nmain_process_port: {port}\nrdzv_backend: static\n"
     )
+    return launcher
+
+
+@pytest.mark.dist
+def test_zero3_over_two_gloo_processes_trains_and_saves_like_one(smoke_run, one_process_sft, tmp_path):
+    """DeepSpeed ZeRO-3 with every tensor sharded (persistence threshold 0): evaluation generates from the sharded
+    model and the saved model holds the gathered weights."""
+    launcher = _zero3_launcher(tmp_path, 29513)
     two = _sft_8_steps(
         smoke_run[0], tmp_path / "out", "--set=sft.batch_size=4", f"--set=launchers.sft={launcher}"
     )
@@ -372,7 +378,7 @@ def test_sweep_runs_each_variant_sharing_finished_stages_and_writes_one_table(sm
     assert "sft world_score" in table and "sft train_loss" in table
 
 
-@pytest.mark.stage
+@pytest.mark.dist
 def test_generate_in_two_processes_writes_what_one_process_wrote(smoke_run, tmp_path):
     run, _ = smoke_run
     log = _run("run", SMOKE, f"--set=output_dir={tmp_path}", "--set=launchers.generate=ddp-cpu", "--only", "generate",
@@ -396,3 +402,39 @@ def test_generate_in_two_processes_writes_what_one_process_wrote(smoke_run, tmp_
         for x in (tmp_path / "tiny-smoke" / "generate" / "metrics.jsonl").read_text().splitlines()
     ]
     assert sum(r.get("prompts", 0) for r in shards if "shard" in r) == load_recipe(SMOKE).world.n_train
+
+
+@pytest.mark.dist
+def test_rm_distill_and_rlhf_in_two_gloo_processes(smoke_run, tmp_path):
+    """rm and distill with the ddp-cpu launcher, rlhf (two runs, one after the other) under ZeRO-3, each in 2
+    processes × batch 4 (the smoke run's global batch 8): the RM's pairs are the one-process run's (sampling split
+    by batch) and so are its first steps; distill and rlhf train, save and log once."""
+    run, _ = smoke_run
+    zero3 = _zero3_launcher(tmp_path, 29514)
+    sets = [f"--set=output_dir={tmp_path}"] + [
+        f"--set={k}" for k in ("launchers.rm=ddp-cpu", "launchers.distill=ddp-cpu", f"launchers.rlhf={zero3}",
+                               "rm.train.batch_size=4", "distill.train.batch_size=4", "rlhf.train.batch_size=4")
+    ]  # fmt: skip
+    log = _run("run", SMOKE, *sets, "--only", "distill,rlhf", "--reuse", str(run))
+    ddp = f"--config_file {ROOT / 'recipes' / 'accelerate' / 'ddp-cpu.yaml'} -m posttrain stage"
+    assert log.count(ddp) == 2 and log.count(f"--config_file {zero3} -m posttrain stage rlhf") == 1, log[
+        -3000:
+    ]
+    two = tmp_path / "tiny-smoke"
+    for split in ("train", "eval"):
+        pairs = Path("rm") / "data" / f"{split}.jsonl"
+        assert (two / pairs).read_text() == (run / pairs).read_text(), split
+    # the first epoch's steps are the one-process run's (later epochs are reshuffled per sampler)
+    one_rm, two_rm = (
+        [json.loads(x) for x in (r / "rm" / "metrics.jsonl").read_text().splitlines()][0] for r in (run, two)
+    )
+    assert one_rm["step"] == two_rm["step"] == 2
+    assert (one_rm["loss"], one_rm["grad_norm"]) == pytest.approx(
+        (two_rm["loss"], two_rm["grad_norm"]), rel=1e-4
+    )
+    for folder in (two / "rm", two / "distill", two / "rlhf"):
+        rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert sum(r.get("summary", False) for r in rows) == 1, folder  # one writer
+    for model in (two / "distill" / "model", *(two / "rlhf").glob("*/model")):
+        assert (model / "model.safetensors").exists(), model
+    assert len(list((two / "rlhf").glob("*/RUN_DONE"))) == len(load_recipe(SMOKE).rlhf.resolved())

@@ -37,7 +37,7 @@ def parents(recipe: Recipe) -> list[str]:
 def stage_config(recipe: Recipe) -> dict[str, Any]:
     """What this stage's output depends on (its hash decides whether it reruns)."""
     return {
-        "seed": recipe.seed,
+        "seed": recipe.seed_for("data"),
         "world": recipe.world if recipe.data.source == "world" else None,
         "data": recipe.data,
         "chat": recipe.chat,
@@ -49,12 +49,12 @@ def load_rows(recipe: Recipe) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) from the configured source, every row validated."""
     cfg, system = recipe.data, recipe.chat.system
     if cfg.source == "world":
-        ev = world.eval_split(recipe.world, recipe.seed)
+        ev = world.eval_split(recipe.world, recipe.seed_for("data"))
         d = recipe.world.defects
         if any(v > 0 for v in d.__dict__.values()):
-            tr = world.raw_dataset(recipe.world, recipe.world.n_train, recipe.seed, ev)
+            tr = world.raw_dataset(recipe.world, recipe.world.n_train, recipe.seed_for("data"), ev)
         else:
-            tr = world.train_split(recipe.world, recipe.seed, eval_rows=ev)
+            tr = world.train_split(recipe.world, recipe.seed_for("data"), eval_rows=ev)
         return tr, ev
     train = load_split(cfg, "train", "conversations", system)
     ev = load_split(cfg, "eval", "conversations", system)

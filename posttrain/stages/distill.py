@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import ConfigError, ModelSpec, Recipe, to_dict
+from posttrain.dist import is_main
 from posttrain.outputs import StageOutput
 from posttrain.stages.sft import read_rows, verify_saved, world_scorer
 
@@ -44,7 +45,7 @@ def parents(recipe: Recipe) -> list[str]:
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
     return {"distill": recipe.distill, "model": recipe.model, "teacher": recipe.teacher, "chat": recipe.chat,
-            "eval": recipe.eval, "seed": recipe.seed, "tracking": recipe.tracking.wandb}  # fmt: skip
+            "eval": recipe.eval, "seed": recipe.seed_for("distill"), "tracking": recipe.tracking.wandb}  # fmt: skip
 
 
 def teacher_spec(recipe: Recipe) -> ModelSpec:
@@ -97,9 +98,15 @@ def main(recipe: Recipe) -> Path:
         save_model,
         trains_in_bf16,
     )
-    from posttrain.training import train_resuming, trainer_args, use_step_lines, world_eval_callback
+    from posttrain.training import (
+        gathered_state,
+        train_resuming,
+        trainer_args,
+        use_step_lines,
+        world_eval_callback,
+    )
 
-    cfg = recipe.distill
+    cfg, seed = recipe.distill, recipe.seed_for("distill")
     if cfg is None:
         raise ConfigError(["stage distill: the recipe has no 'distill:' section"])
     # --- config & logging
@@ -121,8 +128,8 @@ def main(recipe: Recipe) -> Path:
             f"[distill] {len(table)} training prompts from {src}; on-policy fraction {cfg.on_policy_fraction}"
         )
         # --- models
-        student = load_causal_lm(student_spec, tokenizer, seed=recipe.seed)
-        teacher = load_causal_lm(t_spec, t_tok, seed=recipe.seed).eval().requires_grad_(False)
+        student = load_causal_lm(student_spec, tokenizer, seed=seed)
+        teacher = load_causal_lm(t_spec, t_tok, seed=seed).eval().requires_grad_(False)
         print(
             f"[distill] student {count_parameters(student):,} parameters, teacher {count_parameters(teacher):,}"
         )
@@ -133,7 +140,7 @@ def main(recipe: Recipe) -> Path:
         from datasets import Dataset
 
         args = trl.DistillationConfig(
-            **trainer_args(cfg.train, out.path / "checkpoints", recipe.seed, trains_in_bf16(recipe.model.dtype),
+            **trainer_args(cfg.train, out.path / "checkpoints", seed, trains_in_bf16(recipe.model.dtype),
                            recipe.tracking.wandb, f"{recipe.name}/distill"),
             beta=beta_of(cfg.divergence, cfg.beta), temperature=cfg.temperature, top_p=1.0, top_k=0,
             max_completion_length=cfg.max_new_tokens, gradient_checkpointing=cfg.train.gradient_checkpointing,
@@ -144,7 +151,7 @@ def main(recipe: Recipe) -> Path:
             model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
             train_dataset=Dataset.from_dict({"prompt": list(table)}),
         )  # fmt: skip
-        trainer.setup(table, cfg.on_policy_fraction, recipe.seed)
+        trainer.setup(table, cfg.on_policy_fraction, seed)
         use_step_lines(trainer, out.log, args.max_steps)
         if cfg.train.eval_steps:
             trainer.add_callback(world_eval_callback(evaluate, cfg.train.eval_steps, out.log))
@@ -152,21 +159,23 @@ def main(recipe: Recipe) -> Path:
                                 out.resumed)  # fmt: skip
         student = trainer.model.eval()
         after = evaluate(student)
-        # --- save
-        save_model(student, tokenizer, out.path / "model")
-        verify_saved(out.path / "model", student)
-        shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+        # --- save (by the main process; under ZeRO-3 every process first helps gather the weights)
+        state = gathered_state(trainer)
         report = {"sft": before, "distill": after, "teacher": teacher_eval}
         if before and after and teacher_eval:
             gap = teacher_eval["score"] - before["score"]
             report["gap_closed"] = (after["score"] - before["score"]) / gap if abs(gap) > 1e-9 else None
-        (out.path / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        if is_main():
+            save_model(student, tokenizer, out.path / "model", state)
+            verify_saved(out.path / "model", student, state)
+            shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+            (out.path / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         out.summary = {
             "train_loss": result.training_loss, "world_score_before": before and before["score"],
             "world_score": after and after["score"], "teacher_world_score": teacher_eval and teacher_eval["score"],
             "gap_closed": report.get("gap_closed"), "world_per_task": after and after["per_task"],
         }  # fmt: skip
-        if report.get("gap_closed") is not None:
+        if report.get("gap_closed") is not None and is_main():
             print(f"[distill] world score: student after SFT {before['score']:.3f}, after distillation "
                   f"{after['score']:.3f}, teacher {teacher_eval['score']:.3f}: "
                   f"{report['gap_closed']:.0%} of the gap closed")  # fmt: skip

@@ -39,7 +39,7 @@ def stage_config(recipe: Recipe) -> dict[str, Any]:
     from posttrain.probes import PROBES
 
     probes = {p.name: file_sha256(p) for p in sorted(PROBES.glob("*.jsonl"))}
-    return {"eval": recipe.eval, "chat": recipe.chat, "seed": recipe.seed, "probes": probes,
+    return {"eval": recipe.eval, "chat": recipe.chat, "seed": recipe.seed_for("eval"), "probes": probes,
             "temperature": recipe.rlhf.temperature if recipe.rlhf else 1.0}  # fmt: skip
 
 
@@ -105,8 +105,9 @@ def evaluate_models(recipe: Recipe, entries: list[tuple[str, Path, str | None]])
         w = world_eval(model)
         if w:
             res.update(world_score=w["score"], world_per_task=w["per_task"])
+        seed = recipe.seed_for("eval")
         fig = policy_figures(model, sft, rm, tokenizer, eval_rows, recipe.chat, recipe.eval.max_new_tokens,
-                             temperature, recipe.eval.batch_size, recipe.seed, keep_rewards=True)  # fmt: skip
+                             temperature, recipe.eval.batch_size, seed, keep_rewards=True)  # fmt: skip
         if "rewards" in fig:
             rewards[label] = fig.pop("rewards")
         res.update({f"sampled_{k}" if k in ("length", "truncation_rate") else k: v for k, v in fig.items()})

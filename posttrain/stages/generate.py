@@ -43,7 +43,8 @@ def parents(recipe: Recipe) -> list[str]:
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
-    return {"teacher": recipe.teacher, "generate": recipe.generate, "chat": recipe.chat, "seed": recipe.seed,
+    return {"teacher": recipe.teacher, "generate": recipe.generate, "chat": recipe.chat,
+            "seed": recipe.seed_for("generate"),
             "filters": recipe.data.filters, "max_dropped_fraction": recipe.data.max_dropped_fraction}  # fmt: skip
 
 
@@ -64,7 +65,7 @@ def main(recipe: Recipe) -> Path:
     from posttrain.modeling import load_causal_lm, load_tokenizer
 
     # --- config & logging
-    cfg = recipe.generate
+    cfg, seed = recipe.generate, recipe.seed_for("generate")
     with StageOutput(recipe.run_dir / "generate", "generate", stage_config(recipe),
                      runner.parent_hashes(recipe, "generate"), resume=True) as out:  # fmt: skip
         print(f"[generate] recipe {recipe.name}, config {out.hash}: {json.dumps(to_dict(cfg))}")
@@ -84,7 +85,7 @@ def main(recipe: Recipe) -> Path:
         # --- models (several processes: each its own copy, on its own GPU, and every n-th shard)
         mine = todo[rank() :: world_size()]
         vllm = use_vllm(cfg) and world_size() == 1  # vLLM brings its own parallelism: one process
-        model = None if vllm or not mine else load_causal_lm(spec, tokenizer, seed=recipe.seed)
+        model = None if vllm or not mine else load_causal_lm(spec, tokenizer, seed=seed)
         if world_size() > 1 and is_main():
             print(f"[generate] {world_size()} processes: process r writes shards r, r + {world_size()}, …")
 
@@ -100,10 +101,10 @@ def main(recipe: Recipe) -> Path:
         for s in mine:
             batch = prompts[s : s + cfg.shard_size]
             if vllm:
-                gens = generate_vllm(spec.name_or_path, tokenizer, batch, cfg, seed=recipe.seed + s)
+                gens = generate_vllm(spec.name_or_path, tokenizer, batch, cfg, seed=seed + s)
                 bar.update(len(batch))
             else:
-                gens = generate(model, tokenizer, batch, cfg, seed=recipe.seed + s, progress=bar)
+                gens = generate(model, tokenizer, batch, cfg, seed=seed + s, progress=bar)
             lines = [json.dumps({"id": rows[s + i].get("id"), "response": g.text, "truncated": g.truncated,
                                  "malformed": g.malformed, "tokens": len(g.ids)}, ensure_ascii=False)
                      for i, g in enumerate(gens)]  # fmt: skip

@@ -30,7 +30,7 @@ def parents(recipe: Recipe) -> list[str]:
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
-    return {"merge": recipe.merge, "chat": recipe.chat, "eval": recipe.eval, "seed": recipe.seed,
+    return {"merge": recipe.merge, "chat": recipe.chat, "eval": recipe.eval, "seed": recipe.seed_for("merge"),
             "max_new_tokens": recipe.rlhf and recipe.rlhf.max_new_tokens}  # fmt: skip
 
 
@@ -62,7 +62,7 @@ def main(recipe: Recipe) -> Path:
 
         def figures(model) -> dict:
             f = policy_figures(model, reference, rm, tokenizer, eval_rows, recipe.chat, rl.max_new_tokens,
-                               rl.temperature, recipe.eval.batch_size, recipe.seed)  # fmt: skip
+                               rl.temperature, recipe.eval.batch_size, recipe.seed_for("merge"))  # fmt: skip
             w = evaluate(model)
             return {**f, "world_score": w and w["score"], "world_per_task": w and w["per_task"]}
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import ConfigError, Recipe, to_dict
+from posttrain.dist import barrier, is_main
 from posttrain.outputs import StageOutput
 from posttrain.stages.sft import read_rows, verify_saved, world_scorer
 
@@ -43,7 +44,7 @@ def parents(recipe: Recipe) -> list[str]:
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
     return {"rlhf": recipe.rlhf, "model": recipe.model, "chat": recipe.chat, "eval": recipe.eval,
-            "seed": recipe.seed, "tracking": recipe.tracking.wandb}  # fmt: skip
+            "seed": recipe.seed_for("rlhf"), "tracking": recipe.tracking.wandb}  # fmt: skip
 
 
 def main(recipe: Recipe) -> Path:
@@ -73,7 +74,9 @@ def main(recipe: Recipe) -> Path:
                 print(f"[rlhf] run {name}: finished earlier, kept")
             else:
                 train_run(recipe, name, cfg, start, tokenizer, rm, table, eval_rows, folder, out)
-            summary[name] = json.loads((folder / "figures.json").read_text())
+            barrier()  # the run's folder is written before any process goes on
+            if is_main():
+                summary[name] = json.loads((folder / "figures.json").read_text())
         out.summary = {"runs": summary}
     return out.final
 
@@ -114,15 +117,24 @@ def train_run(
     from posttrain.modeling import load_causal_lm, save_model, trains_in_bf16
     from posttrain.plots import curves_plot
     from posttrain.rl import policy_figures
-    from posttrain.training import train_resuming, trainer_args, use_step_lines, world_eval_callback
+    from posttrain.training import (
+        end_zero3,
+        gathered_state,
+        train_resuming,
+        trainer_args,
+        use_step_lines,
+        world_eval_callback,
+    )
 
-    seed = recipe.rlhf.seed_of(name, recipe.seed)
+    seed = recipe.rlhf.seed_of(name, recipe.seed_for("rlhf"))
     folder.mkdir(parents=True, exist_ok=True)
     metrics = folder / "metrics.jsonl"
 
     def log(row: dict) -> None:
         row = {"run": name, **row}
         out.log(row)
+        if not is_main():
+            return
         with open(metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -159,8 +171,13 @@ def train_run(
     train_resuming(trainer, folder / "checkpoints", metrics, f"rlhf/{name}")
     policy = trainer.model.eval()
     after = figures(policy)
-    save_model(policy, tokenizer, folder / "model")
-    verify_saved(folder / "model", policy)
+    # under ZeRO-3 every process helps gather the weights; the main one writes
+    state = gathered_state(trainer)
+    end_zero3()
+    if not is_main():
+        return
+    save_model(policy, tokenizer, folder / "model", state)
+    verify_saved(folder / "model", policy, state)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     result = {
         "run": name,

@@ -35,9 +35,10 @@ from typing import Any
 from posttrain.config import ModelSpec, Recipe, to_dict
 from posttrain.data.formats import DataError, check_dropped
 from posttrain.data.jsonl import write_splits
+from posttrain.dist import is_main, merge_parts, part
 from posttrain.errors import StageError
 from posttrain.outputs import StageOutput, file_sha256
-from posttrain.stages.sft import read_rows
+from posttrain.stages.sft import read_rows, verify_saved
 
 
 class GateError(StageError):
@@ -57,7 +58,7 @@ def stage_config(recipe: Recipe) -> dict[str, Any]:
         if recipe.rm.source == "jsonl" and f and Path(f).exists():
             files[f] = file_sha256(Path(f))
     return {"rm": recipe.rm, "reward_model": None if recipe.rm.init_from else recipe.reward_model,
-            "chat": recipe.chat, "seed": recipe.seed, "assistant_name": recipe.world.assistant_name,
+            "chat": recipe.chat, "seed": recipe.seed_for("rm"), "assistant_name": recipe.world.assistant_name,
             "files": files, "tracking": recipe.tracking.wandb}  # fmt: skip
 
 
@@ -76,8 +77,9 @@ def rm_spec(recipe: Recipe) -> ModelSpec:
 def main(recipe: Recipe) -> Path:
     from posttrain import runner
     from posttrain.modeling import count_parameters, load_reward_model, load_tokenizer
+    from posttrain.training import gathered_state
 
-    cfg = recipe.rm
+    cfg, seed = recipe.rm, recipe.seed_for("rm")
     # --- config & logging
     with StageOutput(
         recipe.run_dir / "rm", "rm", stage_config(recipe), runner.parent_hashes(recipe, "rm")
@@ -87,7 +89,8 @@ def main(recipe: Recipe) -> Path:
         tokenizer = load_tokenizer(spec)
         # --- data
         train_pairs, eval_pairs, counts = load_pairs(recipe, tokenizer)
-        write_splits(out.path, {"train": train_pairs, "eval": eval_pairs})
+        if is_main():
+            write_splits(out.path, {"train": train_pairs, "eval": eval_pairs})
         train_ex, dropped_tr = tokenize_pairs(train_pairs, tokenizer, recipe.chat)
         eval_ex, dropped_ev = tokenize_pairs(eval_pairs, tokenizer, recipe.chat)
         n_drop, n_all = len(dropped_tr) + len(dropped_ev), len(train_pairs) + len(eval_pairs)
@@ -101,7 +104,7 @@ def main(recipe: Recipe) -> Path:
             )
         print(f"[rm] {len(train_ex)} training pairs, {len(eval_ex)} held-out pairs; {counts}")
         # --- model
-        model = load_reward_model(spec, tokenizer, seed=recipe.seed)
+        model = load_reward_model(spec, tokenizer, seed=seed)
         print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
         before = evaluate(model, eval_ex, tokenizer)
         # --- train
@@ -112,12 +115,15 @@ def main(recipe: Recipe) -> Path:
         # --- save
         from posttrain.modeling import save_model
 
-        save_model(model, tokenizer, out.path / "model")
-        shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+        state = gathered_state(trainer)  # under ZeRO-3 every process helps gather the weights
         report = {"pairs": counts, "untrained": before, "held_out": after, "min_accuracy": cfg.min_accuracy}
-        (out.path / "rm_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out.path / "rm_report.md").write_text(report_markdown(report))
-        print(report_markdown(report))
+        if is_main():
+            save_model(model, tokenizer, out.path / "model", state)
+            verify_saved(out.path / "model", model, state)
+            shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+            (out.path / "rm_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (out.path / "rm_report.md").write_text(report_markdown(report))
+            print(report_markdown(report))
         out.summary = {"train_loss": result.training_loss, "heldout_accuracy": after["accuracy"],
                        "heldout_loss": after["loss"], "length_correlation": after["length_correlation"],
                        "gold_over_policy_wrong": after.get("gold_over_policy_wrong")}  # fmt: skip
@@ -150,17 +156,17 @@ def load_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict], dict]
 
     data = recipe.run_dir / "data" / "data"
     rows, eval_rows = read_rows(data / "train.jsonl"), read_rows(data / "eval.jsonl")
-    rows = random.Random(recipe.seed).sample(rows, min(cfg.prompts, len(rows)))
+    rows = random.Random(recipe.seed_for("rm")).sample(rows, min(cfg.prompts, len(rows)))
     from posttrain.runner import stage_model
 
     policy_spec = stage_model(recipe, "sft", recipe.model)
-    policy = load_causal_lm(policy_spec, tokenizer, seed=recipe.seed)
+    policy = load_causal_lm(policy_spec, tokenizer, seed=recipe.seed_for("rm"))
     out, counts = [], {"source": "policy", "policy": policy_spec.name_or_path}
-    for name, part in (("train", rows), ("eval", eval_rows)):
-        cands = sample_candidates(recipe, policy, tokenizer, part, name)
-        golds = [r["messages"][-1]["content"] if cfg.include_gold else None for r in part]
+    for name, split_rows in (("train", rows), ("eval", eval_rows)):
+        cands = sample_candidates(recipe, policy, tokenizer, split_rows, name)
+        golds = [r["messages"][-1]["content"] if cfg.include_gold else None for r in split_rows]
         pairs, c = world_pairs(
-            part, cands, recipe.world.assistant_name, cfg.pairs_per_prompt, recipe.seed, golds
+            split_rows, cands, recipe.world.assistant_name, cfg.pairs_per_prompt, recipe.seed_for("rm"), golds
         )
         out.append(pairs)
         counts[name] = c
@@ -170,15 +176,18 @@ def load_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict], dict]
 def sample_candidates(recipe: Recipe, policy, tokenizer, rows: list[dict], name: str) -> list[list[str]]:
     from tqdm.auto import tqdm
 
-    from posttrain.generation import SamplingConfig, generate, prompt_ids
+    from posttrain.generation import SamplingConfig, generate, part_size, prompt_ids
 
     cfg = recipe.rm
     k = cfg.samples_per_prompt
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                               batch_size=recipe.generate.batch_size, engine="hf")  # fmt: skip
     prompts = [prompt_ids(r["messages"], tokenizer, recipe.chat, cfg.max_new_tokens) for r in rows]
-    bar = tqdm(total=len(prompts) * k, desc=f"[rm] policy samples ({name})", unit="sample")
-    gens = generate(policy, tokenizer, [p for p in prompts for _ in range(k)], sampling, recipe.seed, bar)
+    repeated = [p for p in prompts for _ in range(k)]
+    mine = part()  # several processes: each samples every n-th batch
+    bar = tqdm(total=part_size(len(repeated), sampling.batch_size, mine), desc=f"[rm] policy samples ({name})",
+               unit="sample", disable=not is_main())  # fmt: skip
+    gens = merge_parts(generate(policy, tokenizer, repeated, sampling, recipe.seed_for("rm"), bar, mine))
     bar.close()
     cands = []
     for i, r in enumerate(rows):
@@ -235,7 +244,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: S
             return loss
 
     bf16 = trains_in_bf16((recipe.reward_model or ModelSpec()).dtype)
-    common = trainer_args(cfg.train, out.path / "checkpoints", recipe.seed, bf16, recipe.tracking.wandb,
+    common = trainer_args(cfg.train, out.path / "checkpoints", recipe.seed_for("rm"), bf16, recipe.tracking.wandb,
                           f"{recipe.name}/rm")  # fmt: skip
     args = trl.RewardConfig(**common, max_length=None, **cfg.train.trl)
     ds = Dataset.from_dict({k: [e[k] for e in train_ex] for k in ("chosen_ids", "rejected_ids")})

@@ -42,12 +42,15 @@ def parents(recipe: Recipe) -> list[str]:
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
-    return train_stage_config(recipe, recipe.model, recipe.sft)
+    return train_stage_config(recipe, recipe.model, recipe.sft, "sft")
 
 
-def train_stage_config(recipe: Recipe, spec: ModelSpec | None, train: TrainConfig | None) -> dict[str, Any]:
+def train_stage_config(
+    recipe: Recipe, spec: ModelSpec | None, train: TrainConfig | None, stage: str
+) -> dict[str, Any]:
     """What an SFT-trained model depends on (the `sft` and `teacher` stages)."""
-    return {"model": spec, "train": train, "chat": recipe.chat, "eval": recipe.eval, "seed": recipe.seed,
+    return {"model": spec, "train": train, "chat": recipe.chat, "eval": recipe.eval,
+            "seed": recipe.seed_for(stage),
             "tracking": recipe.tracking.wandb}  # fmt: skip
 
 
@@ -80,6 +83,7 @@ def train_stage(
     )
 
     # --- config & logging
+    seed = recipe.seed_for(stage)
     parent_hashes = runner.parent_hashes(recipe, stage)
     with StageOutput(recipe.run_dir / stage, stage, config, parent_hashes, resume=True) as out:
         print(f"[{stage}] recipe {recipe.name}, config {out.hash}:\n{json.dumps(to_dict(config), indent=1)}")
@@ -95,7 +99,7 @@ def train_stage(
         print(f"[{stage}] {len(train_ex)} training conversations from {src}: {n_tok} tokens, "
               f"{n_trained} trained ({n_trained / max(n_tok, 1):.0%})")  # fmt: skip
         # --- models
-        model = load_causal_lm(spec, tokenizer, seed=recipe.seed)
+        model = load_causal_lm(spec, tokenizer, seed=seed)
         print(f"[{stage}] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
         if world_size() > 1 and is_main():
             print(f"[{stage}] data parallel over {world_size()} processes: global batch "
@@ -103,7 +107,7 @@ def train_stage(
         evaluate = world_scorer(recipe, tokenizer, eval_rows, stage)
         before = evaluate(model)
         # --- train
-        args = sft_args(cfg, out.path / "checkpoints", recipe.seed, recipe.chat.max_length, trains_in_bf16(spec.dtype),
+        args = sft_args(cfg, out.path / "checkpoints", seed, recipe.chat.max_length, trains_in_bf16(spec.dtype),
                         recipe.tracking.wandb, f"{recipe.name}/{stage}")  # fmt: skip
         trainer = make_trainer(model, tokenizer, to_dataset(train_ex), to_dataset(eval_ex) if eval_ex else None,
                                cfg, args, out.log)  # fmt: skip

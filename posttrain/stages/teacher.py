@@ -24,7 +24,7 @@ def parents(recipe: Recipe) -> list[str]:
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
-    return train_stage_config(recipe, recipe.teacher, recipe.teacher_train)
+    return train_stage_config(recipe, recipe.teacher, recipe.teacher_train, "teacher")
 
 
 def main(recipe: Recipe) -> Path:
