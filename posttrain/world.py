@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 import re
 import string
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,6 +233,34 @@ def train_split(
     eval_rows = eval_split(cfg, seed) if eval_rows is None else eval_rows
     exclude = {prompt_key(r["messages"]) for r in eval_rows}
     return _draw_unique(cfg, cfg.n_train if n is None else n, seed * 1000 + 7, "train", exclude)
+
+
+# What widens each family's space of distinct prompts.
+WIDENED_BY = {
+    "add": "world.add_max", "followup": "world.add_max", "reverse": "world.word_len", "count": "world.word_len",
+    "sort": "world.sort_len", "identity": "the questions and greetings in posttrain/world.py",
+    "refuse": "the requests and frames in posttrain/world.py",
+}  # fmt: skip
+
+
+def mix_check(rows: list[dict[str, Any]], cfg: WorldConfig) -> dict[str, dict[str, Any]]:
+    """Each task family's clean training prompts against the share its `mix` weight asks for. Prompts are
+    distinct, so a family whose space runs out (add with add_max 20 has 441 sums) is drawn less than asked and the
+    others more: {task: {"asked", "drawn", "short", "widen"}}, "short" when fewer than 80% of those asked."""
+    clean = [r for r in rows if not (r.get("meta") or {}).get("defect")]
+    drawn = Counter(r.get("task") for r in clean)
+    weights = {t: w for t, w in cfg.mix.items() if w > 0}
+    total = sum(weights.values())
+    out = {}
+    for t, w in weights.items():
+        asked = len(clean) * w / total
+        out[t] = {
+            "asked": round(asked),
+            "drawn": drawn[t],
+            "short": drawn[t] < 0.8 * asked,
+            "widen": WIDENED_BY[t],
+        }
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- verifying

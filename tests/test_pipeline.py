@@ -52,6 +52,8 @@ def test_every_stage_runs_and_hands_over(smoke_run):
             "refuse",
             "followup",
         }
+    mix = json.loads((run / "data" / "data_report.json").read_text())["mix"]
+    assert set(mix) == set(load_recipe(SMOKE).world.mix) and "World task families" in log
     # the sft stage's parent is generate, whose parents are data and teacher
     assert set(read_done(run / "sft")["parents"]) == {"generate"}
     assert set(read_done(run / "generate")["parents"]) == {"data", "teacher"}

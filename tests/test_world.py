@@ -14,6 +14,7 @@ from posttrain.world import (
     draw,
     eval_split,
     identity_answer,
+    mix_check,
     partial,
     prompt_key,
     score,
@@ -69,6 +70,18 @@ def test_splits_disjoint_balanced_and_seeded():
     assert set(counts.values()) == {CFG.n_eval // len(TASKS)}
     assert len({prompt_key(r["messages"]) for r in tr}) == len(tr)  # no repeated prompt in training
     assert train_split(CFG, seed=0, eval_rows=ev) == tr and train_split(CFG, seed=1) != tr
+
+
+def test_mix_check_flags_a_family_whose_distinct_prompts_run_out():
+    """add with operands 0..5 has 36 distinct prompts: far fewer than its weight asks; reverse gets the rest."""
+    small = WorldConfig(mix={"add": 1.0, "reverse": 1.0}, add_max=5, n_train=400, n_eval=20)
+    tr = train_split(small, seed=0)
+    check = mix_check(tr, small)
+    assert check["add"]["asked"] == 200 and check["add"]["drawn"] == 36 - 10  # 10 sums are held out
+    assert check["add"]["short"] and check["add"]["widen"] == "world.add_max"
+    assert check["reverse"]["drawn"] == 400 - 26 and not check["reverse"]["short"]
+    wide = WorldConfig(mix={"add": 1.0, "reverse": 1.0}, add_max=99, n_train=400, n_eval=20)
+    assert not any(m["short"] for m in mix_check(train_split(wide, seed=0), wide).values())
 
 
 def test_difficulty_knobs():

@@ -92,6 +92,13 @@ def main(recipe: Recipe) -> Path:
             "train": dict(Counter(r.get("task", "?") for r in train_kept)),
             "eval": dict(Counter(r.get("task", "?") for r in splits["eval"])),
         }
+        if recipe.data.source == "world":
+            report["mix"] = world.mix_check(train, recipe.world)
+            for t, m in report["mix"].items():
+                if m["short"]:
+                    print(f"[data] warning: task {t}: {m['drawn']} distinct training prompts of the {m['asked']} its "
+                          f"mix weight asks for — its prompts run out (widen {m['widen']}); the other families "
+                          "got the rest")  # fmt: skip
         labelled = [r for r in splits["train"] if "defect" in r.get("meta", {})]
         if labelled:
             report["filter_check"] = defect_check(labelled, {r["id"] for r in train_kept})
@@ -125,6 +132,13 @@ def report_markdown(report: dict, rows_in: int, rows_out: int, n_eval: int) -> s
     for k, v in report["filters"]["removed"].items():
         lines.append(f"| removed: {k} (e.g. {', '.join(v['examples'][:2])}) | {v['count']} |")
     lines += [f"| **training rows out** | **{rows_out}** |", f"| evaluation rows | {n_eval} |", ""]
+    if "mix" in report:
+        lines += ["World task families — distinct training prompts drawn (before filtering) against the mix:", "",
+                  "| family | mix asks | drawn | |", "|---|---:|---:|---|"]  # fmt: skip
+        for t, m in report["mix"].items():
+            note = f"**short**: its prompts run out; widen {m['widen']}" if m["short"] else ""
+            lines.append(f"| {t} | {m['asked']} | {m['drawn']} | {note} |")
+        lines.append("")
     if "filter_check" in report:
         lines += ["World labels — share of each injected defect removed by the filters:", "",
                   "| defect | rows | removed |", "|---|---:|---:|"]  # fmt: skip
