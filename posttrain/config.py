@@ -158,7 +158,8 @@ class Recipe:
 
     launcher: how `posttrain run` starts each stage — `local` (a plain process) or an accelerate config: a name in
     recipes/accelerate/ (cpu, ddp-cpu, ddp, zero2, zero3, zero3-offload, multinode) or a path; `launchers` sets it
-    per stage (e.g. `launchers: {rlhf: zero3-offload}`).
+    per stage (e.g. `launchers: {rlhf: zero3-offload}`). The one-process stages (data, eval, merge) run as a plain
+    process when they inherit a several-process `launcher` (`launcher_for`).
     seed: every stage's seed (data draws, initialisation, data order, sampling); `seeds` sets it per stage (e.g.
     `seeds: {sft: 1}`), so that a seed study reruns only that stage and the ones after it.
     teacher_train: set it to train the teacher with SFT on the data stage's conversations (the `teacher` stage;
@@ -193,6 +194,18 @@ class Recipe:
         """The seed of `stage`: `seeds.<stage>` when set, else `seed`."""
         return self.seeds.get(stage, self.seed)
 
+    def launcher_for(self, stage: str) -> str:
+        """The launcher that starts `stage`: its own (`launchers`), else the recipe's — except that a stage which
+        runs in one process (data, eval, merge) is started as a plain process (`local`) when the recipe's launcher
+        would start several, so that one recipe-wide `launcher: zero3` serves the whole pipeline."""
+        from posttrain.dist import MULTI_PROCESS_STAGES
+
+        if stage in self.launchers:
+            return self.launchers[stage]
+        if stage not in MULTI_PROCESS_STAGES and launcher_processes(self.launcher) > 1:
+            return "local"
+        return self.launcher
+
     def problems(self) -> list[str]:
         from posttrain.runner import STAGES
 
@@ -214,15 +227,12 @@ class Recipe:
                 )  # fmt: skip
         from posttrain.dist import MULTI_PROCESS_STAGES
 
-        merges = self.merge is not None and self.rlhf is not None
-        one_process = ["data", "eval"] + ["merge"] * merges
-        for stage in one_process:
-            name = self.launchers.get(stage, self.launcher)
+        for stage, name in self.launchers.items():
             if stage not in MULTI_PROCESS_STAGES and launcher_processes(name) > 1:
-                key = f"launchers.{stage}" if stage in self.launchers else "launcher"
                 out.append(
-                    f"{key}: {name!r} starts {launcher_processes(name)} processes, but stage {stage} runs in one; "
-                    f"give it a one-process launcher: `launchers: {{{stage}: local}}` (or cpu)"
+                    f"launchers.{stage}: {name!r} starts {launcher_processes(name)} processes, but stage {stage} runs "
+                    f"in one; give it a one-process launcher (`launchers: {{{stage}: local}}` or cpu), or leave it "
+                    "out: a one-process stage that inherits a several-process `launcher` runs as a plain process"
                 )
         for section, train, spec in (
             ("sft", self.sft, self.model),

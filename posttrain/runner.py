@@ -116,7 +116,7 @@ def launch_command(recipe: Recipe, name: str, recipe_path: str, sets: list[str])
 
     from posttrain.config import launcher_file
 
-    launcher = recipe.launchers.get(name, recipe.launcher)
+    launcher = recipe.launcher_for(name)
     stage = ["-m", "posttrain", "stage", name, recipe_path] + [f"--set={s}" for s in sets]
     if launcher == "local":
         return [sys.executable, *stage]

@@ -190,11 +190,27 @@ def test_a_one_process_stage_started_as_several_says_so_before_loading_anything(
     assert "launchers: {eval: cpu}" in out.stderr and not any(tmp_path.iterdir())
 
 
-def test_a_several_process_launcher_for_a_one_process_stage_is_a_recipe_error(tmp_path):
-    p = write(tmp_path, "r.yaml", MODEL + "name: x\nlauncher: zero3\nlaunchers:\n  data: local\n")
+def test_one_process_stages_run_as_a_plain_process_under_a_several_process_launcher(tmp_path):
+    p = write(tmp_path, "r.yaml", MODEL + "name: x\nlauncher: zero3\nlaunchers:\n  data: cpu\n")
+    r = load_recipe(p)
+    assert (
+        r.launcher_for("sft") == "zero3"
+        and r.launcher_for("eval") == "local"
+        and r.launcher_for("data") == "cpu"
+    )
+    from posttrain.runner import launch_command
+
+    assert "accelerate" not in " ".join(launch_command(r, "eval", str(p), []))
+    assert "zero3.yaml" in " ".join(launch_command(r, "rm", str(p), []))
+
+
+def test_a_several_process_launcher_named_for_a_one_process_stage_is_a_recipe_error(tmp_path):
+    p = write(
+        tmp_path, "r.yaml", MODEL + "name: x\nlauncher: zero3\nlaunchers:\n  data: local\n  eval: zero3\n"
+    )
     with pytest.raises(ConfigError) as e:
         load_recipe(p)
-    assert "launcher: 'zero3' starts 8 processes, but stage eval runs in one" in str(e.value)
+    assert "launchers.eval: 'zero3' starts 8 processes, but stage eval runs in one" in str(e.value)
     assert "stage data" not in str(e.value)  # its own launcher is local
     load_recipe(p, ["launchers.eval=local"])  # the fix the message names
 
