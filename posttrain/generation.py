@@ -51,10 +51,31 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation during and after training stages: greedy responses to the evaluation prompts."""
+    """Evaluation during and after training stages: greedy responses to the evaluation prompts.
+
+    sliding_window: the `eval` stage only — the window of the models' sliding-attention layers at inference
+    (None: the window they were trained with), as in the Gemma 2 report's study of shrinking the local-attention
+    window at inference; it changes the `eval` stage alone, so a sweep over it retrains nothing."""
 
     max_new_tokens: int = 128
     batch_size: int = 64
+    sliding_window: int | None = None
+
+    def during_training(self) -> dict[str, int]:
+        """What the evaluation at the end of a training stage uses (its part of that stage's config)."""
+        return {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
+
+    def problems(self) -> list[str]:
+        out = (
+            []
+            if self.max_new_tokens >= 1 and self.batch_size >= 1
+            else ["max_new_tokens and batch_size: at least 1"]
+        )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            out.append(
+                f"sliding_window: {self.sliding_window} must be at least 1 (or unset: the trained window)"
+            )
+        return out
 
 
 @dataclass

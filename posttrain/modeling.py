@@ -218,6 +218,21 @@ def load_reward_model(
     return model
 
 
+def set_inference_window(model: PreTrainedModel, window: int) -> int:
+    """Make the sliding-attention layers attend to the last `window` tokens from now on (masks and the KV cache
+    both read the config); returns the window the model was trained with. Gemma 2-style models only."""
+    trained = getattr(model.config, "sliding_window", None)
+    if trained is None:
+        raise ModelError(
+            f"eval.sliding_window: the {model.config.model_type} model has no sliding-attention layers; unset it"
+        )
+    model.config.sliding_window = window
+    for module in model.modules():  # each sliding layer's attention keeps its own copy of the window
+        if getattr(module, "sliding_window", None) is not None and hasattr(module, "layer_type"):
+            module.sliding_window = window
+    return trained
+
+
 # ------------------------------------------------------------------------------------------- tied weights
 
 

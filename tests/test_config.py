@@ -267,3 +267,21 @@ def test_a_bad_sweep_grid_is_refused_before_anything_runs(grid, message, tmp_pat
 def test_ablation_recipes_load_and_name_their_own_run(path):
     recipe = load_recipe(path)
     assert recipe.name != load_recipe(ROOT / "recipes" / "tiny" / "pipeline.yaml").name
+
+
+def test_the_inference_window_changes_the_eval_stage_only():
+    from posttrain import runner
+
+    smoke = ROOT / "recipes/tiny/smoke.yaml"
+    base, other = load_recipe(smoke), load_recipe(smoke, ["eval.sliding_window=16"])
+    changed = [
+        s for s in runner.plan(base) if runner.expected_hash(base, s) != runner.expected_hash(other, s)
+    ]
+    assert changed == ["eval"]
+    with pytest.raises(ConfigError, match="eval: sliding_window: 0 must be at least 1"):
+        load_recipe(smoke, ["eval.sliding_window=0"])
+    ablation = load_recipe(ROOT / "recipes/ablations/sliding-window-eval.yaml")
+    assert (
+        ablation.eval.sliding_window == 32
+        and ablation.sft == load_recipe(ROOT / "recipes/tiny/pipeline.yaml").sft
+    )

@@ -85,3 +85,33 @@ def test_reward_model_one_output_pad_set(tiny_tokenizer, tmp_path):
     rm2 = load_reward_model(ModelSpec(name_or_path=str(tmp_path / "lm")), tiny_tokenizer)
     lm_sd, rm_sd = lm.model.state_dict(), rm2.model.state_dict()
     assert lm_sd.keys() == rm_sd.keys() and all(torch.equal(lm_sd[k], rm_sd[k]) for k in lm_sd)
+
+
+def test_inference_window_masks_and_cache_agree(tiny_tokenizer):
+    from posttrain.modeling import set_inference_window
+
+    model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(6, len(tiny_tokenizer), (1, 30))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        assert set_inference_window(model, 8) == 64
+        windowed = model(input_ids=ids).logits
+        # positions 0..7 see at most 8 tokens either way; later ones lose what lies beyond the window
+        assert torch.allclose(full[:, :8], windowed[:, :8], atol=1e-6)
+        assert not torch.allclose(full[:, 8:], windowed[:, 8:], atol=1e-3)
+        # greedy generation with the KV cache equals recomputing the whole sequence at every step
+        gen = model.generate(input_ids=ids[:, :12], max_new_tokens=20, do_sample=False)[0, 12:]
+        seq = ids[:, :12]
+        for _ in range(len(gen)):
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert seq[0, 12:].tolist() == gen.tolist()
+
+
+def test_inference_window_needs_sliding_layers(tiny_tokenizer):
+    from posttrain.modeling import set_inference_window
+
+    model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer)
+    model.config.sliding_window = None
+    with pytest.raises(ModelError, match="eval.sliding_window"):
+        set_inference_window(model, 8)

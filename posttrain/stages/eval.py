@@ -79,7 +79,7 @@ def main(recipe: Recipe) -> Path:
 
 def evaluate_models(recipe: Recipe, entries: list[tuple[str, Path, str | None]]) -> dict[str, dict]:
     from posttrain import runner
-    from posttrain.modeling import load_causal_lm, load_reward_model, load_tokenizer
+    from posttrain.modeling import load_causal_lm, load_reward_model, load_tokenizer, set_inference_window
     from posttrain.outputs import read_done
     from posttrain.probes import load
     from posttrain.rl import policy_figures, win_rate
@@ -102,6 +102,12 @@ def evaluate_models(recipe: Recipe, entries: list[tuple[str, Path, str | None]])
             ModelSpec(name_or_path=str(folder), dtype=recipe.model.dtype), tokenizer
         ).eval()
         res: dict[str, Any] = {"model": str(folder)}
+        if recipe.eval.sliding_window is not None:
+            trained = set_inference_window(model, recipe.eval.sliding_window)
+            res["sliding_window"] = {"trained": trained, "inference": recipe.eval.sliding_window}
+            print(
+                f"[eval] {label}: sliding window at inference {recipe.eval.sliding_window} (trained with {trained})"
+            )
         w = world_eval(model)
         if w:
             res.update(world_score=w["score"], world_per_task=w["per_task"])

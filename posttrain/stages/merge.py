@@ -30,7 +30,7 @@ def parents(recipe: Recipe) -> list[str]:
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
-    return {"merge": recipe.merge, "chat": recipe.chat, "eval": recipe.eval, "seed": recipe.seed_for("merge"),
+    return {"merge": recipe.merge, "chat": recipe.chat, "eval": recipe.eval.during_training(), "seed": recipe.seed_for("merge"),
             "max_new_tokens": recipe.rlhf and recipe.rlhf.max_new_tokens}  # fmt: skip
 
 

@@ -43,7 +43,7 @@ def parents(recipe: Recipe) -> list[str]:
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
-    return {"rlhf": recipe.rlhf, "model": recipe.model, "chat": recipe.chat, "eval": recipe.eval,
+    return {"rlhf": recipe.rlhf, "model": recipe.model, "chat": recipe.chat, "eval": recipe.eval.during_training(),
             "seed": recipe.seed_for("rlhf"), "tracking": recipe.tracking.wandb}  # fmt: skip
 
 

@@ -49,7 +49,7 @@ def train_stage_config(
     recipe: Recipe, spec: ModelSpec | None, train: TrainConfig | None, stage: str
 ) -> dict[str, Any]:
     """What an SFT-trained model depends on (the `sft` and `teacher` stages)."""
-    return {"model": spec, "train": train, "chat": recipe.chat, "eval": recipe.eval,
+    return {"model": spec, "train": train, "chat": recipe.chat, "eval": recipe.eval.during_training(),
             "seed": recipe.seed_for(stage),
             "tracking": recipe.tracking.wandb}  # fmt: skip
 
