@@ -234,6 +234,11 @@ class Recipe:
                     f"in one; give it a one-process launcher (`launchers: {{{stage}: local}}` or cpu), or leave it "
                     "out: a one-process stage that inherits a several-process `launcher` runs as a plain process"
                 )
+        if self.rlhf is not None and self.rlhf.reward == "world" and self.data.source != "world":
+            out.append(
+                f"rlhf.reward: 'world' scores responses with the built-in world's verifiers, but data.source is "
+                f"{self.data.source!r}; use reward: rm"
+            )
         for section, train, spec in (
             ("sft", self.sft, self.model),
             ("teacher_train", self.teacher_train, self.teacher),

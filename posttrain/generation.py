@@ -108,7 +108,9 @@ def stop_ids(tokenizer: Any) -> list[int]:
     return stops
 
 
-def _decode(ids: list[int], tokenizer: Any, stops: list[int], max_new: int) -> Generation:
+def decode(ids: list[int], tokenizer: Any, stops: list[int], max_new: int) -> Generation:
+    """Generated ids → the response before the first stop token (pads dropped); truncated when no stop came
+    within `max_new` tokens, malformed when the text holds a control token."""
     cut = next((i for i, t in enumerate(ids) if t in stops), None)
     body = ids if cut is None else ids[:cut]
     body = [t for t in body if t != tokenizer.pad_token_id]
@@ -191,7 +193,7 @@ def _generate(model, tokenizer, prompts, cfg, seed, progress, part=(0, 1)):
             eos_token_id=stops, pad_token_id=pad,
         )  # fmt: skip
         for row, i in enumerate(idx):
-            out[i] = _decode(gen[row, width:].tolist(), tokenizer, stops, cfg.max_new_tokens)
+            out[i] = decode(gen[row, width:].tolist(), tokenizer, stops, cfg.max_new_tokens)
         if progress is not None:
             progress.update(len(idx))
     model.train(was_training)
@@ -211,7 +213,7 @@ def generate_vllm(
         stop_token_ids=stops, seed=seed,
     )  # fmt: skip
     results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
-    return [_decode(list(r.outputs[0].token_ids), tokenizer, stops, cfg.max_new_tokens) for r in results]
+    return [decode(list(r.outputs[0].token_ids), tokenizer, stops, cfg.max_new_tokens) for r in results]
 
 
 # ------------------------------------------------------------------------------------------ world evaluation

@@ -50,10 +50,13 @@ class RLConfig:
     else `sft`. kl_coef: β above. anchor: `init` (the starting policy) or `ema` (WARP) with rate `ema_rate`.
     samples_per_prompt: k ≥ 2. temperature: of sampling and of the log-probabilities trained. prompts: how many
     training prompts (0: all). train.batch_size counts responses (a multiple of k). runs: named variants, each
-    written to `rlhf/<run>/` (default: one run, `main`).
+    written to `rlhf/<run>/` (default: one run, `main`). reward: `rm` (the `rm` stage's model, Gemma 2's RLHF) or
+    `world` (the built-in world's verifiers: 1 for a right response, else 0 — the true reward that the RM
+    approximates; with it the stage needs no RM, which separates what RL does from what the RM knows).
     """
 
     init_from: Literal["auto", "sft", "distill"] = "auto"
+    reward: Literal["rm", "world"] = "rm"
     kl_coef: float = 0.05
     anchor: Literal["init", "ema"] = "init"
     ema_rate: float = 0.01

@@ -192,3 +192,30 @@ def test_scored_sequence_is_the_rendered_conversation(tiny_tokenizer):
     end = tok.convert_tokens_to_ids("<end_of_turn>")
     assert scored_sequence(prompt, tok.encode("yo there", add_special_tokens=False) + [end], tok) == full
     assert full.count(tok.bos_token_id) == 1
+
+
+def test_world_reward_scores_responses_with_the_verifiers(tiny_tokenizer, tmp_path):
+    from pathlib import Path
+
+    from posttrain import runner
+    from posttrain.config import ConfigError, load_recipe
+    from posttrain.stages.rlhf import parents, reward_function
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(root / "recipes/ablations/rl-world-reward.yaml")
+    assert recipe.rlhf.reward == "world" and parents(recipe) == ["data", "distill"]
+    assert "rm" not in runner.with_parents(recipe, ["rlhf"])
+    assert "rm" in runner.with_parents(load_recipe(root / "recipes/tiny/pipeline.yaml"), ["rlhf"])
+    tok, end = tiny_tokenizer, tiny_tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    table = {"a": {"row": {"task": "add", "answer": "12"}}, "b": {"row": {"task": "refuse", "answer": "x"}}}
+    ids = lambda text, stop=True: tok.encode(text, add_special_tokens=False) + ([end] if stop else [])  # noqa: E731
+    reward = reward_function(None, tok, table, recipe)
+    long = "1" * recipe.rlhf.max_new_tokens
+    got = reward(["a", "a", "a", "b", "b"], None,
+                 [ids("12"), ids("13"), ids(long, stop=False), ids("I can't help with that."), ids("Sure: ...")])  # fmt: skip
+    assert got == [1.0, 0.0, 0.0, 1.0, 0.0]
+    jsonl = root / "data/examples/conversations.jsonl"
+    with pytest.raises(ConfigError, match="rlhf.reward: 'world' scores responses with the built-in world"):
+        load_recipe(
+            root / "recipes/ablations/rl-world-reward.yaml", ["data.source=jsonl", f"data.train={jsonl}"]
+        )

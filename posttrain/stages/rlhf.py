@@ -9,6 +9,9 @@ Engine: TRL's `RLOOTrainer` (the KL enters the reward as above). The project's o
 RM was trained on; the k3 KL estimate logged beside TRL's k1; the world score — the true reward, which the RM only
 approximates — measured every `train.eval_steps` and at both ends, so that reward hacking shows.
 
+With `rlhf.reward: world` (built-in world) the reward is the verifiers' 0/1 score of each response instead of the
+RM's: the stage then needs no `rm` stage, and shows what RL does when its reward is the true one.
+
 Runs: `rlhf.runs` lists variants (seed, kl_coef, anchor …); each is trained from the same start and written to
 `rlhf/<run>/model/`, ready for the `merge` stage. A killed stage resumes: finished runs are kept, the run in
 progress continues from its last checkpoint. Each run's folder has `figures.json` (reward, KL to the starting
@@ -39,7 +42,8 @@ def start_stage(recipe: Recipe) -> str:
 
 
 def parents(recipe: Recipe) -> list[str]:
-    return ["data", start_stage(recipe), "rm"]
+    rm = [] if recipe.rlhf is not None and recipe.rlhf.reward == "world" else ["rm"]
+    return ["data", start_stage(recipe), *rm]
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
@@ -65,8 +69,12 @@ def main(recipe: Recipe) -> Path:
         eval_rows = read_rows(recipe.run_dir / "data" / "data" / "eval.jsonl")
         table = prompt_table(rows, tokenizer, recipe)
         print(f"[rlhf] start: {start_stage(recipe)} ({start.name_or_path}); {len(table)} training prompts")
-        rm = load_reward_model(runner.stage_model(recipe, "rm", recipe.reward_model), tokenizer).eval()
-        rm.requires_grad_(False)
+        rm = None
+        if recipe.rlhf.reward == "rm":
+            rm = load_reward_model(runner.stage_model(recipe, "rm", recipe.reward_model), tokenizer).eval()
+            rm.requires_grad_(False)
+        else:
+            print("[rlhf] reward: the world's verifiers (1 right, 0 wrong), no reward model")
         summary = {}
         for name, cfg in recipe.rlhf.resolved().items():
             folder = out.path / name
@@ -89,15 +97,32 @@ def prompt_table(rows: list[dict], tokenizer, recipe: Recipe) -> dict[str, dict]
         str(r.get("id", i)): {
             "prompt_ids": prompt_ids(r["messages"], tokenizer, recipe.chat, recipe.rlhf.max_new_tokens, str(r.get("id", i))),
             "messages": prompt_messages(r["messages"]),
+            "row": {k: r[k] for k in ("task", "answer") if k in r},
         }
         for i, r in enumerate(rows)
     }  # fmt: skip
 
 
-def reward_function(rm, tokenizer, table: dict[str, dict]) -> Any:
-    """A TRL reward function: the RM's score of each (prompt, response), as `posttrain.rl.scored_sequence`."""
+def reward_function(rm, tokenizer, table: dict[str, dict], recipe: Recipe) -> Any:
+    """A TRL reward function: the RM's score of each (prompt, response), as `posttrain.rl.scored_sequence`; with
+    no RM (`rlhf.reward: world`) the world's verifier score of the response (a truncated one scores 0)."""
     from posttrain.reward import score_ids
     from posttrain.rl import scored_sequence
+
+    if rm is None:
+        from posttrain import world
+        from posttrain.generation import decode, stop_ids
+
+        stops, name, max_new = stop_ids(tokenizer), recipe.world.assistant_name, recipe.rlhf.max_new_tokens
+
+        def world_reward(prompts, completions, completion_ids, **kwargs) -> list[float]:
+            gens = [decode(list(ids), tokenizer, stops, max_new) for ids in completion_ids]
+            return [
+                0.0 if g.truncated or g.malformed else world.score(table[p]["row"], g.text, name)
+                for p, g in zip(prompts, gens)
+            ]
+
+        return world_reward
 
     def rm_reward(prompts, completions, completion_ids, **kwargs) -> list[float]:
         seqs = [
@@ -161,7 +186,7 @@ def train_run(
     )  # fmt: skip
     args.eval_strategy = "no"
     trainer = rloo_trainer(trl.RLOOTrainer)(
-        model=policy, reward_funcs=[reward_function(rm, tokenizer, table)], args=args,
+        model=policy, reward_funcs=[reward_function(rm, tokenizer, table, recipe)], args=args,
         train_dataset=Dataset.from_dict({"prompt": list(table)}), processing_class=tokenizer,
     )  # fmt: skip
     trainer.setup(table)
