@@ -268,15 +268,14 @@ def _reuse(source: Path, folder: Path, want: str, dry_run: bool) -> dict | None:
 
 def _print_reports(run_dir: Path, stages: list[str]) -> None:
     """The reports of the stages run so far (a gate-failed stage's from its .partial folder), then the table."""
-    from posttrain.report import world_table
+    from posttrain.report import stage_folder, world_table
 
     reports = (("data", "data_report.md"), ("generate", "generate_report.md"), ("rm", "rm_report.md"),
                ("merge", "merge_report.md"))  # fmt: skip
     for name, report in reports:
-        for folder in (run_dir / name, run_dir / f"{name}.partial"):
-            if name in stages and (folder / report).exists():
-                print("\n" + (folder / report).read_text())
-                break
+        folder, _ = stage_folder(run_dir, name)  # the newest attempt: a gate-failed stage's .partial
+        if name in stages and folder is not None and (folder / report).exists():
+            print("\n" + (folder / report).read_text())
     table = world_table(run_dir)
     if table:
         print("\n" + table)

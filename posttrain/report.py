@@ -21,16 +21,16 @@ def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
     out: list[tuple[str, dict, str]] = []
     for stage in ("teacher", "sft"):
         path = run_dir / stage / "eval.json"
-        if path.exists():
+        if path.exists() and _current(run_dir, stage):
             ev = json.loads(path.read_text())
             out += [
                 (f"{stage}: untrained", ev.get("before"), ""),
                 (f"{stage}: trained", ev.get("after"), _wall(run_dir / stage)),
             ]
     path = run_dir / "distill" / "eval.json"
-    if path.exists():
+    if path.exists() and _current(run_dir, "distill"):
         out.append(("distill", json.loads(path.read_text()).get("distill"), _wall(run_dir / "distill")))
-    for fig in sorted((run_dir / "rlhf").glob("*/figures.json")):
+    for fig in sorted((run_dir / "rlhf").glob("*/figures.json")) if _current(run_dir, "rlhf") else ():
         end = json.loads(fig.read_text())["end"]
         res = (
             {"score": end["world_score"], "per_task": end["world_per_task"]}
@@ -39,7 +39,7 @@ def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
         )
         out.append((f"rlhf: {fig.parent.name}", res, ""))
     path = run_dir / "merge" / "points.json"
-    if path.exists():
+    if path.exists() and _current(run_dir, "merge"):
         for p in json.loads(path.read_text()):
             if p["kind"] == "merge" and p.get("world_per_task"):
                 out.append(
@@ -96,18 +96,40 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _stage_folder(run_dir: Path, stage: str) -> tuple[Path | None, str]:
-    if (run_dir / stage / "DONE").exists():
-        return run_dir / stage, "done"
-    if (run_dir / f"{stage}.partial").exists():
-        return run_dir / f"{stage}.partial", "failed or incomplete"
-    return None, "not run"
+def stage_states(run_dir: Path) -> dict[str, tuple[Path, str]]:
+    """Each stage with an output folder → (folder, status): `done`; `failed or incomplete` (its `.partial`
+    folder, when that is newer than a finished one: the last attempt failed); `stale (made from an older X)` when
+    a parent X was rerun after it (its DONE names parent hashes the parents no longer have), or X is stale."""
+    from posttrain.outputs import read_done
+
+    out: dict[str, tuple[Path, str]] = {}
+    for stage in STAGE_ORDER:
+        done, partial = run_dir / stage, run_dir / f"{stage}.partial"
+        record = read_done(done)
+        if partial.exists() and (record is None or partial.stat().st_mtime > (done / "DONE").stat().st_mtime):
+            out[stage] = (partial, "failed or incomplete")
+        elif record is not None:
+            older = [
+                p for p, h in record.get("parents", {}).items()
+                if (read_done(run_dir / p) or {}).get("config_hash") != h or out.get(p, (0, "done"))[1] != "done"
+            ]  # fmt: skip
+            out[stage] = (done, f"stale (made from an older {', '.join(older)})" if older else "done")
+    return out
+
+
+def _current(run_dir: Path, stage: str) -> bool:
+    return stage_states(run_dir).get(stage, (None, ""))[1] == "done"
+
+
+def stage_folder(run_dir: Path, stage: str) -> tuple[Path | None, str]:
+    """The stage's newest output folder and its status (`stage_states`), or (None, "not run")."""
+    return stage_states(run_dir).get(stage, (None, "not run"))
 
 
 def stage_table(run_dir: Path) -> str:
     lines = ["| stage | status | wall | figures |", "|---|---|---:|---|"]
     for stage in STAGE_ORDER:
-        folder, status = _stage_folder(run_dir, stage)
+        folder, status = stage_folder(run_dir, stage)
         if folder is None:
             continue
         s = _summary(folder)
@@ -131,7 +153,7 @@ def sweep_table(variants: list[tuple[dict[str, str], Path]], stages: list[str]) 
     for labels, run_dir in variants:
         figs: dict[str, str] = {}
         for stage in stages:
-            folder, status = _stage_folder(run_dir, stage)
+            folder, status = stage_folder(run_dir, stage)
             s = _summary(folder) if folder else {}
             if not s:
                 figs[f"{stage}"] = status
@@ -156,7 +178,7 @@ def sweep_table(variants: list[tuple[dict[str, str], Path]], stages: list[str]) 
 
 def rl_section(run_dir: Path) -> str:
     figs = sorted((run_dir / "rlhf").glob("*/figures.json"))
-    if not figs:
+    if not figs or not _current(run_dir, "rlhf"):
         return ""
     lines = ["## RL runs", "",
              "| run | kl_coef | anchor | RM reward start → end | KL to start (k1 / k3) | world score start → end | length |",
@@ -178,21 +200,21 @@ def write_report(run_dir: Path) -> Path:
     and filter counts, the RM gate, the RL curves and the reward–KL plot of the runs and merges."""
     run_dir = Path(run_dir)
     parts = [f"# Run report: {run_dir.name}\n", stage_table(run_dir), world_table(run_dir)]
-    if (run_dir / "eval" / REPORTS["eval"]).exists():
+    if (run_dir / "eval" / REPORTS["eval"]).exists() and _current(run_dir, "eval"):
         parts.append((run_dir / "eval" / REPORTS["eval"]).read_text())
     ev = run_dir / "distill" / "eval.json"
-    if ev.exists():
+    if ev.exists() and _current(run_dir, "distill"):
         d = json.loads(ev.read_text())
         if d.get("gap_closed") is not None:
             parts.append(f"Distillation: world score {d['sft']['score']:.3f} (student after SFT) → "
                          f"{d['distill']['score']:.3f} (after distillation); teacher {d['teacher']['score']:.3f}: "
                          f"**{d['gap_closed']:.0%}** of the student–teacher gap closed.\n")  # fmt: skip
     for stage in ("data", "generate", "rm"):
-        folder, _ = _stage_folder(run_dir, stage)
+        folder, _ = stage_folder(run_dir, stage)
         if folder is not None and (folder / REPORTS[stage]).exists():
             parts.append((folder / REPORTS[stage]).read_text())
     parts.append(rl_section(run_dir))
-    if (run_dir / "merge" / REPORTS["merge"]).exists():
+    if (run_dir / "merge" / REPORTS["merge"]).exists() and _current(run_dir, "merge"):
         parts.append((run_dir / "merge" / REPORTS["merge"]).read_text())
         parts.append("![reward against KL: the RL runs and their merges](merge/reward_kl.png)\n")
     md = "\n".join(p for p in parts if p)

@@ -44,3 +44,25 @@ def test_empty_truncated_and_missing_shards_are_named(tmp_path):
     (tmp_path / "v" / "model").mkdir(parents=True)
     (tmp_path / "v" / "model" / "config.json").write_text("{}")
     assert check_exported(tmp_path / "v")[0] == [f"{tmp_path}/v/model: no *.safetensors weights"]
+
+
+def test_the_report_tells_stale_and_failed_stages_from_current_ones(tmp_path):
+    import os
+
+    from posttrain.report import stage_states, stage_table
+
+    def done(stage, h, parents, mtime):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "DONE").write_text(json.dumps({"config_hash": h, "parents": parents}))
+        os.utime(tmp_path / stage / "DONE", (mtime, mtime))
+
+    done("data", "d1", {}, 100)
+    done("sft", "s2", {"data": "d1"}, 300)  # rerun with a new config
+    done("rm", "r1", {"data": "d1", "sft": "s1"}, 200)  # made from the older sft
+    done("rlhf", "l1", {"rm": "r1"}, 210)  # its rm still matches, but that rm is stale
+    done("distill", "t1", {"sft": "s2"}, 310)
+    (tmp_path / "distill.partial").mkdir()  # a later attempt that failed
+    states = {k: v[1] for k, v in stage_states(tmp_path).items()}
+    assert states == {"data": "done", "sft": "done", "distill": "failed or incomplete",
+                      "rm": "stale (made from an older sft)", "rlhf": "stale (made from an older rm)"}  # fmt: skip
+    assert "| `rm` | stale (made from an older sft) |" in stage_table(tmp_path)
