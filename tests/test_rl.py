@@ -219,3 +219,34 @@ def test_world_reward_scores_responses_with_the_verifiers(tiny_tokenizer, tmp_pa
         load_recipe(
             root / "recipes/ablations/rl-world-reward.yaml", ["data.source=jsonl", f"data.train={jsonl}"]
         )
+
+
+@pytest.mark.stage
+def test_a_step_raises_the_log_probability_of_responses_with_positive_advantage(tiny_tokenizer, tmp_path):
+    trainer = _trainer(tiny_tokenizer, tmp_path, kl_coef=0.0, steps=1)
+    # a reward that varies within each prompt's group: the share of even token ids in the response
+    trainer.reward_funcs[0] = lambda prompts, completions, completion_ids, **kw: [
+        sum(t % 2 == 0 for t in c) / max(len(c), 1) for c in completion_ids
+    ]
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in "00001111"])
+    adv = out["advantages"]
+    assert adv.abs().sum() > 0
+
+    def sequence_logps():
+        with torch.no_grad():
+            ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+            mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+            width = out["completion_ids"].shape[1]
+            logps = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, width, 8)[0]
+            return (logps * out["completion_mask"]).sum(-1)
+
+    before = sequence_logps()
+    trainer.compute_loss(trainer.model, out).backward()
+    with torch.no_grad():  # a small plain gradient step: the first-order change follows the advantages
+        for p in trainer.model.parameters():
+            if p.grad is not None:
+                p -= 1e-3 * p.grad
+    change = sequence_logps() - before
+    assert (change * adv).sum() > 0
+    assert change[adv > 0].mean() > change[adv < 0].mean()
