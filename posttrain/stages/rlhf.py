@@ -174,8 +174,8 @@ def train_run(
         return {**f, "world_score": w and w["score"], "world_per_task": w and w["per_task"]}
 
     before = figures(policy)
-    print(f"[rlhf/{name}] kl_coef {cfg.kl_coef}, anchor {cfg.anchor}, seed {seed}; start: reward "
-          f"{before.get('reward', float('nan')):.3f}, world {before['world_score']}")  # fmt: skip
+    print(f"[rlhf/{name}] kl_coef {cfg.kl_coef}, anchor {cfg.anchor}, seed {seed}; start: RM reward "
+          f"{_num(before.get('reward'))}, world {_num(before['world_score'])}")  # fmt: skip
     args = trl.RLOOConfig(
         **trainer_args(cfg.train, folder / "checkpoints", seed, trains_in_bf16(recipe.model.dtype),
                        recipe.tracking.wandb, f"{recipe.name}/rlhf/{name}"),
@@ -215,8 +215,13 @@ def train_run(
     (folder / "figures.json").write_text(json.dumps(result, indent=2) + "\n")
     curves_plot(metrics, folder / "curves.png", f"rlhf/{name} (kl_coef {cfg.kl_coef}, anchor {cfg.anchor})")
     (folder / "RUN_DONE").write_text("")
-    print(f"[rlhf/{name}] reward {before.get('reward', 0):.3f} → {after.get('reward', 0):.3f}, KL to start "
-          f"{after['kl']:.3f}, world {before['world_score']} → {after['world_score']}")  # fmt: skip
+    print(f"[rlhf/{name}] RM reward {_num(before.get('reward'))} → {_num(after.get('reward'))}, KL to start "
+          f"{after['kl']:.3f}, world {_num(before['world_score'])} → {_num(after['world_score'])}")  # fmt: skip
+
+
+def _num(v: float | None) -> str:
+    """A figure for a log line: three decimals, or – where there is none (no RM, off the built-in world)."""
+    return "–" if v is None else f"{v:.3f}"
 
 
 def rloo_trainer(base: type) -> type:
