@@ -160,6 +160,9 @@ def sweep_table(variants: list[tuple[dict[str, str], Path]], stages: list[str]) 
             for k in KEY_FIGURES.get(stage, ()):
                 if s.get(k) is not None:
                     figs[f"{stage} {k}"] = _fmt(s[k])
+            for label, r in s.items() if stage == "eval" else ():  # every evaluated model's world score
+                if isinstance(r, dict) and r.get("world_score") is not None:
+                    figs[f"eval {label} world"] = _fmt(r["world_score"])
             for name, r in (s.get("runs") or {}).items() if stage == "rlhf" else ():
                 for k, v in (("reward", r["end"].get("reward")), ("KL", r["end"].get("kl")),
                              ("world", r["end"].get("world_score"))):  # fmt: skip

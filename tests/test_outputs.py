@@ -66,3 +66,19 @@ def test_the_report_tells_stale_and_failed_stages_from_current_ones(tmp_path):
     assert states == {"data": "done", "sft": "done", "distill": "failed or incomplete",
                       "rm": "stale (made from an older sft)", "rlhf": "stale (made from an older rm)"}  # fmt: skip
     assert "| `rm` | stale (made from an older sft) |" in stage_table(tmp_path)
+
+
+def test_a_sweep_table_gives_each_evaluated_models_world_score(tmp_path):
+    from posttrain.report import sweep_table
+
+    runs = []
+    for window, score in (("64", 0.59), ("32", 0.36)):
+        folder = tmp_path / f"w{window}" / "eval"
+        folder.mkdir(parents=True)
+        (folder / "DONE").write_text(json.dumps({"config_hash": window, "parents": {}}))
+        summary = {"summary": True, "wall_time_s": 30.0, "sft": {"world_score": score, "kl": 0.0}}
+        (folder / "metrics.jsonl").write_text(json.dumps(summary) + "\n")
+        runs.append(({"eval.sliding_window": window}, folder.parent))
+    table = sweep_table(runs, ["eval"])
+    assert "| eval.sliding_window | eval sft world | run |" in table
+    assert "| 64 | 0.590 |" in table and "| 32 | 0.360 |" in table
