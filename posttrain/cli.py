@@ -116,6 +116,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if done and done.get("config_hash") == want and name not in forced:
             print(f"[run] skip {name}: {folder} is done with the same config and parents ({want})")
             continue
+        failed = _failed_gate(folder, want)
+        if failed and name not in forced:  # the same config fails the same way: do not retrain it
+            print(f"[run] {name}: failed its quality gate with this config earlier ({failed}); `--force` reruns it",
+                  file=sys.stderr)  # fmt: skip
+            if args.dry_run:
+                continue
+            _print_reports(recipe.run_dir, stages)
+            print(f"[run] stage {name} failed; later stages were not started", file=sys.stderr)
+            return 1
         why = "forced" if name in forced else ("config or parents changed" if done else "not done yet")
         print(f"[run] {name} ({why}): {' '.join(cmd)}", flush=True)
         if args.dry_run:
@@ -264,6 +273,17 @@ def _reuse(source: Path, folder: Path, want: str, dry_run: bool) -> dict | None:
         shutil.copytree(source, tmp, copy_function=link)
         replace_folder(tmp, folder)
     return done
+
+
+def _failed_gate(folder: Path, want: str) -> str | None:
+    """The recorded gate failure of a stage run with config hash `want`, if its last attempt failed so."""
+    partial = folder.with_name(folder.name + ".partial")
+    try:
+        if (partial / "STAGE_HASH").read_text().strip() == want:
+            return (partial / "GATE_FAILED").read_text().strip()
+    except OSError:
+        pass
+    return None
 
 
 def _print_reports(run_dir: Path, stages: list[str]) -> None:

@@ -97,23 +97,26 @@ def _fmt(v) -> str:
 
 
 def stage_states(run_dir: Path) -> dict[str, tuple[Path, str]]:
-    """Each stage with an output folder → (folder, status): `done`; `failed or incomplete` (its `.partial`
-    folder, when that is newer than a finished one: the last attempt failed); `stale (made from an older X)` when
-    a parent X was rerun after it (its DONE names parent hashes the parents no longer have), or X is stale."""
+    """Each stage with an output folder → (folder, status): `done`; `stale (made from an older X)` when a parent X
+    was rerun after it (its DONE names parent hashes the parents no longer have) or X is not current itself; and
+    `failed or incomplete` — its `.partial` folder — when there is no current finished output beside it (a
+    `.partial` next to a current output is an attempt with another config that failed; the output stands)."""
     from posttrain.outputs import read_done
 
     out: dict[str, tuple[Path, str]] = {}
     for stage in STAGE_ORDER:
         done, partial = run_dir / stage, run_dir / f"{stage}.partial"
-        record = read_done(done)
-        if partial.exists() and (record is None or partial.stat().st_mtime > (done / "DONE").stat().st_mtime):
-            out[stage] = (partial, "failed or incomplete")
-        elif record is not None:
+        record, status = read_done(done), None
+        if record is not None:
             older = [
                 p for p, h in record.get("parents", {}).items()
                 if (read_done(run_dir / p) or {}).get("config_hash") != h or out.get(p, (0, "done"))[1] != "done"
             ]  # fmt: skip
-            out[stage] = (done, f"stale (made from an older {', '.join(older)})" if older else "done")
+            status = f"stale (made from an older {', '.join(older)})" if older else "done"
+        if partial.exists() and status != "done":
+            out[stage] = (partial, "failed or incomplete")
+        elif status is not None:
+            out[stage] = (done, status)
     return out
 
 

@@ -47,23 +47,22 @@ def test_empty_truncated_and_missing_shards_are_named(tmp_path):
 
 
 def test_the_report_tells_stale_and_failed_stages_from_current_ones(tmp_path):
-    import os
-
     from posttrain.report import stage_states, stage_table
 
-    def done(stage, h, parents, mtime):
+    def done(stage, h, parents):
         (tmp_path / stage).mkdir()
         (tmp_path / stage / "DONE").write_text(json.dumps({"config_hash": h, "parents": parents}))
-        os.utime(tmp_path / stage / "DONE", (mtime, mtime))
 
-    done("data", "d1", {}, 100)
-    done("sft", "s2", {"data": "d1"}, 300)  # rerun with a new config
-    done("rm", "r1", {"data": "d1", "sft": "s1"}, 200)  # made from the older sft
-    done("rlhf", "l1", {"rm": "r1"}, 210)  # its rm still matches, but that rm is stale
-    done("distill", "t1", {"sft": "s2"}, 310)
-    (tmp_path / "distill.partial").mkdir()  # a later attempt that failed
+    done("data", "d1", {})
+    done("sft", "s2", {"data": "d1"})  # rerun with a new config
+    done("rm", "r1", {"data": "d1", "sft": "s1"})  # made from the older sft
+    done("rlhf", "l1", {"rm": "r1"})  # its rm still matches, but that rm is stale
+    done("distill", "t1", {"sft": "s1"})
+    (tmp_path / "distill.partial").mkdir()  # the rerun on the new sft failed
+    done("generate", "g1", {"data": "d1"})
+    (tmp_path / "generate.partial").mkdir()  # an attempt with another config failed; the output stands
     states = {k: v[1] for k, v in stage_states(tmp_path).items()}
-    assert states == {"data": "done", "sft": "done", "distill": "failed or incomplete",
+    assert states == {"data": "done", "generate": "done", "sft": "done", "distill": "failed or incomplete",
                       "rm": "stale (made from an older sft)", "rlhf": "stale (made from an older rm)"}  # fmt: skip
     assert "| `rm` | stale (made from an older sft) |" in stage_table(tmp_path)
 

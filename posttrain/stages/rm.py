@@ -45,6 +45,9 @@ class GateError(StageError):
     """The reward model is not good enough to hand to RL."""
 
 
+GATE_FAILED = "GATE_FAILED"  # in rm.partial/: the gate's message; with STAGE_HASH, the config that failed it
+
+
 def parents(recipe: Recipe) -> list[str]:
     out = ["data", "sft"] if recipe.rm.source == "policy" else []
     if recipe.rm.init_from and recipe.rm.init_from not in out:
@@ -128,11 +131,16 @@ def main(recipe: Recipe) -> Path:
                        "heldout_loss": after["loss"], "length_correlation": after["length_correlation"],
                        "gold_over_policy_wrong": after.get("gold_over_policy_wrong")}  # fmt: skip
         if after["accuracy"] < cfg.min_accuracy:
-            raise GateError(
+            message = (
                 f"reward model gate: held-out accuracy {after['accuracy']:.3f} < rm.min_accuracy {cfg.min_accuracy} "
                 f"(loss {after['loss']:.3f}, length correlation {after['length_correlation']:.2f}, "
                 f"{after['pairs']} pairs); the model and report are in {out.path} — more pairs or steps, or a larger RM"
             )
+            if (
+                is_main()
+            ):  # the runner does not retrain a model that failed with the same config (--force does)
+                (out.path / GATE_FAILED).write_text(message + "\n")
+            raise GateError(message)
     return out.final
 
 
