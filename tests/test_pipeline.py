@@ -332,7 +332,9 @@ def _same_training(one, two) -> None:
 
     assert len(one[0]) == len(two[0]) == 8
     assert one[0] == pytest.approx(two[0], rel=1e-4), (one[0], two[0])
-    assert all(torch.allclose(one[1][k], two[1][k], atol=1e-5) for k in one[1])
+    # 8 Adam steps at lr 3e-3: the processes' gradients are summed in another order, and Adam's normalisation
+    # enlarges that fp32 rounding where a gradient is near zero (measured: up to 4e-5 with DDP, 2e-4 with ZeRO-3)
+    assert all(torch.allclose(one[1][k], two[1][k], atol=5e-4) for k in one[1])
 
 
 @pytest.mark.dist
