@@ -288,12 +288,13 @@ def _failed_gate(folder: Path, want: str) -> str | None:
 
 def _print_reports(run_dir: Path, stages: list[str]) -> None:
     """The reports of the stages run so far (a gate-failed stage's from its .partial folder), then the table."""
-    from posttrain.report import stage_folder, world_table
+    from posttrain.report import stage_states, world_table
 
     reports = (("data", "data_report.md"), ("generate", "generate_report.md"), ("rm", "rm_report.md"),
                ("merge", "merge_report.md"))  # fmt: skip
+    states = stage_states(run_dir)  # a stage with no current output shows its failed attempt (.partial)
     for name, report in reports:
-        folder, _ = stage_folder(run_dir, name)  # the newest attempt: a gate-failed stage's .partial
+        folder, _ = states.get(name, (None, ""))
         if name in stages and folder is not None and (folder / report).exists():
             print("\n" + (folder / report).read_text())
     table = world_table(run_dir)

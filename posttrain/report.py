@@ -19,18 +19,19 @@ def _wall(folder: Path) -> str:
 def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
     """(label, {"score", "per_task"}, wall) for every model of the run that was scored on the world."""
     out: list[tuple[str, dict, str]] = []
+    current = current_stages(run_dir)
     for stage in ("teacher", "sft"):
         path = run_dir / stage / "eval.json"
-        if path.exists() and _current(run_dir, stage):
+        if path.exists() and stage in current:
             ev = json.loads(path.read_text())
             out += [
                 (f"{stage}: untrained", ev.get("before"), ""),
                 (f"{stage}: trained", ev.get("after"), _wall(run_dir / stage)),
             ]
     path = run_dir / "distill" / "eval.json"
-    if path.exists() and _current(run_dir, "distill"):
+    if path.exists() and "distill" in current:
         out.append(("distill", json.loads(path.read_text()).get("distill"), _wall(run_dir / "distill")))
-    for fig in sorted((run_dir / "rlhf").glob("*/figures.json")) if _current(run_dir, "rlhf") else ():
+    for fig in sorted((run_dir / "rlhf").glob("*/figures.json")) if "rlhf" in current else ():
         end = json.loads(fig.read_text())["end"]
         res = (
             {"score": end["world_score"], "per_task": end["world_per_task"]}
@@ -39,7 +40,7 @@ def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
         )
         out.append((f"rlhf: {fig.parent.name}", res, ""))
     path = run_dir / "merge" / "points.json"
-    if path.exists() and _current(run_dir, "merge"):
+    if path.exists() and "merge" in current:
         for p in json.loads(path.read_text()):
             if p["kind"] == "merge" and p.get("world_per_task"):
                 out.append(
@@ -103,14 +104,15 @@ def stage_states(run_dir: Path) -> dict[str, tuple[Path, str]]:
     `.partial` next to a current output is an attempt with another config that failed; the output stands)."""
     from posttrain.outputs import read_done
 
+    records = {stage: read_done(run_dir / stage) for stage in STAGE_ORDER}
     out: dict[str, tuple[Path, str]] = {}
     for stage in STAGE_ORDER:
         done, partial = run_dir / stage, run_dir / f"{stage}.partial"
-        record, status = read_done(done), None
+        record, status = records[stage], None
         if record is not None:
             older = [
                 p for p, h in record.get("parents", {}).items()
-                if (read_done(run_dir / p) or {}).get("config_hash") != h or out.get(p, (0, "done"))[1] != "done"
+                if (records.get(p) or {}).get("config_hash") != h or out.get(p, (0, "done"))[1] != "done"
             ]  # fmt: skip
             status = f"stale (made from an older {', '.join(older)})" if older else "done"
         if partial.exists() and status != "done":
@@ -120,21 +122,14 @@ def stage_states(run_dir: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
-def _current(run_dir: Path, stage: str) -> bool:
-    return stage_states(run_dir).get(stage, (None, ""))[1] == "done"
-
-
-def stage_folder(run_dir: Path, stage: str) -> tuple[Path | None, str]:
-    """The stage's newest output folder and its status (`stage_states`), or (None, "not run")."""
-    return stage_states(run_dir).get(stage, (None, "not run"))
+def current_stages(run_dir: Path) -> set[str]:
+    """The stages whose finished output is current (`stage_states` says `done`)."""
+    return {stage for stage, (_, status) in stage_states(run_dir).items() if status == "done"}
 
 
 def stage_table(run_dir: Path) -> str:
     lines = ["| stage | status | wall | figures |", "|---|---|---:|---|"]
-    for stage in STAGE_ORDER:
-        folder, status = stage_folder(run_dir, stage)
-        if folder is None:
-            continue
+    for stage, (folder, status) in stage_states(run_dir).items():
         s = _summary(folder)
         figs = ", ".join(f"{k} {_fmt(s[k])}" for k in KEY_FIGURES.get(stage, ()) if s.get(k) is not None)
         if stage == "rlhf" and s.get("runs"):
@@ -155,8 +150,9 @@ def sweep_table(variants: list[tuple[dict[str, str], Path]], stages: list[str]) 
     rows, columns = [], []
     for labels, run_dir in variants:
         figs: dict[str, str] = {}
+        states = stage_states(run_dir)
         for stage in stages:
-            folder, status = stage_folder(run_dir, stage)
+            folder, status = states.get(stage, (None, "not run"))
             s = _summary(folder) if folder else {}
             if not s:
                 figs[f"{stage}"] = status
@@ -184,7 +180,7 @@ def sweep_table(variants: list[tuple[dict[str, str], Path]], stages: list[str]) 
 
 def rl_section(run_dir: Path) -> str:
     figs = sorted((run_dir / "rlhf").glob("*/figures.json"))
-    if not figs or not _current(run_dir, "rlhf"):
+    if not figs or "rlhf" not in current_stages(run_dir):
         return ""
     lines = ["## RL runs", "",
              "| run | kl_coef | anchor | RM reward start → end | KL to start (k1 / k3) | world score start → end | length |",
@@ -206,21 +202,23 @@ def write_report(run_dir: Path) -> Path:
     and filter counts, the RM gate, the RL curves and the reward–KL plot of the runs and merges."""
     run_dir = Path(run_dir)
     parts = [f"# Run report: {run_dir.name}\n", stage_table(run_dir), world_table(run_dir)]
-    if (run_dir / "eval" / REPORTS["eval"]).exists() and _current(run_dir, "eval"):
+    states = stage_states(run_dir)
+    current = {stage for stage, (_, status) in states.items() if status == "done"}
+    if (run_dir / "eval" / REPORTS["eval"]).exists() and "eval" in current:
         parts.append((run_dir / "eval" / REPORTS["eval"]).read_text())
     ev = run_dir / "distill" / "eval.json"
-    if ev.exists() and _current(run_dir, "distill"):
+    if ev.exists() and "distill" in current:
         d = json.loads(ev.read_text())
         if d.get("gap_closed") is not None:
             parts.append(f"Distillation: world score {d['sft']['score']:.3f} (student after SFT) → "
                          f"{d['distill']['score']:.3f} (after distillation); teacher {d['teacher']['score']:.3f}: "
                          f"**{d['gap_closed']:.0%}** of the student–teacher gap closed.\n")  # fmt: skip
     for stage in ("data", "generate", "rm"):
-        folder, _ = stage_folder(run_dir, stage)
+        folder, _ = states.get(stage, (None, ""))
         if folder is not None and (folder / REPORTS[stage]).exists():
             parts.append((folder / REPORTS[stage]).read_text())
     parts.append(rl_section(run_dir))
-    if (run_dir / "merge" / REPORTS["merge"]).exists() and _current(run_dir, "merge"):
+    if (run_dir / "merge" / REPORTS["merge"]).exists() and "merge" in current:
         parts.append((run_dir / "merge" / REPORTS["merge"]).read_text())
         parts.append("![reward against KL: the RL runs and their merges](merge/reward_kl.png)\n")
     md = "\n".join(p for p in parts if p)

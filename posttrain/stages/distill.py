@@ -45,7 +45,8 @@ def parents(recipe: Recipe) -> list[str]:
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
     return {"distill": recipe.distill, "model": recipe.model, "teacher": recipe.teacher, "chat": recipe.chat,
-            "eval": recipe.eval.during_training(), "seed": recipe.seed_for("distill"), "tracking": recipe.tracking.wandb}  # fmt: skip
+            "eval": recipe.eval.during_training(), "seed": recipe.seed_for("distill"),
+            "tracking": recipe.tracking.wandb}  # fmt: skip
 
 
 def teacher_spec(recipe: Recipe) -> ModelSpec:

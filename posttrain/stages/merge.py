@@ -30,8 +30,8 @@ def parents(recipe: Recipe) -> list[str]:
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
-    return {"merge": recipe.merge, "chat": recipe.chat, "eval": recipe.eval.during_training(), "seed": recipe.seed_for("merge"),
-            "max_new_tokens": recipe.rlhf and recipe.rlhf.max_new_tokens}  # fmt: skip
+    return {"merge": recipe.merge, "chat": recipe.chat, "eval": recipe.eval.during_training(),
+            "seed": recipe.seed_for("merge"), "max_new_tokens": recipe.rlhf and recipe.rlhf.max_new_tokens}  # fmt: skip
 
 
 def main(recipe: Recipe) -> Path:

@@ -136,9 +136,8 @@ def main(recipe: Recipe) -> Path:
                 f"(loss {after['loss']:.3f}, length correlation {after['length_correlation']:.2f}, "
                 f"{after['pairs']} pairs); the model and report are in {out.path} — more pairs or steps, or a larger RM"
             )
-            if (
-                is_main()
-            ):  # the runner does not retrain a model that failed with the same config (--force does)
+            # the runner does not retrain a model that failed with the same config (--force does)
+            if is_main():
                 (out.path / GATE_FAILED).write_text(message + "\n")
             raise GateError(message)
     return out.final
