@@ -437,7 +437,12 @@ class _Builder:
         if origin is dict:
             if not isinstance(value, dict):
                 return self._bad(tp, value, path)
-            return {str(k): self.convert(args[1], v, path + (str(k),)) for k, v in value.items()}
+            # an entry set to null is left out: how an extending recipe drops an inherited one (e.g. an RL run)
+            return {
+                str(k): self.convert(args[1], v, path + (str(k),))
+                for k, v in value.items()
+                if v is not None or _allows_none(args[1])
+            }
         if tp is bool:
             return value if isinstance(value, bool) else self._bad(tp, value, path)
         if tp is int:

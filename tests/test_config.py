@@ -80,6 +80,16 @@ def test_extends_merges_and_overrides(tmp_path):
     assert (r.name, r.seed, r.chat.system, r.chat.max_length) == ("child", 1, "reject", 100)
 
 
+def test_extends_drops_an_entry_set_to_null(tmp_path):
+    base = "name: base\n" + MODEL + "rlhf:\n  runs:\n    a: {kl_coef: 0.1}\n    b: {kl_coef: 0.2}\n"
+    write(tmp_path, "base.yaml", base)
+    child = write(
+        tmp_path, "child.yaml", "extends: base.yaml\nname: child\nrlhf:\n  runs: {a: null, c: {seed: 3}}\n"
+    )
+    r = load_recipe(child)
+    assert sorted(r.rlhf.runs) == ["b", "c"] and r.rlhf.runs["b"].kl_coef == 0.2
+
+
 def test_extends_error_points_at_child_file(tmp_path):
     write(tmp_path, "base.yaml", "name: base\n" + MODEL)
     child = write(tmp_path, "child.yaml", "extends: base.yaml\nname: child\nchat:\n  trian_on: last\n")
