@@ -35,6 +35,8 @@ class DistillConfig:
     on_policy_fraction: the share of batches whose responses the student samples; the rest use the teacher's
     responses from the `generate` stage (GKD's λ). temperature: of sampling and of both distributions in the loss.
     max_new_tokens: the longest sampled response. prompts: how many training prompts to use (0: all).
+    balance_tasks: draw the prompts with equal weight per task family (the rows' `task` field), the rarer families
+    repeated, so that a family with few prompts is not forgotten.
     train: steps, batch size, learning rate …; `eval_steps` also sets how often the world score is measured.
     """
 
@@ -44,6 +46,7 @@ class DistillConfig:
     temperature: float = 1.0
     max_new_tokens: int = 64
     prompts: int = 0
+    balance_tasks: bool = False
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, learning_rate=1e-6))
 
     def problems(self) -> list[str]:

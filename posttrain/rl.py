@@ -6,7 +6,7 @@ the sampled distribution differ from the one scored, and the KL estimate unsound
 
     R_i   = r_RM(x, y_i) − β · Σ_t (log π(y_i,t) − log π_ref(y_i,t))         (β = rlhf.kl_coef; k1 estimate)
     A_i   = R_i − (1 / (k − 1)) Σ_{j ≠ i} R_j                                 (leave-one-out baseline)
-    L(θ)  = − Σ_i A_i · Σ_t log π_θ(y_i,t | x, y_i,<t) / |tokens|
+    L(θ)  = − (1/N) Σ_i A_i · Σ_t log π_θ(y_i,t | x, y_i,<t)                    (N responses in the batch)
 
 KL estimators per token, with r = log π_ref − log π on the policy's own samples (Schulman 2020):
 k1 = −r (unbiased, noisy, can be negative per token), k3 = e^r − 1 − r (unbiased, ≥ 0).
@@ -49,7 +49,9 @@ class RLConfig:
     init_from: the policy (and the KL reference) to start from — `auto` is `distill` when the recipe distils,
     else `sft`. kl_coef: β above. anchor: `init` (the starting policy) or `ema` (WARP) with rate `ema_rate`.
     samples_per_prompt: k ≥ 2. temperature: of sampling and of the log-probabilities trained. prompts: how many
-    training prompts (0: all). train.batch_size counts responses (a multiple of k). runs: named variants, each
+    training prompts (0: all). balance_tasks: draw the training prompts with equal weight per task family (the
+    rows' `task` field), rarer families repeated, so that a family with few prompts is not drowned by the others'
+    updates. train.batch_size counts responses (a multiple of k). runs: named variants, each
     written to `rlhf/<run>/` (default: one run, `main`). reward: `rm` (the `rm` stage's model, Gemma 2's RLHF) or
     `world` (the built-in world's verifiers: 1 for a right response, else 0 — the true reward that the RM
     approximates; with it the stage needs no RM, which separates what RL does from what the RM knows).
@@ -64,6 +66,7 @@ class RLConfig:
     temperature: float = 1.0
     max_new_tokens: int = 64
     prompts: int = 0
+    balance_tasks: bool = False
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, learning_rate=1e-6))
     runs: dict[str, RLRun] = field(default_factory=dict)
 

@@ -14,6 +14,7 @@ from posttrain.chat import render
 from posttrain.config import ChatConfig, load_recipe
 from posttrain.data.filters import FilterConfig, apply_filters
 from posttrain.data.formats import DataError, length_check, read_rows, truncate_left
+from posttrain.data.sources import balanced_prompts
 from posttrain.world import DefectRates, WorldConfig, eval_split, raw_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,3 +176,12 @@ def test_too_many_dropped_is_an_error_that_says_the_limit():
     ):
         check_dropped("train", 6, 100, 0.05, "data.max_dropped_fraction", "rows do not fit", "raise it")
     check_dropped("eval", 0, 0, 0.0, "k", "d", "f")  # nothing to drop from
+
+
+def test_balanced_prompts_draw_each_family_equally():
+    tasks = {f"a{i}": "add" for i in range(6)} | {"i0": "identity", "i1": "identity"} | {"x": None}
+    keys = balanced_prompts(tasks, seed=3)
+    assert len(keys) == 18  # 3 families × the largest one's 6
+    assert sorted(k for k in keys if k.startswith("a")) == sorted(tasks)[:6]  # each add prompt once
+    assert keys.count("i0") == keys.count("i1") == 3 and keys.count("x") == 6
+    assert balanced_prompts(tasks, seed=3) == keys and balanced_prompts({}, 0) == []

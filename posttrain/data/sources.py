@@ -73,3 +73,19 @@ def load_split(cfg: DataConfig, which: str, fmt: str, system: str) -> list[dict[
             r.setdefault("id", r["_where"])
         return rows
     return load_hf(name, cfg.hf_train_split if which == "train" else cfg.hf_eval_split, fmt, system)
+
+
+def balanced_prompts(tasks: dict[str, str | None], seed: int = 0) -> list[str]:
+    """Prompt keys → their task family; returns the keys with every family repeated up to the largest one's size
+    (each family's keys in a seeded order, cycled), so that uniform sampling draws each family equally often."""
+    import random
+
+    groups: dict[str | None, list[str]] = {}
+    for key, task in tasks.items():
+        groups.setdefault(task, []).append(key)
+    size, rng, out = max((len(g) for g in groups.values()), default=0), random.Random(seed), []
+    for task in sorted(groups, key=str):
+        keys = groups[task][:]
+        rng.shuffle(keys)
+        out += [keys[i % len(keys)] for i in range(size)]
+    return out

@@ -140,6 +140,8 @@ def main(recipe: Recipe) -> Path:
         import trl
         from datasets import Dataset
 
+        from posttrain.data.sources import balanced_prompts
+
         args = trl.DistillationConfig(
             **trainer_args(cfg.train, out.path / "checkpoints", seed, trains_in_bf16(recipe.model.dtype),
                            recipe.tracking.wandb, f"{recipe.name}/distill"),
@@ -148,9 +150,12 @@ def main(recipe: Recipe) -> Path:
             **cfg.train.trl,
         )  # fmt: skip
         args.eval_strategy = "no"
+        keys = list(table)
+        if cfg.balance_tasks:  # every task family drawn equally often, the rarer ones repeated
+            keys = balanced_prompts({str(r.get("id", i)): r.get("task") for i, r in enumerate(rows)}, seed)
         trainer = mixed_policy_trainer(trl.DistillationTrainer)(
             model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
-            train_dataset=Dataset.from_dict({"prompt": list(table)}),
+            train_dataset=Dataset.from_dict({"prompt": keys}),
         )  # fmt: skip
         trainer.setup(table, cfg.on_policy_fraction, seed)
         use_step_lines(trainer, out.log, args.max_steps)

@@ -2,7 +2,7 @@
 starting policy (or toward an EMA of the policy, WARP) — Gemma 2's RLHF, in `posttrain.rl`'s notation:
 
     R_i = r_RM(x, y_i) − β Σ_t (log π(y_i,t) − log π_ref(y_i,t)),   A_i = R_i − mean_{j≠i} R_j,
-    L(θ) = − Σ_i A_i Σ_t log π_θ(y_i,t) / |tokens|
+    L(θ) = − (1/N) Σ_i A_i Σ_t log π_θ(y_i,t)          (N responses in the batch)
 
 Engine: TRL's `RLOOTrainer` (the KL enters the reward as above). The project's own parts: prompts rendered by
 `posttrain.chat`; the reward read by `posttrain.reward` at the last real token of the conversation rendered as the
@@ -139,6 +139,7 @@ def train_run(
     import trl
     from datasets import Dataset
 
+    from posttrain.data.sources import balanced_prompts
     from posttrain.modeling import load_causal_lm, save_model, trains_in_bf16
     from posttrain.plots import curves_plot
     from posttrain.rl import policy_figures
@@ -185,9 +186,12 @@ def train_run(
         gradient_checkpointing=cfg.train.gradient_checkpointing, **cfg.train.trl,
     )  # fmt: skip
     args.eval_strategy = "no"
+    keys = list(table)
+    if cfg.balance_tasks:  # every task family drawn equally often, the rarer ones repeated
+        keys = balanced_prompts({k: table[k]["row"].get("task") for k in keys}, seed)
     trainer = rloo_trainer(trl.RLOOTrainer)(
         model=policy, reward_funcs=[reward_function(rm, tokenizer, table, recipe)], args=args,
-        train_dataset=Dataset.from_dict({"prompt": list(table)}), processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": keys}), processing_class=tokenizer,
     )  # fmt: skip
     trainer.setup(table)
     use_step_lines(trainer, log, args.max_steps)
