@@ -239,6 +239,12 @@ class Recipe:
                 f"rlhf.reward: 'world' scores responses with the built-in world's verifiers, but data.source is "
                 f"{self.data.source!r}; use reward: rm"
             )
+        for section, train in (("distill.train", self.distill and self.distill.train),
+                               ("rlhf.train", self.rlhf and self.rlhf.train), ("rm.train", self.rm.train)):  # fmt: skip
+            if train is not None and train.length_buckets > 1:
+                out.append(
+                    f"{section}.length_buckets: only the SFT stages (sft, teacher_train) cut batches by length"
+                )
         for section, train, spec in (
             ("sft", self.sft, self.model),
             ("teacher_train", self.teacher_train, self.teacher),

@@ -65,6 +65,10 @@ class TrainConfig:
     steps: optimizer steps. save_steps: checkpoint period (a killed run resumes from the last one).
     logging_steps: one console line and one metrics.jsonl row per this many steps. eval_steps: eval loss on the
     evaluation split every this many steps (0: at the end only). trl: extra `trl.SFTConfig` fields.
+    length_buckets (SFT stages): each step's batch — the same randomly drawn examples — is cut into this many
+    micro-batches of similar length, each padded only to its own longest row; the loss is still the token mean
+    over the whole batch, so only the padding changes (transformers' `batch_rebalance` sampler, seeded by the
+    stage's seed). Sorting whole batches by length instead (`group_by_length`) makes a batch one task family.
     """
 
     steps: int = 300
@@ -76,6 +80,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     packing: bool = False
+    length_buckets: int = 1
     gradient_checkpointing: bool = False
     save_steps: int = 200
     logging_steps: int = 10
@@ -85,7 +90,7 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         out = []
-        for k in ("steps", "batch_size", "grad_accum", "save_steps", "logging_steps"):
+        for k in ("steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "length_buckets"):
             if getattr(self, k) < 1:
                 out.append(f"{k}: {getattr(self, k)} must be at least 1")
         if self.eval_steps < 0:
@@ -94,6 +99,15 @@ class TrainConfig:
             out.append(f"learning_rate: {self.learning_rate} must be positive")
         if not 0.0 <= self.warmup_ratio < 1.0:
             out.append(f"warmup_ratio: {self.warmup_ratio} must be in [0, 1)")
+        if self.length_buckets > 1:
+            if self.batch_size % self.length_buckets:
+                out.append(
+                    f"length_buckets: {self.length_buckets} must divide batch_size ({self.batch_size})"
+                )
+            if self.packing:
+                out.append("length_buckets: packed rows have no padding to save; set length_buckets: 1")
+            if "train_sampling_strategy" in self.trl:
+                out.append("trl.train_sampling_strategy: length_buckets sets it; leave one of them out")
         out += trl_key_problems(self.trl)
         return out
 
@@ -164,9 +178,10 @@ def trainer_args(cfg: TrainConfig, out_dir: Path, seed: int, bf16: bool, wandb: 
     return dict(
         output_dir=str(out_dir),
         max_steps=cfg.steps,
-        per_device_train_batch_size=cfg.batch_size,
+        # length_buckets: the batch's rows are drawn together, then cut into micro-batches of similar length
+        per_device_train_batch_size=cfg.batch_size // cfg.length_buckets,
         per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_accumulation_steps=cfg.grad_accum * cfg.length_buckets,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=int(round(cfg.warmup_ratio * cfg.steps)),
@@ -185,6 +200,7 @@ def trainer_args(cfg: TrainConfig, out_dir: Path, seed: int, bf16: bool, wandb: 
         use_cpu=not torch.cuda.is_available(),
         report_to=["wandb"] if wandb else [],
         run_name=run_name,
+        **({"train_sampling_strategy": "batch_rebalance"} if cfg.length_buckets > 1 else {}),
     )
 
 
@@ -211,6 +227,14 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: TrainConfig, args, lo
                     "check the loss mask with `posttrain render --pretty`"
                 )
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if hasattr(
+                sampler, "effective_batch_size"
+            ):  # length_buckets: transformers seeds it with 42 otherwise
+                sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return sampler
 
     peft_config = None
     if cfg.lora.enabled:

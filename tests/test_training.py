@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from posttrain.config import ChatConfig, ConfigError, ModelSpec, from_dict
+from posttrain.config import ChatConfig, ConfigError, ModelSpec, from_dict, load_recipe
 from posttrain.modeling import load_causal_lm
 from posttrain.training import (
     TrainConfig,
@@ -21,6 +22,7 @@ from posttrain.training import (
     tokenize_rows,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 CHAT = ChatConfig(max_length=96)
 ROWS = [
     {"id": f"r{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
@@ -96,6 +98,37 @@ def test_gradient_accumulation_1x4_equals_4x1(tiny_tokenizer, tmp_path):
     scale = max(trained[0][n].abs().max().item() for n in trained[0])
     assert scale > 1e-4  # the step did something
     assert worst < 1e-5, worst
+
+
+def test_length_buckets_cut_each_batch_by_length_and_train_as_one_batch(tiny_tokenizer, tmp_path):
+    """length_buckets 2: the step's 4 rows come as 2 micro-batches, the shorter rows in one and the longer in the
+    other, each padded to its own longest row; the update equals one batch of the same 4 rows (SGD)."""
+    trained = []
+    for buckets in (1, 2):
+        tr, _, _ = _trainer(tiny_tokenizer, tmp_path / f"b{buckets}", steps=1, length_buckets=buckets,
+                            max_grad_norm=1e9, trl={"optim": "sgd"}, seed=0)  # fmt: skip
+        if buckets == 2:
+            micro = list(tr.get_train_dataloader())[:2]
+            lens = [m["attention_mask"].sum(-1).tolist() for m in micro]
+            assert sum(len(x) for x in lens) == 4
+            assert max(lens[0]) <= min(lens[1]) or max(lens[1]) <= min(lens[0])
+            assert [m["input_ids"].shape[1] for m in micro] == [
+                max(x) for x in lens
+            ]  # padded to its own longest
+            assert tr._get_train_sampler().seed == tr.args.data_seed
+        init = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+        tr.train()
+        trained.append({n: p.detach() - init[n] for n, p in tr.model.named_parameters()})
+    worst = max((trained[0][n] - trained[1][n]).abs().max().item() for n in trained[0])
+    assert max(trained[0][n].abs().max().item() for n in trained[0]) > 1e-4
+    assert worst < 1e-5, worst
+
+
+def test_length_buckets_must_divide_the_batch_and_serve_sft_stages_only():
+    with pytest.raises(ConfigError, match="length_buckets: 3 must divide batch_size"):
+        from_dict(TrainConfig, {"batch_size": 4, "length_buckets": 3})
+    with pytest.raises(ConfigError, match="rlhf.train.length_buckets: only the SFT stages"):
+        load_recipe(ROOT / "recipes/tiny/pipeline.yaml", ["rlhf.train.length_buckets=2"])
 
 
 @pytest.mark.stage
