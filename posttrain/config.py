@@ -545,9 +545,24 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def _hashed(obj: Any) -> Any:
+    """`to_dict`, less the fields marked `posttrain.training.IF_SET` that hold their default."""
+    if dataclasses.is_dataclass(obj):
+        return {
+            f.name: _hashed(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.metadata.get("hash") == "if_set" and getattr(obj, f.name) == f.default)
+        }
+    if isinstance(obj, (list, tuple)):
+        return [_hashed(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): _hashed(v) for k, v in obj.items()}
+    return obj
+
+
 def config_hash(obj: Any) -> str:
     """Stable short hash of a config section (dataclass or plain data): same values → same hash."""
-    blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"), default=str)
+    blob = json.dumps(_hashed(obj), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

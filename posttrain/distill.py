@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from posttrain.training import TrainConfig
+from posttrain.training import IF_SET, TrainConfig
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ class DistillConfig:
     temperature: float = 1.0
     max_new_tokens: int = 64
     prompts: int = 0
-    balance_tasks: bool = False
+    balance_tasks: bool = field(default=False, metadata=IF_SET)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, learning_rate=1e-6))
 
     def problems(self) -> list[str]:

@@ -24,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from posttrain.training import TrainConfig
+from posttrain.training import IF_SET, TrainConfig
 
 if TYPE_CHECKING:
     import torch
@@ -66,7 +66,7 @@ class RLConfig:
     temperature: float = 1.0
     max_new_tokens: int = 64
     prompts: int = 0
-    balance_tasks: bool = False
+    balance_tasks: bool = field(default=False, metadata=IF_SET)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, learning_rate=1e-6))
     runs: dict[str, RLRun] = field(default_factory=dict)
 

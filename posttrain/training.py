@@ -28,6 +28,10 @@ from typing import Any, Literal
 from posttrain.data.formats import fit
 from posttrain.errors import StageError
 
+# Field metadata for a key added after runs were made whose default is the earlier behaviour: the key enters a
+# stage's config hash only when set to something else, so that finished stages stay valid (`config_hash`).
+IF_SET = {"hash": "if_set"}
+
 
 class TrainingError(StageError):
     """Training produced something that must not be saved (no trained tokens, a NaN, …)."""
@@ -80,7 +84,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     packing: bool = False
-    length_buckets: int = 1
+    length_buckets: int = field(default=1, metadata=IF_SET)
     gradient_checkpointing: bool = False
     save_steps: int = 200
     logging_steps: int = 10

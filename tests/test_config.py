@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,16 @@ def test_hash_is_stable_and_sensitive(tmp_path):
     assert config_hash(a) == config_hash(b) == config_hash(load_recipe(tmp_path / "a.yaml"))
     assert config_hash(a) != config_hash(c)
     assert config_hash(a.chat) == config_hash(b.chat) != config_hash(c.chat)
+
+
+def test_keys_added_later_enter_the_hash_only_when_set():
+    """length_buckets / balance_tasks at their default hash as before they existed (finished stages stay valid)."""
+    from posttrain.training import TrainConfig
+
+    plain = TrainConfig()
+    before = {f.name: getattr(plain, f.name) for f in dataclasses.fields(plain) if f.name != "length_buckets"}
+    assert config_hash(plain) == config_hash(before)
+    assert config_hash(dataclasses.replace(plain, length_buckets=2)) != config_hash(plain)
 
 
 def test_check_cli_reports_misspelled_key(tmp_path):
