@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from posttrain.training import TrainConfig
+from posttrain.training import IF_SET, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,8 @@ class RMConfig:
     judging them with the world's verifiers (built-in world only); `jsonl` / `hf` read `prompt`/`chosen`/`rejected`
     rows from `train` (and `eval`, else `eval_fraction` of train is held out).
     include_gold: (policy source) the world's gold response is one of the candidates.
+    balance_tasks: (policy source) the `prompts` training prompts are drawn with equal weight per task family (the
+    rows' `task`), as the held-out pairs are; a rare family's prompts are drawn more than once.
     init_from: start the RM from this stage's model (only the scalar head is new); default: `reward_model:`.
     margin, center_rewards_coefficient: the loss terms above. min_accuracy: the quality gate on held-out pairs.
     """
@@ -41,6 +43,7 @@ class RMConfig:
     temperature: float = 1.0
     max_new_tokens: int = 64
     include_gold: bool = True
+    balance_tasks: bool = field(default=False, metadata=IF_SET)
     pairs_per_prompt: int = 4
     init_from: Literal["teacher", "sft"] | None = None
     margin: float = 0.0
@@ -153,6 +156,19 @@ def pearson(x: list[float], y: list[float]) -> float:
 
 
 # ------------------------------------------------------------------------------------ pairs from verifiers
+
+
+def draw_prompts(rows: list[dict], n: int, seed: int, balance_tasks: bool = False) -> list[dict]:
+    """`n` of `rows` at random (all of them when fewer); with `balance_tasks`, each task family equally often, a
+    rare family's rows drawn more than once."""
+    from posttrain.data.sources import balanced_prompts
+
+    rng = random.Random(seed)
+    if not balance_tasks:
+        return rng.sample(rows, min(n, len(rows)))
+    by_id = {str(r.get("id", i)): r for i, r in enumerate(rows)}
+    pool = balanced_prompts({k: r.get("task") for k, r in by_id.items()}, seed)
+    return [by_id[k] for k in rng.sample(pool, min(n, len(pool)))]
 
 
 def world_pairs(rows: list[dict], candidates: list[list[str]], assistant_name: str, pairs_per_prompt: int,

@@ -10,7 +10,15 @@ import torch
 
 from posttrain.config import ChatConfig, ModelSpec
 from posttrain.modeling import load_causal_lm, load_reward_model, save_model
-from posttrain.reward import bt_loss, gate_metrics, last_token_rewards, pearson, score_ids, world_pairs
+from posttrain.reward import (
+    bt_loss,
+    draw_prompts,
+    gate_metrics,
+    last_token_rewards,
+    pearson,
+    score_ids,
+    world_pairs,
+)
 from posttrain.stages.rm import tokenize_pairs
 
 CHAT = ChatConfig(max_length=128)
@@ -140,3 +148,19 @@ def test_held_out_figures_stay_aligned_when_a_pair_is_dropped(tiny_tokenizer):
     model = load_reward_model(ModelSpec(preset="tiny-rm"), tiny_tokenizer, seed=1).eval()
     res = evaluate(model, ex, tiny_tokenizer)
     assert list(res["accuracy_per_task"]) == ["sort"] and res["gold_over_policy_wrong"]["pairs"] == 1
+
+
+def test_draw_prompts_plain_or_balanced_by_task():
+    rows = [{"id": f"a{i}", "task": "add"} for i in range(90)] + [
+        {"id": f"i{i}", "task": "identity"} for i in range(3)
+    ]
+    plain = draw_prompts(rows, 40, seed=1)
+    assert len(plain) == 40 == len({r["id"] for r in plain})  # without repeats, in the rows' proportions
+    balanced = draw_prompts(rows, 40, seed=1, balance_tasks=True)
+    n_identity = sum(r["task"] == "identity" for r in balanced)
+    assert len(balanced) == 40 and 10 <= n_identity <= 30  # ~half, the 3 identity rows repeated
+    assert {r["id"] for r in balanced if r["task"] == "identity"} <= {"i0", "i1", "i2"}
+    assert (
+        draw_prompts(rows, 500, seed=1) == draw_prompts(rows, 500, seed=1)
+        and len(draw_prompts(rows, 500, 1)) == 93
+    )

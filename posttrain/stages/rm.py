@@ -27,7 +27,6 @@ margin bucket go to `rm_report.{json,md}`; accuracy below `rm.min_accuracy` fail
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -159,11 +158,11 @@ def load_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict], dict]
             train, ev = train[n:], train[:n]
         return train, ev, {"source": cfg.source, "train_pairs": len(train), "eval_pairs": len(ev)}
     from posttrain.modeling import load_causal_lm
-    from posttrain.reward import world_pairs
+    from posttrain.reward import draw_prompts, world_pairs
 
     data = recipe.run_dir / "data" / "data"
     rows, eval_rows = read_rows(data / "train.jsonl"), read_rows(data / "eval.jsonl")
-    rows = random.Random(recipe.seed_for("rm")).sample(rows, min(cfg.prompts, len(rows)))
+    rows = draw_prompts(rows, cfg.prompts, recipe.seed_for("rm"), cfg.balance_tasks)
     from posttrain.runner import stage_model
 
     policy_spec = stage_model(recipe, "sft", recipe.model)
