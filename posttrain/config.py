@@ -534,35 +534,25 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def to_dict(obj: Any) -> Any:
-    """Dataclass → plain JSON/YAML-ready structure (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def _hashed(obj: Any) -> Any:
-    """`to_dict`, less the fields marked `posttrain.training.IF_SET` that hold their default."""
+def to_dict(obj: Any, for_hash: bool = False) -> Any:
+    """Dataclass → plain JSON/YAML-ready structure (tuples become lists). `for_hash` leaves out the fields marked
+    `posttrain.training.IF_SET` that hold their default."""
     if dataclasses.is_dataclass(obj):
         return {
-            f.name: _hashed(getattr(obj, f.name))
+            f.name: to_dict(getattr(obj, f.name), for_hash)
             for f in dataclasses.fields(obj)
-            if not (f.metadata.get("hash") == "if_set" and getattr(obj, f.name) == f.default)
+            if not (for_hash and f.metadata.get("hash") == "if_set" and getattr(obj, f.name) == f.default)
         }
     if isinstance(obj, (list, tuple)):
-        return [_hashed(v) for v in obj]
+        return [to_dict(v, for_hash) for v in obj]
     if isinstance(obj, dict):
-        return {str(k): _hashed(v) for k, v in obj.items()}
+        return {str(k): to_dict(v, for_hash) for k, v in obj.items()}
     return obj
 
 
 def config_hash(obj: Any) -> str:
     """Stable short hash of a config section (dataclass or plain data): same values → same hash."""
-    blob = json.dumps(_hashed(obj), sort_keys=True, separators=(",", ":"), default=str)
+    blob = json.dumps(to_dict(obj, for_hash=True), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -233,10 +233,10 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: TrainConfig, args, lo
             return super().training_step(model, inputs, num_items_in_batch)
 
         def _get_train_sampler(self, train_dataset=None):
+            from transformers.trainer_pt_utils import BatchRebalanceSampler
+
             sampler = super()._get_train_sampler(train_dataset)
-            if hasattr(
-                sampler, "effective_batch_size"
-            ):  # length_buckets: transformers seeds it with 42 otherwise
+            if isinstance(sampler, BatchRebalanceSampler):  # length_buckets; transformers seeds it with 42
                 sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return sampler
 
