@@ -218,6 +218,37 @@ def load_reward_model(
     return model
 
 
+def grow_layers(model: PreTrainedModel, n: int, seed: int = 0) -> PreTrainedModel:
+    """Append `n` freshly initialised decoder layers on top of a Gemma 2 model's stack (depth up-scaling), each
+    starting as the identity: its two output norms scale by (1 + weight) with weight = −1, so the sub-layers add
+    nothing until training moves those weights. The model's outputs are unchanged at the start; the new layers give
+    a reward model started from a smaller causal LM room to compare what the LM's layers compute.
+    Sliding and global attention keep alternating."""
+    if n <= 0:
+        return model
+    if model.config.model_type != "gemma2":
+        raise ModelError(
+            f"rm.extra_layers: adding layers is implemented for Gemma 2 models, not {model.config.model_type!r}"
+        )
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2DecoderLayer
+
+    config, stack = model.config, model.model
+    first = config.num_hidden_layers
+    types = list(config.layer_types)
+    types += [types[i - 2] if i >= 2 else "sliding_attention" for i in range(first, first + n)]
+    config.layer_types, config.num_hidden_layers = types, first + n
+    param = next(model.parameters())
+    torch.manual_seed(seed)
+    for i in range(first, first + n):
+        layer = Gemma2DecoderLayer(config, i)
+        layer.apply(model._init_weights)
+        with torch.no_grad():
+            layer.post_attention_layernorm.weight.fill_(-1.0)
+            layer.post_feedforward_layernorm.weight.fill_(-1.0)
+        stack.layers.append(layer.to(dtype=param.dtype, device=param.device))
+    return model
+
+
 def set_inference_window(model: PreTrainedModel, window: int) -> int:
     """Make the sliding-attention layers attend to the last `window` tokens from now on (masks and the KV cache
     both read the config); returns the window the model was trained with. Gemma 2-style models only."""

@@ -31,6 +31,8 @@ class RMConfig:
     balance_tasks: (policy source) the `prompts` training prompts are drawn with equal weight per task family (the
     rows' `task`), as the held-out pairs are; a rare family's prompts are drawn more than once.
     init_from: start the RM from this stage's model (only the scalar head is new); default: `reward_model:`.
+    extra_layers: decoder layers added on top of the starting model (Gemma 2), each starting as the identity
+    (`posttrain.modeling.grow_layers`): depth for comparing a response with what the LM's own layers predict.
     margin, center_rewards_coefficient: the loss terms above. min_accuracy: the quality gate on held-out pairs.
     """
 
@@ -46,6 +48,7 @@ class RMConfig:
     balance_tasks: bool = field(default=False, metadata=IF_SET)
     pairs_per_prompt: int = 4
     init_from: Literal["teacher", "sft"] | None = None
+    extra_layers: int = field(default=0, metadata=IF_SET)
     margin: float = 0.0
     center_rewards_coefficient: float = 0.0
     min_accuracy: float = 0.9
@@ -60,6 +63,10 @@ class RMConfig:
             )
         if self.samples_per_prompt < 2 and not self.include_gold:
             out.append("samples_per_prompt: at least 2 candidates per prompt are needed to form a pair")
+        if self.extra_layers < 0:
+            out.append(
+                f"extra_layers: {self.extra_layers} is negative; it counts decoder layers to add (0: none)"
+            )
         if not 0.0 <= self.min_accuracy <= 1.0 or not 0.0 < self.eval_fraction < 1.0:
             out.append("min_accuracy must be in [0, 1] and eval_fraction in (0, 1)")
         return out

@@ -306,3 +306,8 @@ def test_the_inference_window_changes_the_eval_stage_only():
         ablation.eval.sliding_window == 32
         and ablation.sft == load_recipe(ROOT / "recipes/tiny/pipeline.yaml").sft
     )
+
+
+def test_negative_rm_extra_layers_is_refused_by_key():
+    with pytest.raises(ConfigError, match=r"pipeline.yaml:\d+: rm: extra_layers: -1 is negative"):
+        load_recipe("recipes/tiny/pipeline.yaml", ["rm.extra_layers=-1"])

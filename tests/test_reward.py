@@ -4,12 +4,13 @@ figures, and pairs judged by the world's verifiers."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from posttrain.config import ChatConfig, ModelSpec
-from posttrain.modeling import load_causal_lm, load_reward_model, save_model
+from posttrain.modeling import ModelError, grow_layers, load_causal_lm, load_reward_model, save_model
 from posttrain.reward import (
     bt_loss,
     draw_prompts,
@@ -79,6 +80,31 @@ def test_only_the_head_is_new_when_starting_from_a_causal_lm(tiny_tokenizer, tmp
         else:
             assert torch.equal(p, lm_state[name]), name
     assert rm.config.num_labels == 1
+
+
+def test_added_layers_start_as_the_identity_and_survive_a_save(tiny_tokenizer, tmp_path):
+    model = load_reward_model(ModelSpec(preset="tiny-rm"), tiny_tokenizer, seed=3).eval()
+    seqs, pad = _seqs(tiny_tokenizer), tiny_tokenizer.pad_token_id
+    before = score_ids(model, seqs, pad)
+    grow_layers(model, 2, seed=4)
+    assert len(model.model.layers) == model.config.num_hidden_layers == 5
+    assert model.config.layer_types[-3:] == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert max(abs(a - b) for a, b in zip(before, score_ids(model, seqs, pad))) <= 1e-6
+    new = model.model.layers[3]  # trainable: one step moves the output norms away from the identity
+    model.train()
+    ids = torch.tensor([seqs[0]])
+    last_token_rewards(model, ids, torch.ones_like(ids)).sum().backward()
+    assert new.post_attention_layernorm.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        new.post_attention_layernorm.weight.fill_(0.0)
+    moved = score_ids(model.eval(), seqs, pad)
+    assert max(abs(a - b) for a, b in zip(before, moved)) > 1e-4
+    save_model(model, tiny_tokenizer, tmp_path / "rm")
+    again = load_reward_model(ModelSpec(name_or_path=str(tmp_path / "rm")), tiny_tokenizer).eval()
+    assert again.config.num_hidden_layers == 5
+    assert max(abs(a - b) for a, b in zip(moved, score_ids(again, seqs, pad))) <= 1e-5
+    with pytest.raises(ModelError, match="Gemma 2"):
+        grow_layers(SimpleNamespace(config=SimpleNamespace(model_type="llama")), 1)
 
 
 def test_untrained_rm_is_a_coin_on_balanced_pairs(tiny_tokenizer):

@@ -13,6 +13,8 @@ Held-out pairs are built the same way from the evaluation prompts. With `source:
 
 Model: `Gemma2ForSequenceClassification` with one output — from `reward_model:` or, with `rm.init_from`, from an
 earlier stage's model (only the head is new); Gemma 2's RM is larger than the policy, and so is the tiny one.
+`rm.extra_layers` adds decoder layers on top of the starting model, each starting as the identity
+(`posttrain.modeling.grow_layers`).
 Engine: TRL's `RewardTrainer`, with its loss replaced by the one above so that the reward is read at the last
 real token from the attention mask (TRL reads the model's output, which searches for the pad id).
 
@@ -78,7 +80,7 @@ def rm_spec(recipe: Recipe) -> ModelSpec:
 
 def main(recipe: Recipe) -> Path:
     from posttrain import runner
-    from posttrain.modeling import count_parameters, load_reward_model, load_tokenizer
+    from posttrain.modeling import count_parameters, grow_layers, load_reward_model, load_tokenizer
     from posttrain.training import gathered_state
 
     cfg, seed = recipe.rm, recipe.seed_for("rm")
@@ -106,7 +108,7 @@ def main(recipe: Recipe) -> Path:
             )
         print(f"[rm] {len(train_ex)} training pairs, {len(eval_ex)} held-out pairs; {counts}")
         # --- model
-        model = load_reward_model(spec, tokenizer, seed=seed)
+        model = grow_layers(load_reward_model(spec, tokenizer, seed=seed), cfg.extra_layers, seed)
         print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
         before = evaluate(model, eval_ex, tokenizer)
         # --- train
