@@ -235,7 +235,8 @@ def grow_layers(model: PreTrainedModel, n: int, seed: int = 0) -> PreTrainedMode
     config, stack = model.config, model.model
     first = config.num_hidden_layers
     types = list(config.layer_types)
-    types += [types[i - 2] if i >= 2 else "sliding_attention" for i in range(first, first + n)]
+    for i in range(first, first + n):  # the pattern two layers down
+        types.append(types[i - 2] if i >= 2 else "sliding_attention")
     config.layer_types, config.num_hidden_layers = types, first + n
     param = next(model.parameters())
     torch.manual_seed(seed)

@@ -90,6 +90,8 @@ def test_added_layers_start_as_the_identity_and_survive_a_save(tiny_tokenizer, t
     assert len(model.model.layers) == model.config.num_hidden_layers == 5
     assert model.config.layer_types[-3:] == ["sliding_attention", "full_attention", "sliding_attention"]
     assert max(abs(a - b) for a, b in zip(before, score_ids(model, seqs, pad))) <= 1e-6
+    deeper = grow_layers(load_reward_model(ModelSpec(preset="tiny-rm"), tiny_tokenizer, seed=3), 3)
+    assert deeper.config.layer_types[3:] == ["full_attention", "sliding_attention", "full_attention"]
     new = model.model.layers[3]  # trainable: one step moves the output norms away from the identity
     model.train()
     ids = torch.tensor([seqs[0]])
