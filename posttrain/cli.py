@@ -123,7 +123,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if args.dry_run:
                 continue
             _print_reports(recipe.run_dir, stages)
-            print(f"[run] stage {name} failed; later stages were not started", file=sys.stderr)
+            print(
+                f"[run] stage {name} failed its quality gate; later stages were not started", file=sys.stderr
+            )
             return 1
         why = "forced" if name in forced else ("config or parents changed" if done else "not done yet")
         print(f"[run] {name} ({why}): {' '.join(cmd)}", flush=True)
@@ -136,7 +138,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 print(f"[run] stage {name} stopped on SIGTERM (a training stage saves a checkpoint first); rerun "
                       "the same command to resume it", file=sys.stderr)  # fmt: skip
                 return STOPPED_EXIT
-            print(f"[run] stage {name} failed (exit {rc}); later stages were not started", file=sys.stderr)
+            gate = _failed_gate(folder, want)
+            why = f"failed its quality gate — {gate}" if gate else f"failed (exit {rc})"
+            print(f"[run] stage {name} {why}; later stages were not started", file=sys.stderr)
             return rc
         problems, tensors = check_exported(folder)
         if problems:

@@ -101,7 +101,8 @@ def stage_states(run_dir: Path) -> dict[str, tuple[Path, str]]:
     """Each stage with an output folder → (folder, status): `done`; `stale (made from an older X)` when a parent X
     was rerun after it (its DONE names parent hashes the parents no longer have) or X is not current itself; and
     `failed or incomplete` — its `.partial` folder — when there is no current finished output beside it (a
-    `.partial` next to a current output is an attempt with another config that failed; the output stands)."""
+    `.partial` next to a current output is an attempt with another config that failed; the output stands), or
+    `failed its quality gate` when that folder records a gate failure (`GATE_FAILED`, the `rm` stage)."""
     from posttrain.outputs import read_done
 
     records = {stage: read_done(run_dir / stage) for stage in STAGE_ORDER}
@@ -116,7 +117,8 @@ def stage_states(run_dir: Path) -> dict[str, tuple[Path, str]]:
             ]  # fmt: skip
             status = f"stale (made from an older {', '.join(older)})" if older else "done"
         if partial.exists() and status != "done":
-            out[stage] = (partial, "failed or incomplete")
+            gate = (partial / "GATE_FAILED").exists()
+            out[stage] = (partial, "failed its quality gate" if gate else "failed or incomplete")
         elif status is not None:
             out[stage] = (done, status)
     return out
@@ -138,9 +140,22 @@ def stage_table(run_dir: Path) -> str:
                 f"{_fmt(r['end']['kl'])}, world {_fmt(r['start']['world_score'])} → {_fmt(r['end']['world_score'])}"
                 for name, r in s["runs"].items()
             )  # fmt: skip
+        if status == "failed its quality gate":
+            figs = _gate_figures(folder)
         wall = f"{s['wall_time_s'] / 60:.1f} min" if "wall_time_s" in s else ""
         lines.append(f"| `{stage}` | {status} | {wall} | {figs} |")
     return "\n".join(lines) + "\n"
+
+
+def _gate_figures(folder: Path) -> str:
+    """A gate-failed attempt's held-out figures against its threshold (from its `rm_report.json`)."""
+    try:
+        report = json.loads((folder / "rm_report.json").read_text())
+        h = report["held_out"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    return (f"heldout_accuracy {_fmt(h['accuracy'])} < min_accuracy {_fmt(report.get('min_accuracy'))}, "
+            f"heldout_loss {_fmt(h['loss'])}, length_correlation {_fmt(h['length_correlation'])}")  # fmt: skip
 
 
 def sweep_table(variants: list[tuple[dict[str, str], Path]], stages: list[str]) -> str:

@@ -67,6 +67,21 @@ def test_the_report_tells_stale_and_failed_stages_from_current_ones(tmp_path):
     assert "| `rm` | stale (made from an older sft) |" in stage_table(tmp_path)
 
 
+def test_the_report_names_a_failed_gate_with_its_figures(tmp_path):
+    from posttrain.report import stage_states, stage_table
+
+    partial = tmp_path / "rm.partial"
+    partial.mkdir()
+    (partial / "GATE_FAILED").write_text("reward model gate: held-out accuracy 0.851 < rm.min_accuracy 0.9\n")
+    held_out = {"accuracy": 0.8505, "loss": 0.238, "length_correlation": 0.163}
+    (partial / "rm_report.json").write_text(json.dumps({"held_out": held_out, "min_accuracy": 0.9}))
+    (tmp_path / "sft.partial").mkdir()  # killed midway: no gate involved
+    states = {k: v[1] for k, v in stage_states(tmp_path).items()}
+    assert states == {"sft": "failed or incomplete", "rm": "failed its quality gate"}
+    assert ("| `rm` | failed its quality gate |  | heldout_accuracy 0.851 < min_accuracy 0.900, heldout_loss 0.238, "
+            "length_correlation 0.163 |") in stage_table(tmp_path)  # fmt: skip
+
+
 def test_a_sweep_table_gives_each_evaluated_models_world_score(tmp_path):
     from posttrain.report import sweep_table
 

@@ -197,6 +197,7 @@ def test_rm_below_the_gate_fails_with_its_figures_and_keeps_the_last_good_rm(smo
                        capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert p.returncode == 1 and "rm: failed its quality gate with this config earlier" in p.stderr
     assert "[run] rm (" not in p.stdout and "< rm.min_accuracy 1.0" in p.stderr
+    assert "[run] stage rm failed its quality gate; later stages were not started" in p.stderr
 
 
 def test_bench_prints_the_generation_ratio(capsys):
