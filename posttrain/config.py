@@ -240,10 +240,11 @@ class Recipe:
                 f"{self.data.source!r}; use reward: rm"
             )
         for section, train in (("distill.train", self.distill and self.distill.train),
-                               ("rlhf.train", self.rlhf and self.rlhf.train), ("rm.train", self.rm.train)):  # fmt: skip
+                               ("rlhf.train", self.rlhf and self.rlhf.train)):  # fmt: skip
             if train is not None and train.length_buckets > 1:
                 out.append(
-                    f"{section}.length_buckets: only the SFT stages (sft, teacher_train) cut batches by length"
+                    f"{section}.length_buckets: only the SFT stages (sft, teacher_train) and rm cut batches by "
+                    "length (RL and distillation batches are sampled responses)"
                 )
         for section, train, spec in (
             ("sft", self.sft, self.model),

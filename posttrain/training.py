@@ -69,10 +69,11 @@ class TrainConfig:
     steps: optimizer steps. save_steps: checkpoint period (a killed run resumes from the last one).
     logging_steps: one console line and one metrics.jsonl row per this many steps. eval_steps: eval loss on the
     evaluation split every this many steps (0: at the end only). trl: extra `trl.SFTConfig` fields.
-    length_buckets (SFT stages): each step's batch — the same randomly drawn examples — is cut into this many
-    micro-batches of similar length, each padded only to its own longest row; the loss is still the token mean
-    over the whole batch, so only the padding changes (transformers' `batch_rebalance` sampler, seeded by the
-    stage's seed). Sorting whole batches by length instead (`group_by_length`) makes a batch one task family.
+    length_buckets (SFT stages and rm): each step's batch — the same randomly drawn examples — is cut into this
+    many micro-batches of similar length, each padded only to its own longest row; the loss is still the token
+    mean (rm: the pair mean) over the whole batch, so only the padding changes (transformers' `batch_rebalance`
+    sampler, seeded by the stage's seed). Sorting whole batches by length instead (`group_by_length`) makes a
+    batch one task family.
     """
 
     steps: int = 300

@@ -192,3 +192,46 @@ def test_draw_prompts_plain_or_balanced_by_task():
         draw_prompts(rows, 500, seed=1) == draw_prompts(rows, 500, seed=1)
         and len(draw_prompts(rows, 500, 1)) == 93
     )
+
+
+def test_length_buckets_cut_a_step_by_length_and_leave_its_gradient_unchanged(tiny_tokenizer, tmp_path):
+    from pathlib import Path
+
+    from posttrain.config import load_recipe
+    from posttrain.stages.rm import build_trainer
+
+    root = Path(__file__).resolve().parents[1]
+    # one long pair and seven short ones: the length-balanced micro-batches differ in size
+    prompts = ["What is 2 + 3?"] * 7 + ["Reverse the word: " + "abcdefgh" * 8]
+    pairs = [{"id": f"p{i}", "prompt": [{"role": "user", "content": q}], "chosen": "5" * (1 + i % 3), "rejected": "x"}
+             for i, q in enumerate(prompts)]  # fmt: skip
+    examples, _ = tokenize_pairs(pairs, tiny_tokenizer, CHAT)
+    runs = {}
+    for buckets in (1, 4):
+        recipe = load_recipe(root / "recipes/tiny/pipeline.yaml", [
+            "rm.train.batch_size=8", f"rm.train.length_buckets={buckets}", "rm.train.steps=1",
+            "rm.train.learning_rate=1e-3", "rm.train.warmup_ratio=0.0", "rm.train.logging_steps=1", "rm.extra_layers=0",
+            "rm.train.trl.optim=sgd",  # the update is the (clipped) gradient itself
+        ])  # fmt: skip
+        model = load_reward_model(ModelSpec(preset="tiny-rm"), tiny_tokenizer, seed=3)
+        init = {n: p.detach().clone() for n, p in model.named_parameters()}
+        out = SimpleNamespace(path=tmp_path / str(buckets), log=lambda row: None)
+        trainer = build_trainer(recipe, model, tiny_tokenizer, examples, out)
+        shapes: list = []
+
+        def recording(m, inputs, shapes=shapes, compute=trainer.compute_loss, **kw):
+            shapes.append(inputs["input_ids"].shape)
+            return compute(m, inputs, **kw)
+
+        trainer.compute_loss = recording
+        trainer.train()
+        log = trainer.state.log_history[0]
+        delta = {n: p.detach() - init[n] for n, p in trainer.model.named_parameters()}
+        runs[buckets] = (shapes, log["loss"], log["grad_norm"], delta)
+    (one, *_), (cut, loss, norm, delta) = runs[1], runs[4]
+    assert len(one) == 1 and one[0][0] == 16  # 8 pairs, chosen and rejected sides
+    assert len(cut) == 4 and sum(s[0] for s in cut) == 16 and len({s[0] for s in cut}) > 1
+    assert sum(s[0] * s[1] for s in cut) < one[0][0] * one[0][1]  # less padding
+    assert loss == pytest.approx(runs[1][1], rel=1e-5) and norm == pytest.approx(runs[1][2], rel=1e-4)
+    assert max(d.abs().max().item() for d in delta.values()) > 1e-5
+    assert max((delta[n] - runs[1][3][n]).abs().max().item() for n in delta) < 1e-8

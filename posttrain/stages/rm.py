@@ -240,6 +240,30 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: S
     cfg = recipe.rm
 
     class BTRewardTrainer(trl.RewardTrainer):
+        # Each micro-batch's loss is weighted by its share of the step's pairs (over every process), so that a
+        # step's gradient is that of the mean loss over all its pairs however they are cut into micro-batches
+        # (`length_buckets` cuts them by length, into micro-batches of different sizes).
+        loss_is_scaled_for_ga = True
+
+        def _get_num_items_in_batch(self, batch_samples: list, device):
+            import torch
+
+            n = torch.tensor(sum(len(b["input_ids"]) // 2 for b in batch_samples), device=device)
+            return self.accelerator.gather(n).sum() if self.args.world_size > 1 else n
+
+        def _get_train_sampler(self, train_dataset=None):
+            if cfg.train.length_buckets == 1:
+                return super()._get_train_sampler(train_dataset)
+            from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+            # a pair's two sides share a micro-batch and are padded together: its cost is its longer side
+            return BatchRebalanceSampler(
+                lengths=pair_lengths, dp_size=max(1, self.args.world_size),
+                effective_batch_size=self.args.train_batch_size * self.args.gradient_accumulation_steps
+                * max(1, self.args.world_size), grad_accum=self.args.gradient_accumulation_steps,
+                seed=self.args.data_seed, rank=self.args.process_index, drop_last=self.args.dataloader_drop_last,
+            )  # fmt: skip
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             rewards = last_token_rewards(model, inputs["input_ids"], inputs["attention_mask"])
             r_c, r_r = rewards.chunk(2)
@@ -249,13 +273,17 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: S
             mode = "train" if model.training else "eval"
             for k in ("accuracy", "margin"):
                 self._metrics[mode][k].append(stats[k])
-            return loss
+            if num_items_in_batch is None:  # evaluation: one batch
+                return loss
+            # processes' gradients are averaged: × their number gives the sum over pairs / all the step's pairs
+            return loss * (len(r_c) * self.accelerator.num_processes / num_items_in_batch)
 
     bf16 = trains_in_bf16((recipe.reward_model or ModelSpec()).dtype)
     common = trainer_args(cfg.train, out.path / "checkpoints", recipe.seed_for("rm"), bf16, recipe.tracking.wandb,
                           f"{recipe.name}/rm")  # fmt: skip
     args = trl.RewardConfig(**common, max_length=None, **cfg.train.trl)
     ds = Dataset.from_dict({k: [e[k] for e in train_ex] for k in ("chosen_ids", "rejected_ids")})
+    pair_lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in train_ex]
     trainer = BTRewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
     use_step_lines(trainer, out.log, cfg.train.steps)
     return trainer
