@@ -227,11 +227,14 @@ def test_length_buckets_cut_a_step_by_length_and_leave_its_gradient_unchanged(ti
         trainer.train()
         log = trainer.state.log_history[0]
         delta = {n: p.detach() - init[n] for n, p in trainer.model.named_parameters()}
-        runs[buckets] = (shapes, log["loss"], log["grad_norm"], delta)
-    (one, *_), (cut, loss, norm, delta) = runs[1], runs[4]
+        runs[buckets] = (shapes, log["loss"], log["grad_norm"], delta, log["accuracy"], log["margin"])
+    (one, *_), (cut, loss, norm, delta, accuracy, margin) = runs[1], runs[4]
     assert len(one) == 1 and one[0][0] == 16  # 8 pairs, chosen and rejected sides
     assert len(cut) == 4 and sum(s[0] for s in cut) == 16 and len({s[0] for s in cut}) > 1
     assert sum(s[0] * s[1] for s in cut) < one[0][0] * one[0][1]  # less padding
     assert loss == pytest.approx(runs[1][1], rel=1e-5) and norm == pytest.approx(runs[1][2], rel=1e-4)
+    assert accuracy == runs[1][4] and margin == pytest.approx(
+        runs[1][5], rel=1e-5
+    )  # the step's pairs, not buckets
     assert max(d.abs().max().item() for d in delta.values()) > 1e-5
     assert max((delta[n] - runs[1][3][n]).abs().max().item() for n in delta) < 1e-8

@@ -267,12 +267,15 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: S
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             rewards = last_token_rewards(model, inputs["input_ids"], inputs["attention_mask"])
             r_c, r_r = rewards.chunk(2)
-            loss, stats = bt_loss(
+            loss, _ = bt_loss(
                 r_c, r_r, inputs.get("margin", cfg.margin or None), cfg.center_rewards_coefficient
             )
             mode = "train" if model.training else "eval"
-            for k in ("accuracy", "margin"):
-                self._metrics[mode][k].append(stats[k])
+            diff = (
+                (r_c - r_r).detach().float()
+            )  # one entry per pair: micro-batches of any size weigh by their pairs
+            self._metrics[mode]["accuracy"].extend((diff > 0).float().tolist())
+            self._metrics[mode]["margin"].extend(diff.tolist())
             if num_items_in_batch is None:  # evaluation: one batch
                 return loss
             # processes' gradients are averaged: × their number gives the sum over pairs / all the step's pairs
