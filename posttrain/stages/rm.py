@@ -17,6 +17,9 @@ earlier stage's model (only the head is new); Gemma 2's RM is larger than the po
 (`posttrain.modeling.grow_layers`).
 Engine: TRL's `RewardTrainer`, with its loss replaced by the one above so that the reward is read at the last
 real token from the attention mask (TRL reads the model's output, which searches for the pad id).
+`rm.train.length_buckets` cuts each step's pairs into micro-batches of similar length (a pair's two sides
+together); each micro-batch's loss is weighted by its share of the step's pairs, so the step's gradient is the
+mean over all of them as without buckets.
 
 Gate: on held-out pairs, accuracy, loss, the correlation of reward with response length and calibration by
 margin bucket go to `rm_report.{json,md}`; accuracy below `rm.min_accuracy` fails the stage with those figures
