@@ -97,6 +97,9 @@ def _fmt(v) -> str:
     return str(v)
 
 
+GATE_STATUS = "failed its quality gate"  # a `.partial` folder holding GATE_FAILED (the `rm` stage)
+
+
 def stage_states(run_dir: Path) -> dict[str, tuple[Path, str]]:
     """Each stage with an output folder → (folder, status): `done`; `stale (made from an older X)` when a parent X
     was rerun after it (its DONE names parent hashes the parents no longer have) or X is not current itself; and
@@ -118,7 +121,7 @@ def stage_states(run_dir: Path) -> dict[str, tuple[Path, str]]:
             status = f"stale (made from an older {', '.join(older)})" if older else "done"
         if partial.exists() and status != "done":
             gate = (partial / "GATE_FAILED").exists()
-            out[stage] = (partial, "failed its quality gate" if gate else "failed or incomplete")
+            out[stage] = (partial, GATE_STATUS if gate else "failed or incomplete")
         elif status is not None:
             out[stage] = (done, status)
     return out
@@ -140,7 +143,7 @@ def stage_table(run_dir: Path) -> str:
                 f"{_fmt(r['end']['kl'])}, world {_fmt(r['start']['world_score'])} → {_fmt(r['end']['world_score'])}"
                 for name, r in s["runs"].items()
             )  # fmt: skip
-        if status == "failed its quality gate":
+        if status == GATE_STATUS:
             figs = _gate_figures(folder)
         wall = f"{s['wall_time_s'] / 60:.1f} min" if "wall_time_s" in s else ""
         lines.append(f"| `{stage}` | {status} | {wall} | {figs} |")

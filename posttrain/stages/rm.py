@@ -274,9 +274,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: S
                 r_c, r_r, inputs.get("margin", cfg.margin or None), cfg.center_rewards_coefficient
             )
             mode = "train" if model.training else "eval"
-            diff = (
-                (r_c - r_r).detach().float()
-            )  # one entry per pair: micro-batches of any size weigh by their pairs
+            # one entry per pair: micro-batches of any size weigh by their pairs
+            diff = (r_c - r_r).detach().float()
             self._metrics[mode]["accuracy"].extend((diff > 0).float().tolist())
             self._metrics[mode]["margin"].extend(diff.tolist())
             if num_items_in_batch is None:  # evaluation: one batch
