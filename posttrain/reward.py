@@ -132,6 +132,38 @@ def score_ids(
     return out
 
 
+def lm_response_logps(
+    model, sequences: list[list[int]], starts: list[int], ends: list[int], pad_id: int, batch_size: int = 64
+) -> list[float]:  # fmt: skip
+    """Σ log p(token) over `sequence[start:end]` (the response) under the language model inside a Gemma 2
+    sequence-classification model: its decoder's hidden states through the tied LM head (the input embeddings)
+    with the final logit soft-cap — the starting causal LM's likelihood, where the model was built from one and
+    not yet trained (added identity layers change nothing)."""
+    import torch
+
+    base = getattr(model, "module", model)
+    decoder, emb = base.model, base.get_input_embeddings().weight
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    out: list[float] = []
+    with torch.no_grad():
+        for b in range(0, len(sequences), batch_size):
+            chunk = sequences[b : b + batch_size]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(chunk):
+                ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+            ids, mask = ids.to(emb.device), mask.to(emb.device)
+            h = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            for i, (lo, hi) in enumerate(zip(starts[b : b + batch_size], ends[b : b + batch_size])):
+                # only the response's positions (t predicts token t + 1): a real vocabulary's logits are large
+                logits = (h[i, lo - 1 : hi - 1] @ emb.T).float()
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                out.append(torch.log_softmax(logits, -1).gather(-1, ids[i, lo:hi, None]).sum().item())
+    return out
+
+
 def gate_metrics(r_chosen: list[float], r_rejected: list[float], len_chosen: list[int], len_rejected: list[int],
                  buckets: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)) -> dict[str, Any]:  # fmt: skip
     """Held-out figures: pairwise accuracy, BT loss, correlation of reward with response length, and calibration

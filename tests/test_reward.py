@@ -238,3 +238,40 @@ def test_length_buckets_cut_a_step_by_length_and_leave_its_gradient_unchanged(ti
     assert margin == pytest.approx(runs[1][5], rel=1e-5)
     assert max(d.abs().max().item() for d in delta.values()) > 1e-5
     assert max((delta[n] - runs[1][3][n]).abs().max().item() for n in delta) < 1e-8
+
+
+def test_the_starting_lms_likelihood_is_read_from_the_untrained_rm(tiny_tokenizer, tmp_path):
+    """The rm report's likelihood baseline: the RM built from a causal LM (with identity layers added) gives the
+    LM's own log-probabilities of each response, and ranks pairs by them."""
+    from posttrain.reward import lm_response_logps
+    from posttrain.rl import sequence_logps
+    from posttrain.stages.rm import likelihood_ranking, report_markdown
+
+    lm = load_causal_lm(ModelSpec(preset="tiny-teacher"), tiny_tokenizer, seed=5).eval()
+    save_model(lm, tiny_tokenizer, tmp_path / "lm")
+    rm = grow_layers(
+        load_reward_model(ModelSpec(name_or_path=str(tmp_path / "lm")), tiny_tokenizer), 2
+    ).eval()
+    prompt = [{"role": "user", "content": "Reverse the word: abc"}]
+    pairs = [{"id": str(i), "task": t, "prompt": prompt, "chosen": c, "rejected": r}
+             for i, (t, c, r) in enumerate([("reverse", "cba", "abc"), ("sort", "a b", "no way, not today")])]  # fmt: skip
+    ex, _ = tokenize_pairs(pairs, tiny_tokenizer, CHAT)
+    seqs = [e[f"{s}_ids"] for e in ex for s in ("chosen", "rejected")]
+    spans = [e[f"span_{s}"] for e in ex for s in ("chosen", "rejected")]
+    assert tiny_tokenizer.decode(seqs[0][spans[0][0] : spans[0][1]]).startswith("cba")
+    got = lm_response_logps(
+        rm, seqs, [a for a, _ in spans], [b for _, b in spans], tiny_tokenizer.pad_token_id
+    )
+    logps, mask = sequence_logps(lm, [s[:a] for s, (a, _) in zip(seqs, spans)],
+                                 [s[a:b] for s, (a, b) in zip(seqs, spans)], pad_id=tiny_tokenizer.pad_token_id)  # fmt: skip
+    want = (logps * mask).sum(-1).tolist()
+    assert max(abs(g - w) for g, w in zip(got, want)) <= 1e-4
+    res = likelihood_ranking(rm, ex, tiny_tokenizer)
+    wins = [want[0] > want[1], want[2] > want[3]]
+    assert res["pairs"] == 2 and res["accuracy"] == sum(wins) / 2
+    assert res["accuracy_per_task"] == {"reverse": float(wins[0]), "sort": float(wins[1])}
+    report = {"untrained": {"pairs": 2, "accuracy": 0.5, "loss": 0.69, "length_correlation": 0.0,
+                            "accuracy_per_task": {}, "calibration": []},
+              "min_accuracy": 0.9, "starting_lm_likelihood": res}  # fmt: skip
+    report["held_out"] = report["untrained"]
+    assert f"ranks **{res['accuracy']:.3f}**" in report_markdown(report)

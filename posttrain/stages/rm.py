@@ -22,8 +22,10 @@ together); each micro-batch's loss is weighted by its share of the step's pairs,
 mean over all of them as without buckets.
 
 Gate: on held-out pairs, accuracy, loss, the correlation of reward with response length and calibration by
-margin bucket go to `rm_report.{json,md}`; accuracy below `rm.min_accuracy` fails the stage with those figures
-(the model stays in `rm.partial/` for inspection; RL never sees it).
+margin bucket go to `rm_report.{json,md}` — with, for an RM started from a stage's causal LM, how that LM's own
+log-likelihood of each response ranks the same pairs (what the RM could read from the model it starts from);
+accuracy below `rm.min_accuracy` fails the stage with those figures (the model stays in `rm.partial/` for
+inspection; RL never sees it).
 
     CPU:             posttrain run recipes/tiny/pipeline.yaml --only rm          (or: make rm)
     DeepSpeed node:  accelerate launch --config_file recipes/accelerate/zero3.yaml -m posttrain stage rm RECIPE
@@ -114,6 +116,8 @@ def main(recipe: Recipe) -> Path:
         model = grow_layers(load_reward_model(spec, tokenizer, seed=seed), cfg.extra_layers, seed)
         print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
         before = evaluate(model, eval_ex, tokenizer)
+        # the LM the RM starts from (its added layers are the identity): how its likelihood ranks the pairs
+        lm_rank = likelihood_ranking(model, eval_ex, tokenizer) if cfg.init_from else None
         # --- train
         trainer = build_trainer(recipe, model, tokenizer, train_ex, out)
         result = trainer.train()
@@ -123,7 +127,8 @@ def main(recipe: Recipe) -> Path:
         from posttrain.modeling import save_model
 
         state = gathered_state(trainer)  # under ZeRO-3 every process helps gather the weights
-        report = {"pairs": counts, "untrained": before, "held_out": after, "min_accuracy": cfg.min_accuracy}
+        report = {"pairs": counts, "untrained": before, "held_out": after, "min_accuracy": cfg.min_accuracy,
+                  "starting_lm_likelihood": lm_rank}  # fmt: skip
         if is_main():
             save_model(model, tokenizer, out.path / "model", state)
             verify_saved(out.path / "model", model, state)
@@ -225,8 +230,15 @@ def tokenize_pairs(pairs: list[dict], tokenizer, chat) -> tuple[list[dict], list
         # only the final turn is trained and a fitted render keeps it whole: its mask counts the response tokens
         out.append({"chosen_ids": chosen.input_ids, "rejected_ids": rejected.input_ids,
                     "len_chosen": sum(chosen.loss_mask), "len_rejected": sum(rejected.loss_mask),
+                    "span_chosen": _span(chosen.loss_mask), "span_rejected": _span(rejected.loss_mask),
                     "task": p.get("task") or "?", "chosen_gold": bool(p.get("chosen_gold"))})  # fmt: skip
     return out, dropped
+
+
+def _span(mask: list[int]) -> tuple[int, int]:
+    """[start, end) of the trained final turn (one contiguous run of 1s: only the last turn is trained)."""
+    start = mask.index(1)
+    return start, start + sum(mask)
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -311,6 +323,26 @@ def evaluate(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
     return res
 
 
+def likelihood_ranking(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
+    """How the starting causal LM's own log-likelihood of each side's response (summed over its tokens) ranks
+    the held-out pairs — what the RM could read from the model it starts from, before any preference training.
+    `model`: the untrained RM built from that LM (`posttrain.reward.lm_response_logps`)."""
+    from posttrain.reward import lm_response_logps
+
+    pad = tokenizer.pad_token_id
+    sides = {}
+    for side in ("chosen", "rejected"):
+        spans = [e[f"span_{side}"] for e in eval_ex]
+        sides[side] = lm_response_logps(model, [e[f"{side}_ids"] for e in eval_ex], [a for a, _ in spans],
+                                        [b for _, b in spans], pad)  # fmt: skip
+    wins = [c > r for c, r in zip(sides["chosen"], sides["rejected"])]
+    by_task: dict[str, list[bool]] = {}
+    for e, w in zip(eval_ex, wins):
+        by_task.setdefault(e["task"], []).append(w)
+    return {"pairs": len(wins), "accuracy": round(sum(wins) / max(len(wins), 1), 4),
+            "accuracy_per_task": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())}}  # fmt: skip
+
+
 def report_markdown(report: dict) -> str:
     u, h = report["untrained"], report["held_out"]
     lines = ["## Reward model", "", "| held-out pairs | untrained | trained |", "|---|---:|---:|",
@@ -323,6 +355,11 @@ def report_markdown(report: dict) -> str:
         g, ug = h["gold_over_policy_wrong"], u.get("gold_over_policy_wrong", {})
         lines.append(f"| gold ≻ policy's wrong response ({g['pairs']} pairs) | {ug.get('accuracy', 0):.3f} | "
                      f"{g['accuracy']:.3f} |")  # fmt: skip
+    if report.get("starting_lm_likelihood"):
+        lk = report["starting_lm_likelihood"]
+        per = ", ".join(f"{t} {v:.2f}" for t, v in lk["accuracy_per_task"].items())
+        lines += ["", f"The starting model's own log-likelihood of each response ranks **{lk['accuracy']:.3f}** of "
+                  f"the held-out pairs ({per}): what the RM could read from the LM it starts from."]  # fmt: skip
     lines += ["", f"Gate: accuracy ≥ {report['min_accuracy']} — "
               + ("**passed**" if h["accuracy"] >= report["min_accuracy"] else "**failed**"), "",
               "Calibration (held-out, by |r_chosen − r_rejected|):", "",
