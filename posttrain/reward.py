@@ -111,6 +111,19 @@ def last_token_rewards(model, input_ids, attention_mask):
     return scores[-1][torch.arange(last.shape[0], device=last.device), last, 0].float()
 
 
+def padded(sequences: list[list[int]], pad_id: int, left: bool = False):
+    """Token sequences → (B, T) ids padded with `pad_id` (right padding unless `left`) and their attention mask."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = torch.tensor(s), 1
+    return ids, mask
+
+
 def score_ids(
     model, sequences: list[list[int]], pad_id: int, batch_size: int = 64, left: bool = False
 ) -> list[float]:
@@ -121,13 +134,7 @@ def score_ids(
     device = next(model.parameters()).device
     with torch.no_grad():
         for b in range(0, len(sequences), batch_size):
-            chunk = sequences[b : b + batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, s in enumerate(chunk):
-                sl = slice(width - len(s), width) if left else slice(0, len(s))
-                ids[i, sl], mask[i, sl] = torch.tensor(s), 1
+            ids, mask = padded(sequences[b : b + batch_size], pad_id, left)
             out += last_token_rewards(model, ids.to(device), mask.to(device)).tolist()
     return out
 
@@ -147,13 +154,7 @@ def lm_response_logps(
     out: list[float] = []
     with torch.no_grad():
         for b in range(0, len(sequences), batch_size):
-            chunk = sequences[b : b + batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, s in enumerate(chunk):
-                ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-            ids, mask = ids.to(emb.device), mask.to(emb.device)
+            ids, mask = (t.to(emb.device) for t in padded(sequences[b : b + batch_size], pad_id))
             h = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
             for i, (lo, hi) in enumerate(zip(starts[b : b + batch_size], ends[b : b + batch_size])):
                 # only the response's positions (t predicts token t + 1): a real vocabulary's logits are large
