@@ -8,6 +8,15 @@ The reward of a sequence is the scalar head applied to the hidden state of its l
 attention mask (transformers' `*ForSequenceClassification` searches for the pad id instead, which is wrong
 whenever a pad id occurs in the content or the padding is unusual), with position ids from the mask, so that a
 score does not depend on the batch it is in or on the padding side.
+
+With `rm.likelihood_weight` w > 0 the reward also reads the RM's own language model — its decoder's hidden
+states through the tied LM head (the input embeddings) — on the final model turn:
+
+    r(x, y) = head(h_last) + w · mean_t log p(y_t | x, y_<t)          (y: the tokens after the last `<start_of_turn>model\n`)
+
+An RM started from a causal LM then begins from that LM's judgement of each response (how likely it finds it) and
+the Bradley-Terry loss trains both terms. The weight and the model-turn prefix's token ids are kept in the model's
+config (`posttrain_likelihood_weight`, `posttrain_response_prefix`), so whatever loads the RM scores the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ class RMConfig:
     init_from: start the RM from this stage's model (only the scalar head is new); default: `reward_model:`.
     extra_layers: decoder layers added on top of the starting model (Gemma 2), each starting as the identity
     (`posttrain.modeling.grow_layers`): depth for comparing a response with what the LM's own layers predict.
+    likelihood_weight: w ≥ 0; the reward adds w × the RM's own mean log-likelihood of the response's tokens (above;
+    0: the scalar head alone).
     margin, center_rewards_coefficient: the loss terms above. min_accuracy: the quality gate on held-out pairs.
     """
 
@@ -49,6 +60,7 @@ class RMConfig:
     pairs_per_prompt: int = 4
     init_from: Literal["teacher", "sft"] | None = None
     extra_layers: int = field(default=0, metadata=IF_SET)
+    likelihood_weight: float = field(default=0.0, metadata=IF_SET)
     margin: float = 0.0
     center_rewards_coefficient: float = 0.0
     min_accuracy: float = 0.9
@@ -66,6 +78,11 @@ class RMConfig:
         if self.extra_layers < 0:
             out.append(
                 f"extra_layers: {self.extra_layers} is negative; it counts decoder layers to add (0: none)"
+            )
+        if self.likelihood_weight < 0:
+            out.append(
+                f"likelihood_weight: {self.likelihood_weight} is negative; it weighs the RM's log-likelihood of the "
+                "response in its reward (0: none)"
             )
         if not 0.0 <= self.min_accuracy <= 1.0 or not 0.0 < self.eval_fraction < 1.0:
             out.append("min_accuracy must be in [0, 1] and eval_fraction in (0, 1)")
@@ -95,20 +112,64 @@ def last_token_rewards(model, input_ids, attention_mask):
 
     The model's own forward runs (through its DDP or DeepSpeed wrapper when training, so that gradients are
     synchronised); its pooled output, which looks for the pad id, is ignored: the per-position scores of the
-    `score` head are taken from a hook and read at the mask's last position."""
+    `score` head are taken from a hook and read at the mask's last position. With a likelihood weight in the
+    model's config, w × the mean log-likelihood of the final model turn is added, from the same hidden states."""
     import torch
 
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    scores: list[torch.Tensor] = []
-    head = getattr(model, "module", model).score  # DDP / DeepSpeed keep the model in .module
-    hook = head.register_forward_hook(lambda _m, _i, out: scores.append(out))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    base = getattr(model, "module", model)  # DDP / DeepSpeed keep the model in .module
+    hook = base.score.register_forward_hook(lambda _m, inp, out: seen.append((inp[0], out)))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     finally:
         hook.remove()
+    hidden, scores = seen[-1]
     T = attention_mask.shape[1]
     last = T - 1 - attention_mask.long().flip(-1).argmax(-1)  # (B,)
-    return scores[-1][torch.arange(last.shape[0], device=last.device), last, 0].float()
+    rewards = scores[torch.arange(last.shape[0], device=last.device), last, 0].float()
+    w = getattr(base.config, "posttrain_likelihood_weight", 0.0)
+    if w:
+        response = response_mask(input_ids, attention_mask, base.config.posttrain_response_prefix)
+        rewards = rewards + w * _token_logps(base, hidden, input_ids, response) / response.sum(-1)
+    return rewards
+
+
+def response_mask(input_ids, attention_mask, prefix: list[int]):
+    """(B, T) bool: the real tokens after the last occurrence of `prefix` (the final model turn's header) in each
+    row. A row without the prefix is an error: its response cannot be found."""
+    import torch
+
+    k = len(prefix)
+    if input_ids.shape[1] < k:
+        hit = torch.zeros(input_ids.shape[0], 0, dtype=torch.bool, device=input_ids.device)
+    else:
+        windows = input_ids.unfold(1, k, 1)  # (B, T − k + 1, k)
+        hit = (windows == torch.tensor(prefix, device=input_ids.device)).all(-1)
+        hit &= attention_mask[:, k - 1 :].bool()  # the window's last token is real (padding never matches)
+    if not hit.any(-1).all():
+        bad = (~hit.any(-1)).nonzero()[:, 0].tolist()
+        raise ValueError(f"reward: sequences {bad[:5]} have no model turn (token ids {prefix}) to score")
+    start = hit.shape[1] - 1 - hit.long().flip(-1).argmax(-1) + k  # (B,) first response position
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (pos[None, :] >= start[:, None]) & attention_mask.bool()
+
+
+def _token_logps(base, hidden, input_ids, response):
+    """Σ log p over each row's `response` positions under the LM inside a Gemma 2 sequence-classification model:
+    `hidden` (B, T, H), the decoder's output, through the tied LM head with the final logit soft-cap. Only the
+    response positions' logits are formed (a real vocabulary's are large). → (B,) float."""
+    import torch
+
+    emb = base.get_input_embeddings().weight
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    target = response[:, 1:]  # position t predicts token t + 1
+    logits = (hidden[:, :-1][target] @ emb.T).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    lp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:][target][:, None])[:, 0]
+    rows = target.nonzero()[:, 0]
+    return torch.zeros(input_ids.shape[0], device=lp.device, dtype=lp.dtype).index_add(0, rows, lp)
 
 
 def padded(sequences: list[list[int]], pad_id: int, left: bool = False):
@@ -143,25 +204,21 @@ def lm_response_logps(
     model, sequences: list[list[int]], starts: list[int], ends: list[int], pad_id: int, batch_size: int = 64
 ) -> list[float]:  # fmt: skip
     """Σ log p(token) over `sequence[start:end]` (the response) under the language model inside a Gemma 2
-    sequence-classification model: its decoder's hidden states through the tied LM head (the input embeddings)
-    with the final logit soft-cap — the starting causal LM's likelihood, where the model was built from one and
-    not yet trained (added identity layers change nothing)."""
+    sequence-classification model (`_token_logps`) — the starting causal LM's likelihood, where the model was
+    built from one and not yet trained (added identity layers change nothing)."""
     import torch
 
     base = getattr(model, "module", model)
-    decoder, emb = base.model, base.get_input_embeddings().weight
-    cap = getattr(base.config, "final_logit_softcapping", None)
+    device = base.get_input_embeddings().weight.device
     out: list[float] = []
     with torch.no_grad():
         for b in range(0, len(sequences), batch_size):
-            ids, mask = (t.to(emb.device) for t in padded(sequences[b : b + batch_size], pad_id))
-            h = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            for i, (lo, hi) in enumerate(zip(starts[b : b + batch_size], ends[b : b + batch_size])):
-                # only the response's positions (t predicts token t + 1): a real vocabulary's logits are large
-                logits = (h[i, lo - 1 : hi - 1] @ emb.T).float()
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
-                out.append(torch.log_softmax(logits, -1).gather(-1, ids[i, lo:hi, None]).sum().item())
+            ids, mask = (t.to(device) for t in padded(sequences[b : b + batch_size], pad_id))
+            pos = torch.arange(ids.shape[1], device=device)[None, :]
+            lo = torch.tensor(starts[b : b + batch_size], device=device)[:, None]
+            hi = torch.tensor(ends[b : b + batch_size], device=device)[:, None]
+            h = base.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            out += _token_logps(base, h, ids, (pos >= lo) & (pos < hi)).tolist()
     return out
 
 

@@ -308,6 +308,8 @@ def test_the_inference_window_changes_the_eval_stage_only():
     )
 
 
-def test_negative_rm_extra_layers_is_refused_by_key():
+def test_negative_rm_extra_layers_or_likelihood_weight_is_refused_by_key():
     with pytest.raises(ConfigError, match=r"pipeline.yaml:\d+: rm: extra_layers: -1 is negative"):
         load_recipe("recipes/tiny/pipeline.yaml", ["rm.extra_layers=-1"])
+    with pytest.raises(ConfigError, match=r"rm: likelihood_weight: -0.5 is negative"):
+        load_recipe("recipes/tiny/pipeline.yaml", ["rm.likelihood_weight=-0.5"])

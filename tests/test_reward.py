@@ -16,6 +16,7 @@ from posttrain.reward import (
     draw_prompts,
     gate_metrics,
     last_token_rewards,
+    padded,
     pearson,
     score_ids,
     world_pairs,
@@ -275,3 +276,88 @@ def test_the_starting_lms_likelihood_is_read_from_the_untrained_rm(tiny_tokenize
               "min_accuracy": 0.9, "starting_lm_likelihood": res}  # fmt: skip
     report["held_out"] = report["untrained"]
     assert f"ranks **{res['accuracy']:.3f}**" in report_markdown(report)
+    assert "likelihood_weight" not in report_markdown(report)
+    md = report_markdown(dict(report, likelihood_weight=0.5, untrained_head={"accuracy": 0.48, "loss": 0.7}))
+    assert "+ 0.5 × the RM's own mean log-likelihood" in md and "head alone: accuracy 0.480, loss 0.700" in md
+
+
+def _lm_and_rm(tokenizer, path, weight: float):
+    """The tiny teacher as a causal LM, and an RM built from it (2 identity layers) with a likelihood weight."""
+    from posttrain.stages.rm import check_model_turns
+
+    lm = load_causal_lm(ModelSpec(preset="tiny-teacher"), tokenizer, seed=5).eval()
+    save_model(lm, tokenizer, path)
+    rm = grow_layers(load_reward_model(ModelSpec(name_or_path=str(path)), tokenizer, seed=2), 2).eval()
+    prompt = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
+              {"role": "user", "content": "Now add 5 to that."}]  # fmt: skip
+    pairs = [{"id": str(i), "task": "followup", "prompt": prompt, "chosen": c, "rejected": r}
+             for i, (c, r) in enumerate([("10", "11"), ("10", "no way, not today")])]  # fmt: skip
+    ex, _ = tokenize_pairs(pairs, tokenizer, CHAT)
+    rm.config.posttrain_likelihood_weight = weight
+    rm.config.posttrain_response_prefix = check_model_turns(ex, tokenizer)
+    return lm, rm, ex
+
+
+def test_the_likelihood_weight_adds_the_rms_mean_log_likelihood_of_the_final_turn(tiny_tokenizer, tmp_path):
+    """rm.likelihood_weight w: reward = head + w · mean log p of the final model turn's tokens under the RM's LM
+    (here the starting LM's: identity layers); found from the ids alone, in any batch or padding, and kept over
+    a save and reload."""
+    from posttrain.rl import sequence_logps
+
+    lm, rm, ex = _lm_and_rm(tiny_tokenizer, tmp_path / "lm", weight=0.5)
+    pad = tiny_tokenizer.pad_token_id
+    seqs = [e[f"{s}_ids"] for e in ex for s in ("chosen", "rejected")]
+    # the response: after the *last* model-turn header (a follow-up has two), to the last real token
+    starts = [e[f"span_{s}"][0] for e in ex for s in ("chosen", "rejected")]
+    logps, mask = sequence_logps(lm, [s[:a] for s, a in zip(seqs, starts)], [s[a:] for s, a in zip(seqs, starts)],
+                                 pad_id=pad)  # fmt: skip
+    mean_logp = ((logps * mask).sum(-1) / mask.sum(-1)).tolist()
+    rm.config.posttrain_likelihood_weight = 0.0
+    head = score_ids(rm, seqs, pad)
+    rm.config.posttrain_likelihood_weight = 0.5
+    got = score_ids(rm, seqs, pad)
+    assert max(abs(g - (h + 0.5 * m)) for g, h, m in zip(got, head, mean_logp)) <= 1e-4
+    assert min(abs(g - h) for g, h in zip(got, head)) > 0.1  # the term is there, and not small
+    for other in (score_ids(rm, seqs, pad, left=True), score_ids(rm, seqs[::-1], pad)[::-1],
+                  [score_ids(rm, [s], pad)[0] for s in seqs]):  # fmt: skip
+        assert max(abs(a - b) for a, b in zip(got, other)) <= 1e-5
+    from posttrain.stages.rm import head_only
+
+    wins = int(head[0] > head[1]) + int(head[2] > head[3])
+    assert head_only(rm, ex, tiny_tokenizer)["accuracy"] == wins / 2
+    assert rm.config.posttrain_likelihood_weight == 0.5  # switched back on
+    save_model(rm, tiny_tokenizer, tmp_path / "rm")
+    again = load_reward_model(ModelSpec(name_or_path=str(tmp_path / "rm")), tiny_tokenizer).eval()
+    assert again.config.posttrain_likelihood_weight == 0.5
+    assert max(abs(a - b) for a, b in zip(got, score_ids(again, seqs, pad))) <= 1e-5
+
+
+def test_the_likelihood_term_trains_and_needs_a_model_turn(tiny_tokenizer, tmp_path):
+    """The BT loss's gradient reaches the LM through the likelihood term (with the head zeroed, the embeddings get
+    a gradient only from it); a sequence with no model turn, or a tokenizer that splits the header differently in
+    context, is refused by name."""
+    from posttrain.data.formats import DataError
+    from posttrain.reward import response_mask
+    from posttrain.stages.rm import check_model_turns
+
+    _, rm, ex = _lm_and_rm(tiny_tokenizer, tmp_path / "lm", weight=1.0)
+    pad = tiny_tokenizer.pad_token_id
+    ids, m = padded([e["chosen_ids"] for e in ex] + [e["rejected_ids"] for e in ex], pad)
+    grads = {}
+    torch.nn.init.zeros_(rm.score.weight)  # the head says nothing: all the gradient is the likelihood term's
+    for w in (0.0, 1.0):
+        rm.zero_grad()
+        rm.config.posttrain_likelihood_weight = w
+        r_c, r_r = last_token_rewards(rm, ids, m).chunk(2)
+        bt_loss(r_c, r_r)[0].backward()
+        grads[w] = rm.get_input_embeddings().weight.grad.norm().item()
+    assert grads[0.0] == 0 and grads[1.0] > 1e-3
+    resp = response_mask(ids, m, rm.config.posttrain_response_prefix)
+    assert tiny_tokenizer.decode(ids[0][resp[0]]).startswith("10<end_of_turn>")
+    with pytest.raises(ValueError, match=r"sequences \[0\] have no model turn"):
+        response_mask(ids[:1, :5], m[:1, :5], rm.config.posttrain_response_prefix)
+    (a, b), ids1 = ex[1]["span_chosen"], ex[1]["chosen_ids"]
+    lost = ids1[: a - 2] + ids1[a - 1 :]  # a token of the header lost
+    bad = [dict(ex[1], chosen_ids=lost, span_chosen=(a - 1, b - 1))]
+    with pytest.raises(DataError, match="pair 1: the chosen response does not follow the model-turn header"):
+        check_model_turns(bad, tiny_tokenizer)

@@ -14,7 +14,9 @@ Held-out pairs are built the same way from the evaluation prompts. With `source:
 Model: `Gemma2ForSequenceClassification` with one output — from `reward_model:` or, with `rm.init_from`, from an
 earlier stage's model (only the head is new); Gemma 2's RM is larger than the policy, and so is the tiny one.
 `rm.extra_layers` adds decoder layers on top of the starting model, each starting as the identity
-(`posttrain.modeling.grow_layers`).
+(`posttrain.modeling.grow_layers`). `rm.likelihood_weight` w adds w × the RM's own mean log-likelihood of the
+response (its decoder through the tied LM head) to the head's reward (`posttrain.reward`): an RM started from a
+causal LM begins with that LM's judgement of each response, and the loss above trains both terms.
 Engine: TRL's `RewardTrainer`, with its loss replaced by the one above so that the reward is read at the last
 real token from the attention mask (TRL reads the model's output, which searches for the pad id).
 `rm.train.length_buckets` cuts each step's pairs into micro-batches of similar length (a pair's two sides
@@ -112,10 +114,15 @@ def main(recipe: Recipe) -> Path:
                 [f"rm: no usable pairs (train {len(train_ex)}, held-out {len(eval_ex)}): {counts}"]
             )
         print(f"[rm] {len(train_ex)} training pairs, {len(eval_ex)} held-out pairs; {counts}")
+        prefix = check_model_turns(train_ex + eval_ex, tokenizer) if cfg.likelihood_weight else None
         # --- model
         model = grow_layers(load_reward_model(spec, tokenizer, seed=seed), cfg.extra_layers, seed)
+        if prefix:  # kept in the model's config: RL, the merge and eval score with it too
+            model.config.posttrain_likelihood_weight = cfg.likelihood_weight
+            model.config.posttrain_response_prefix = prefix
         print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
         before = evaluate(model, eval_ex, tokenizer)
+        head = head_only(model, eval_ex, tokenizer) if prefix else None  # the new head's share: a coin
         # the LM the RM starts from (its added layers are the identity): how its likelihood ranks the pairs
         lm_rank = likelihood_ranking(model, eval_ex, tokenizer) if cfg.init_from else None
         # --- train
@@ -128,7 +135,8 @@ def main(recipe: Recipe) -> Path:
 
         state = gathered_state(trainer)  # under ZeRO-3 every process helps gather the weights
         report = {"pairs": counts, "untrained": before, "held_out": after, "min_accuracy": cfg.min_accuracy,
-                  "starting_lm_likelihood": lm_rank}  # fmt: skip
+                  "starting_lm_likelihood": lm_rank, "likelihood_weight": cfg.likelihood_weight,
+                  "untrained_head": head}  # fmt: skip
         if is_main():
             save_model(model, tokenizer, out.path / "model", state)
             verify_saved(out.path / "model", model, state)
@@ -228,11 +236,36 @@ def tokenize_pairs(pairs: list[dict], tokenizer, chat) -> tuple[list[dict], list
             dropped.append(p.get("id", "?"))
             continue
         # only the final turn is trained and a fitted render keeps it whole: its mask counts the response tokens
-        out.append({"chosen_ids": chosen.input_ids, "rejected_ids": rejected.input_ids,
+        out.append({"id": p.get("id", "?"), "chosen_ids": chosen.input_ids, "rejected_ids": rejected.input_ids,
                     "len_chosen": sum(chosen.loss_mask), "len_rejected": sum(rejected.loss_mask),
                     "span_chosen": _span(chosen.loss_mask), "span_rejected": _span(rejected.loss_mask),
                     "task": p.get("task") or "?", "chosen_gold": bool(p.get("chosen_gold"))})  # fmt: skip
     return out, dropped
+
+
+def check_model_turns(examples: list[dict], tokenizer) -> list[int]:
+    """The final model turn's header as token ids (`<start_of_turn>model\\n`), checked to open every pair side's
+    response as the template tokenised it — the likelihood term finds the response by it. Refused under
+    DeepSpeed ZeRO-3 (the term reads the tied embeddings outside their module, where ZeRO-3 partitions them)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from posttrain.chat import START
+
+    if is_deepspeed_zero3_enabled():
+        raise StageError(
+            "rm.likelihood_weight is not supported under DeepSpeed ZeRO-3; run the rm stage with ZeRO-2 or DDP "
+            "(e.g. `launchers: {rm: zero2}`) or set rm.likelihood_weight: 0"
+        )
+    prefix = tokenizer.encode(f"{START}model\n", add_special_tokens=False)
+    k = len(prefix)
+    for e in examples:
+        for side in ("chosen", "rejected"):
+            start = e[f"span_{side}"][0]
+            if e[f"{side}_ids"][start - k : start] != prefix:
+                raise DataError([f"rm: pair {e['id']}: the {side} response does not follow the model-turn header "
+                                 f"{prefix} as tokenised on its own; rm.likelihood_weight cannot find responses "
+                                 "with this tokenizer — set it to 0"])  # fmt: skip
+    return prefix
 
 
 def _span(mask: list[int]) -> tuple[int, int]:
@@ -323,6 +356,18 @@ def evaluate(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
     return res
 
 
+def head_only(model, eval_ex: list[dict], tokenizer) -> dict[str, float]:
+    """Held-out accuracy and loss of the scalar head alone (the likelihood term switched off): before training,
+    ≈ 0.5 and ln 2 on balanced pairs, as a newly initialised head must give."""
+    w = model.config.posttrain_likelihood_weight
+    model.config.posttrain_likelihood_weight = 0.0
+    try:
+        res = evaluate(model, eval_ex, tokenizer)
+    finally:
+        model.config.posttrain_likelihood_weight = w
+    return {"accuracy": res["accuracy"], "loss": res["loss"]}
+
+
 def likelihood_ranking(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
     """How the starting causal LM's own log-likelihood of each side's response (summed over its tokens) ranks
     the held-out pairs — what the RM could read from the model it starts from, before any preference training.
@@ -360,6 +405,13 @@ def report_markdown(report: dict) -> str:
         per = ", ".join(f"{t} {v:.2f}" for t, v in lk["accuracy_per_task"].items())
         lines += ["", f"The starting model's own log-likelihood of each response ranks **{lk['accuracy']:.3f}** of "
                   f"the held-out pairs ({per}): what the RM could read from the LM it starts from."]  # fmt: skip
+    if report.get("likelihood_weight"):
+        lines += ["", f"Reward: the scalar head at the last token + {report['likelihood_weight']:g} × the RM's own mean "
+                  "log-likelihood of the response (`rm.likelihood_weight`); untrained = before preference training "
+                  "(a new head; the likelihood of the LM the RM starts from)."]  # fmt: skip
+        if report.get("untrained_head"):
+            hd = report["untrained_head"]
+            lines[-1] += f" The untrained head alone: accuracy {hd['accuracy']:.3f}, loss {hd['loss']:.3f}."
     lines += ["", f"Gate: accuracy ≥ {report['min_accuracy']} — "
               + ("**passed**" if h["accuracy"] >= report["min_accuracy"] else "**failed**"), "",
               "Calibration (held-out, by |r_chosen − r_rejected|):", "",
