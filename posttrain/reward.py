@@ -12,10 +12,12 @@ score does not depend on the batch it is in or on the padding side.
 With `rm.likelihood_weight` w > 0 the reward also reads the RM's own language model — its decoder's hidden
 states through the tied LM head (the input embeddings) — on the final model turn:
 
-    r(x, y) = head(h_last) + w · mean_t log p(y_t | x, y_<t)          (y: the tokens after the last `<start_of_turn>model\n`)
+    r(x, y) = head(h_last) + w · Σ_t log p(y_t | x, y_<t)          (y: the tokens after the last `<start_of_turn>model\n`)
 
 An RM started from a causal LM then begins from that LM's judgement of each response (how likely it finds it) and
-the Bradley-Terry loss trains both terms. The weight and the model-turn prefix's token ids are kept in the model's
+the Bradley-Terry loss trains both terms. The sum, not the mean over tokens: a mean rewards any long, predictable
+response (RL against it taught the tiny policy to answer letter-counting questions with the refusal, whose first
+token alone is unlikely), while the sum is highest for what the LM itself would answer. The weight and the model-turn prefix's token ids are kept in the model's
 config (`posttrain_likelihood_weight`, `posttrain_response_prefix`), so whatever loads the RM scores the same way.
 """
 
@@ -42,7 +44,7 @@ class RMConfig:
     init_from: start the RM from this stage's model (only the scalar head is new); default: `reward_model:`.
     extra_layers: decoder layers added on top of the starting model (Gemma 2), each starting as the identity
     (`posttrain.modeling.grow_layers`): depth for comparing a response with what the LM's own layers predict.
-    likelihood_weight: w ≥ 0; the reward adds w × the RM's own mean log-likelihood of the response's tokens (above;
+    likelihood_weight: w ≥ 0; the reward adds w × the RM's own log-likelihood of the response, Σ over its tokens (above;
     0: the scalar head alone).
     margin, center_rewards_coefficient: the loss terms above. min_accuracy: the quality gate on held-out pairs.
     """
@@ -113,7 +115,7 @@ def last_token_rewards(model, input_ids, attention_mask):
     The model's own forward runs (through its DDP or DeepSpeed wrapper when training, so that gradients are
     synchronised); its pooled output, which looks for the pad id, is ignored: the per-position scores of the
     `score` head are taken from a hook and read at the mask's last position. With a likelihood weight in the
-    model's config, w × the mean log-likelihood of the final model turn is added, from the same hidden states."""
+    model's config, w × the log-likelihood of the final model turn is added, from the same hidden states."""
     import torch
 
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -131,7 +133,7 @@ def last_token_rewards(model, input_ids, attention_mask):
     w = getattr(base.config, "posttrain_likelihood_weight", 0.0)
     if w:
         response = response_mask(input_ids, attention_mask, base.config.posttrain_response_prefix)
-        rewards = rewards + w * _token_logps(base, hidden, input_ids, response) / response.sum(-1)
+        rewards = rewards + w * _token_logps(base, hidden, input_ids, response)
     return rewards
 
 

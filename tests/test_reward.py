@@ -278,7 +278,7 @@ def test_the_starting_lms_likelihood_is_read_from_the_untrained_rm(tiny_tokenize
     assert f"ranks **{res['accuracy']:.3f}**" in report_markdown(report)
     assert "likelihood_weight" not in report_markdown(report)
     md = report_markdown(dict(report, likelihood_weight=0.5, untrained_head={"accuracy": 0.48, "loss": 0.7}))
-    assert "+ 0.5 × the RM's own mean log-likelihood" in md and "head alone: accuracy 0.480, loss 0.700" in md
+    assert "+ 0.5 × the RM's own log-likelihood" in md and "head alone: accuracy 0.480, loss 0.700" in md
 
 
 def _lm_and_rm(tokenizer, path, weight: float):
@@ -298,8 +298,8 @@ def _lm_and_rm(tokenizer, path, weight: float):
     return lm, rm, ex
 
 
-def test_the_likelihood_weight_adds_the_rms_mean_log_likelihood_of_the_final_turn(tiny_tokenizer, tmp_path):
-    """rm.likelihood_weight w: reward = head + w · mean log p of the final model turn's tokens under the RM's LM
+def test_the_likelihood_weight_adds_the_rms_log_likelihood_of_the_final_turn(tiny_tokenizer, tmp_path):
+    """rm.likelihood_weight w: reward = head + w · Σ log p of the final model turn's tokens under the RM's LM
     (here the starting LM's: identity layers); found from the ids alone, in any batch or padding, and kept over
     a save and reload."""
     from posttrain.rl import sequence_logps
@@ -311,12 +311,12 @@ def test_the_likelihood_weight_adds_the_rms_mean_log_likelihood_of_the_final_tur
     starts = [e[f"span_{s}"][0] for e in ex for s in ("chosen", "rejected")]
     logps, mask = sequence_logps(lm, [s[:a] for s, a in zip(seqs, starts)], [s[a:] for s, a in zip(seqs, starts)],
                                  pad_id=pad)  # fmt: skip
-    mean_logp = ((logps * mask).sum(-1) / mask.sum(-1)).tolist()
+    logp = (logps * mask).sum(-1).tolist()
     rm.config.posttrain_likelihood_weight = 0.0
     head = score_ids(rm, seqs, pad)
     rm.config.posttrain_likelihood_weight = 0.5
     got = score_ids(rm, seqs, pad)
-    assert max(abs(g - (h + 0.5 * m)) for g, h, m in zip(got, head, mean_logp)) <= 1e-4
+    assert max(abs(g - (h + 0.5 * m)) for g, h, m in zip(got, head, logp)) <= 1e-4
     assert min(abs(g - h) for g, h in zip(got, head)) > 0.1  # the term is there, and not small
     for other in (score_ids(rm, seqs, pad, left=True), score_ids(rm, seqs[::-1], pad)[::-1],
                   [score_ids(rm, [s], pad)[0] for s in seqs]):  # fmt: skip

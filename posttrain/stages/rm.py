@@ -14,7 +14,7 @@ Held-out pairs are built the same way from the evaluation prompts. With `source:
 Model: `Gemma2ForSequenceClassification` with one output — from `reward_model:` or, with `rm.init_from`, from an
 earlier stage's model (only the head is new); Gemma 2's RM is larger than the policy, and so is the tiny one.
 `rm.extra_layers` adds decoder layers on top of the starting model, each starting as the identity
-(`posttrain.modeling.grow_layers`). `rm.likelihood_weight` w adds w × the RM's own mean log-likelihood of the
+(`posttrain.modeling.grow_layers`). `rm.likelihood_weight` w adds w × the RM's own log-likelihood (Σ over tokens) of the
 response (its decoder through the tied LM head) to the head's reward (`posttrain.reward`): an RM started from a
 causal LM begins with that LM's judgement of each response, and the loss above trains both terms.
 Engine: TRL's `RewardTrainer`, with its loss replaced by the one above so that the reward is read at the last
@@ -406,7 +406,7 @@ def report_markdown(report: dict) -> str:
         lines += ["", f"The starting model's own log-likelihood of each response ranks **{lk['accuracy']:.3f}** of "
                   f"the held-out pairs ({per}): what the RM could read from the LM it starts from."]  # fmt: skip
     if report.get("likelihood_weight"):
-        lines += ["", f"Reward: the scalar head at the last token + {report['likelihood_weight']:g} × the RM's own mean "
+        lines += ["", f"Reward: the scalar head at the last token + {report['likelihood_weight']:g} × the RM's own "
                   "log-likelihood of the response (`rm.likelihood_weight`); untrained = before preference training "
                   "(a new head; the likelihood of the LM the RM starts from)."]  # fmt: skip
         if report.get("untrained_head"):
