@@ -17,8 +17,9 @@ states through the tied LM head (the input embeddings) — on the final model tu
 An RM started from a causal LM then begins from that LM's judgement of each response (how likely it finds it) and
 the Bradley-Terry loss trains both terms. The sum, not the mean over tokens: a mean rewards any long, predictable
 response (RL against it taught the tiny policy to answer letter-counting questions with the refusal, whose first
-token alone is unlikely), while the sum is highest for what the LM itself would answer. The weight and the model-turn prefix's token ids are kept in the model's
-config (`posttrain_likelihood_weight`, `posttrain_response_prefix`), so whatever loads the RM scores the same way.
+token alone is unlikely), while the sum is highest for what the LM itself would answer. The weight and the
+model-turn prefix's token ids are kept in the model's config (`posttrain_likelihood_weight`,
+`posttrain_response_prefix`), so whatever loads the RM scores the same way.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class RMConfig:
     init_from: start the RM from this stage's model (only the scalar head is new); default: `reward_model:`.
     extra_layers: decoder layers added on top of the starting model (Gemma 2), each starting as the identity
     (`posttrain.modeling.grow_layers`): depth for comparing a response with what the LM's own layers predict.
-    likelihood_weight: w ≥ 0; the reward adds w × the RM's own log-likelihood of the response, Σ over its tokens (above;
-    0: the scalar head alone).
+    likelihood_weight: w ≥ 0; the reward adds w × the RM's own log-likelihood of the response, Σ over its tokens
+    (above; 0: the scalar head alone).
     margin, center_rewards_coefficient: the loss terms above. min_accuracy: the quality gate on held-out pairs.
     """
 

@@ -14,9 +14,9 @@ Held-out pairs are built the same way from the evaluation prompts. With `source:
 Model: `Gemma2ForSequenceClassification` with one output — from `reward_model:` or, with `rm.init_from`, from an
 earlier stage's model (only the head is new); Gemma 2's RM is larger than the policy, and so is the tiny one.
 `rm.extra_layers` adds decoder layers on top of the starting model, each starting as the identity
-(`posttrain.modeling.grow_layers`). `rm.likelihood_weight` w adds w × the RM's own log-likelihood (Σ over tokens) of the
-response (its decoder through the tied LM head) to the head's reward (`posttrain.reward`): an RM started from a
-causal LM begins with that LM's judgement of each response, and the loss above trains both terms.
+(`posttrain.modeling.grow_layers`). `rm.likelihood_weight` w adds w × the RM's own log-likelihood (Σ over
+tokens) of the response (its decoder through the tied LM head) to the head's reward (`posttrain.reward`): an RM
+started from a causal LM begins with that LM's judgement of each response, and the loss above trains both terms.
 Engine: TRL's `RewardTrainer`, with its loss replaced by the one above so that the reward is read at the last
 real token from the attention mask (TRL reads the model's output, which searches for the pad id).
 `rm.train.length_buckets` cuts each step's pairs into micro-batches of similar length (a pair's two sides
@@ -346,10 +346,7 @@ def evaluate(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
     r_c = score_ids(model, [e["chosen_ids"] for e in eval_ex], pad)
     r_r = score_ids(model, [e["rejected_ids"] for e in eval_ex], pad)
     res = gate_metrics(r_c, r_r, [e["len_chosen"] for e in eval_ex], [e["len_rejected"] for e in eval_ex])
-    by_task: dict[str, list[bool]] = {}
-    for e, a, b in zip(eval_ex, r_c, r_r):
-        by_task.setdefault(e["task"], []).append(a > b)
-    res["accuracy_per_task"] = {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())}
+    res["accuracy_per_task"] = accuracy_per_task(eval_ex, [a > b for a, b in zip(r_c, r_r)])
     gold = [a > b for e, a, b in zip(eval_ex, r_c, r_r) if e["chosen_gold"]]
     if gold:  # the gold response against the policy's wrong responses on the evaluation prompts
         res["gold_over_policy_wrong"] = {"pairs": len(gold), "accuracy": round(sum(gold) / len(gold), 4)}
@@ -381,11 +378,16 @@ def likelihood_ranking(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
         sides[side] = lm_response_logps(model, [e[f"{side}_ids"] for e in eval_ex], [a for a, _ in spans],
                                         [b for _, b in spans], pad)  # fmt: skip
     wins = [c > r for c, r in zip(sides["chosen"], sides["rejected"])]
+    return {"pairs": len(wins), "accuracy": round(sum(wins) / max(len(wins), 1), 4),
+            "accuracy_per_task": accuracy_per_task(eval_ex, wins)}  # fmt: skip
+
+
+def accuracy_per_task(eval_ex: list[dict], wins: list[bool]) -> dict[str, float]:
+    """The share of each task family's pairs ranked right (`wins` aligned with `eval_ex`)."""
     by_task: dict[str, list[bool]] = {}
     for e, w in zip(eval_ex, wins):
         by_task.setdefault(e["task"], []).append(w)
-    return {"pairs": len(wins), "accuracy": round(sum(wins) / max(len(wins), 1), 4),
-            "accuracy_per_task": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())}}  # fmt: skip
+    return {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())}
 
 
 def report_markdown(report: dict) -> str:
