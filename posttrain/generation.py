@@ -225,21 +225,23 @@ def world_eval(
 ) -> dict[str, Any]:  # fmt: skip
     """Greedy responses to the world's evaluation prompts, scored by its verifiers.
 
-    Returns {"score", "per_task": {task: score}, "truncation_rate", "mean_length", "examples": [...]}."""
+    Returns {"score", "per_task": {task: score}, "n", "scores" (one per row, in order), "truncation_rate",
+    "mean_length", "examples": [...]}."""
     from posttrain import world
 
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size, engine="hf")
     t0 = time.time()
     prompts = [prompt_ids(r["messages"], tokenizer, chat, max_new_tokens, r.get("id", "?")) for r in rows]
     gens = generate(model, tokenizer, prompts, cfg)
+    scores = [world.score(r, g.text, assistant_name) for r, g in zip(rows, gens)]
     by_task: dict[str, list[float]] = defaultdict(list)
-    for r, g in zip(rows, gens):
-        by_task[r["task"]].append(world.score(r, g.text, assistant_name))
-    scores = [s for v in by_task.values() for s in v]
+    for r, s in zip(rows, scores):
+        by_task[r["task"]].append(s)
     return {
         "score": sum(scores) / max(len(scores), 1),
         "per_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())},
         "n": len(rows),
+        "scores": scores,
         "truncation_rate": sum(g.truncated for g in gens) / max(len(gens), 1),
         "mean_length": sum(len(g.ids) for g in gens) / max(len(gens), 1),
         "seconds": round(time.time() - t0, 2),

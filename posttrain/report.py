@@ -201,18 +201,36 @@ def rl_section(run_dir: Path) -> str:
     if not figs or "rlhf" not in current_stages(run_dir):
         return ""
     lines = ["## RL runs", "",
-             "| run | kl_coef | anchor | RM reward start → end | KL to start (k1 / k3) | world score start → end | length |",
-             "|---|---:|---|---|---|---|---:|"]  # fmt: skip
+             "| run | kl_coef | anchor | RM reward start → end | KL to start (k1 / k3) | world score start → end | "
+             "prompts better / worse | length |",
+             "|---|---:|---|---|---|---|---|---:|"]  # fmt: skip
     images = []
     for f in figs:
         r = json.loads(f.read_text())
         a, b = r["start"], r["end"]
         lines.append(f"| {r['run']} | {r['kl_coef']} | {r['anchor']} | {_fmt(a.get('reward'))} → {_fmt(b.get('reward'))} | "
                      f"{_fmt(b['kl'])} / {_fmt(b['kl_k3'])} | {_fmt(a['world_score'])} → {_fmt(b['world_score'])} | "
-                     f"{b['length']:.1f} |")  # fmt: skip
+                     f"{world_verdict(a, b)} | {b['length']:.1f} |")  # fmt: skip
         if (f.parent / "curves.png").exists():
             images.append(f"![{r['run']}: reward and KL against step](rlhf/{f.parent.name}/curves.png)")
     return "\n".join(lines + [""] + images) + "\n"
+
+
+def world_verdict(start: dict, end: dict) -> str:
+    """An RL run's world score, prompt by prompt (`posttrain.rl.world_change`): "+3 / −2 of 280: noise", and
+    **reward hacking** where the RM reward rose while the world score fell beyond noise. Empty for figures without
+    per-prompt scores (runs made before they were kept, or off the built-in world)."""
+    from posttrain.rl import world_change
+
+    if not start.get("world_scores") or not end.get("world_scores"):
+        return ""
+    c = world_change(start["world_scores"], end["world_scores"])
+    verdict = c["verdict"] if c["verdict"] == "noise" else f"**{c['verdict']}**"
+    text = f"+{c['better']} / −{c['worse']} of {c['n']}: {verdict}"
+    rose = None not in (start.get("reward"), end.get("reward")) and end["reward"] > start["reward"]
+    if c["verdict"] == "worse" and rose:
+        text += " — **reward hacking**: the RM reward rose while the world score fell"
+    return text
 
 
 def write_report(run_dir: Path) -> Path:

@@ -218,3 +218,17 @@ def win_rate(rewards: list[float], baseline: list[float]) -> float:
     """The share of prompts where `rewards` beats `baseline` (ties count half)."""
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, baseline)]
     return sum(wins) / max(len(wins), 1)
+
+
+def world_change(before: list[float], after: list[float]) -> dict[str, Any]:
+    """The world score of the same prompts before and after, compared prompt by prompt: how many got better and
+    how many worse, and whether the difference is beyond noise — a sign test on the prompts that changed
+    (|better − worse| > 2 √(better + worse), about 95% under the normal approximation; prompts that did not change
+    carry no evidence either way)."""
+    if len(before) != len(after):
+        raise ValueError(f"world_change: {len(before)} prompts before, {len(after)} after")
+    better = sum(b > a for a, b in zip(before, after))
+    worse = sum(b < a for a, b in zip(before, after))
+    beyond = abs(better - worse) > 2 * (better + worse) ** 0.5
+    verdict = "noise" if not beyond else "better" if better > worse else "worse"
+    return {"n": len(before), "better": better, "worse": worse, "verdict": verdict}

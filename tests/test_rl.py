@@ -20,6 +20,7 @@ from posttrain.rl import (
     rloo_advantages,
     scored_sequence,
     sequence_logps,
+    world_change,
 )
 from posttrain.training import TrainConfig
 
@@ -50,6 +51,21 @@ def test_kl_estimates_by_hand():
     assert kl["k1_seq"] == pytest.approx(2.0) and kl["k3_seq"] == pytest.approx(2 * math.exp(-1))
     same = kl_estimates(logp, logp, mask)
     assert same["k1"] == 0.0 and same["k3"] == 0.0
+
+
+def test_world_change_counts_prompts_and_tells_a_change_from_noise():
+    # 3 better, 1 worse: |3 − 1| = 2 ≤ 2·√4 = 4 → noise; 9 better, 1 worse: 8 > 2·√10 ≈ 6.3 → better
+    assert world_change([0, 0, 0, 1, 1], [1, 1, 1, 0, 1]) == {
+        "n": 5,
+        "better": 3,
+        "worse": 1,
+        "verdict": "noise",
+    }
+    assert world_change([0] * 9 + [1] * 3, [1] * 9 + [0, 1, 1])["verdict"] == "better"
+    assert world_change([1] * 9 + [0], [0] * 9 + [0])["verdict"] == "worse"  # 9 worse, none better: 9 > 6
+    assert world_change([1, 0], [1, 0])["verdict"] == "noise"  # nothing changed
+    with pytest.raises(ValueError, match="2 prompts before, 1 after"):
+        world_change([1, 0], [1])
 
 
 def test_runs_resolve_over_the_section():

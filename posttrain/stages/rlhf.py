@@ -172,7 +172,8 @@ def train_run(
         f = policy_figures(model, reference, rm, tokenizer, eval_rows, recipe.chat, cfg.max_new_tokens,
                            cfg.temperature, recipe.eval.batch_size, seed)  # fmt: skip
         w = evaluate(model)
-        return {**f, "world_score": w and w["score"], "world_per_task": w and w["per_task"]}
+        return {**f, "world_score": w and w["score"], "world_per_task": w and w["per_task"],
+                "world_scores": w and w["scores"]}  # fmt: skip
 
     before = figures(policy)
     print(f"[rlhf/{name}] kl_coef {cfg.kl_coef}, anchor {cfg.anchor}, seed {seed}; start: RM reward "
