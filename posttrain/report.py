@@ -92,6 +92,8 @@ def _summary(folder: Path) -> dict:
 
 
 def _fmt(v) -> str:
+    if v is None:  # a figure the run does not have, e.g. the RM reward of RL against the verifiers
+        return "–"
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)

@@ -74,20 +74,21 @@ def test_the_rl_section_judges_each_run_prompt_by_prompt_and_names_reward_hackin
     (tmp_path / "rlhf" / "DONE").write_text(json.dumps({"config_hash": "l1", "parents": {}}))
     start = [1.0] * 20 + [0.0] * 20
 
-    def run(name, reward_end, scores_end, keep_scores=True):
+    def run(name, reward_end, scores_end, keep_scores=True, reward_start=-1.0):
         def side(reward, scores):
             return {"kl": 0.1, "kl_k3": 0.1, "length": 5.0, "reward": reward, "world_score": sum(scores) / len(scores),
                     **({"world_scores": scores} if keep_scores else {})}  # fmt: skip
 
         (tmp_path / "rlhf" / name).mkdir()
         (tmp_path / "rlhf" / name / "figures.json").write_text(json.dumps(
-            {"run": name, "kl_coef": 0.1, "anchor": "init", "start": side(-1.0, start), "end": side(reward_end, scores_end)}
+            {"run": name, "kl_coef": 0.1, "anchor": "init", "start": side(reward_start, start), "end": side(reward_end, scores_end)}
         ))  # fmt: skip
 
     run("hacked", 2.0, [0.0] * 20 + [0.0] * 19 + [1.0])  # 20 worse, 1 better while the RM reward rose
     run("noisy", 2.0, [1.0] * 19 + [0.0] + [1.0] + [0.0] * 19)  # 1 worse, 1 better
     run("lost", -2.0, [0.0] * 20 + [0.0] * 20)  # worse, and the RM saw it: no hacking
     run("old", 2.0, [0.0] * 40, keep_scores=False)  # figures from before per-prompt scores were kept
+    run("verifiers", None, start, reward_start=None)  # RL against the world's verifiers: no RM reward
     rows = {
         line.split(" | ")[0].strip("| "): line
         for line in rl_section(tmp_path).splitlines()
@@ -97,6 +98,7 @@ def test_the_rl_section_judges_each_run_prompt_by_prompt_and_names_reward_hackin
     assert "+1 / −1 of 40: noise |" in rows["noisy"]
     assert "+0 / −20 of 40: **worse** |" in rows["lost"] and "hacking" not in rows["lost"]
     assert "| 0.500 → 0.000 |  | 5.0 |" in rows["old"]
+    assert "| – → – |" in rows["verifiers"] and "None" not in rows["verifiers"]
 
 
 def test_the_report_names_a_failed_gate_with_its_figures(tmp_path):
