@@ -29,9 +29,11 @@ test-dist: setup
 test-all: setup
 	$(BIN)/python -m pytest -m "not gpu" -q
 
+# ruff (style, function size and complexity) and the import contracts in pyproject.toml (the floors).
 lint: setup
 	$(BIN)/ruff check posttrain tests
 	$(BIN)/ruff format --check posttrain tests
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff format posttrain tests

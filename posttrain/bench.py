@@ -23,15 +23,14 @@ import time
 
 def bench_generation(recipe, n_prompts: int) -> dict:
     from posttrain import world
-    from posttrain.config import ModelSpec
-    from posttrain.generation import SamplingConfig, generate, prompt_ids
+    from posttrain.config import ModelSpec, SamplingConfig
+    from posttrain.generation import generate, prompt_ids
     from posttrain.modeling import load_causal_lm, load_tokenizer
-    from posttrain.outputs import read_done
-    from posttrain.runner import stage_model
+    from posttrain.outputs import read_done, stage_model
 
     folder = recipe.run_dir / "teacher"
     if read_done(folder):
-        spec, which = stage_model(recipe, "teacher", recipe.teacher), f"trained teacher {folder}/model"
+        spec, which = stage_model(folder, recipe.teacher), f"trained teacher {folder}/model"
     else:
         spec, which = ModelSpec(preset="tiny-teacher", tokenizer="tiny"), "untrained tiny-teacher preset"
     tok = load_tokenizer(spec)
@@ -64,8 +63,8 @@ def bench_sft(recipe, steps: int, n_rows: int = 2048) -> dict:
     from datasets import Dataset
 
     from posttrain import world
+    from posttrain.engines.sft import make_trainer, sft_args, to_dataset, tokenize_rows
     from posttrain.modeling import load_causal_lm, load_tokenizer
-    from posttrain.training import make_trainer, sft_args, to_dataset, tokenize_rows
 
     rows = world.train_split(recipe.world, recipe.seed, n=n_rows)
     tok = load_tokenizer(recipe.model)
@@ -133,11 +132,12 @@ def time_outside_training(run_dir, startup: float) -> dict | None:
     """Over a finished run folder's stages: wall time (stage wall + start-up) and time inside trainer.train."""
     import json
 
-    from posttrain.report import STAGE_ORDER, _summary
+    from posttrain.registry import NAMES
+    from posttrain.report import _summary
 
     wall = train = 0.0
     stages = []
-    for stage in STAGE_ORDER:
+    for stage in NAMES:
         folder = run_dir / stage
         s = _summary(folder) if (folder / "DONE").exists() else {}
         if "wall_time_s" not in s:

@@ -169,6 +169,15 @@ def prompt_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     return msgs[:-1] if msgs and msgs[-1]["role"] in ("assistant", "model") else msgs
 
 
+def stop_ids(tokenizer: Any) -> list[int]:
+    """The ids generation stops on: `<eos>` and, when the tokenizer has it, `<end_of_turn>`."""
+    stops = [tokenizer.eos_token_id]
+    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    if isinstance(end, int) and end != tokenizer.unk_token_id:
+        stops.append(end)
+    return stops
+
+
 def trained_text(r: Rendered, tokenizer: Any) -> list[str]:
     """Decode each contiguous run of trained tokens (what the loss sees), for checks and `posttrain render`."""
     runs, cur = [], []

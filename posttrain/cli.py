@@ -69,261 +69,43 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    import signal
-
     from posttrain.config import load_recipe
-    from posttrain.dist import check_process_count
-    from posttrain.runner import stage_module
-    from posttrain.training import tracking_env
+    from posttrain.runner import run_stage
 
-    # `posttrain run` starts jobs ignoring SIGTERM; a stage dies on it until its training loop catches it
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    recipe = load_recipe(args.recipe, args.set)
-    check_process_count(args.name)
-    tracking_env(recipe.tracking, recipe.name, args.name, recipe.run_dir)
-    out = stage_module(args.name).main(recipe)
+    out = run_stage(args.name, load_recipe(args.recipe, args.set))
     print(f"[{args.name}] done: {out}")
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    """Run the recipe's stages in order, each in its own process; skip those done with the same config."""
-    from posttrain import runner
-    from posttrain.config import load_recipe
-    from posttrain.outputs import check_exported, read_done
+def _run_options(args: argparse.Namespace):
+    from posttrain.runner import RunOptions
 
-    recipe = load_recipe(args.recipe, args.set)
-    stages = runner.plan(recipe)
-    only = args.only.split(",") if args.only else []
-    for name in only + ([args.from_] if args.from_ else []):
-        if name not in stages:
-            runner.stage_module(name)  # unknown stage: a clear error
-            raise ConfigError([f"stage {name!r} is not in recipe {recipe.name}'s plan ({', '.join(stages)})"])
-    if only:
-        stages = runner.with_parents(recipe, only)
-    forced = set(stages[stages.index(args.from_) :]) if args.from_ else set()
-    if args.force:
-        forced |= set(only or stages)
-    for name in stages:
-        folder = recipe.run_dir / name
-        done = read_done(folder)
-        want = runner.expected_hash(recipe, name)
-        for source in args.reuse or []:  # the first run folder holding this stage with the same hash
-            if name in forced or (done and done.get("config_hash") == want):
-                break
-            done = _reuse(Path(source) / name, folder, want, args.dry_run) or done
-        cmd = runner.launch_command(recipe, name, args.recipe, args.set)
-        if done and done.get("config_hash") == want and name not in forced:
-            print(f"[run] skip {name}: {folder} is done with the same config and parents ({want})")
-            continue
-        failed = _failed_gate(folder, want)
-        if failed and name not in forced:  # the same config fails the same way: do not retrain it
-            print(f"[run] {name}: failed its quality gate with this config earlier ({failed}); `--force` reruns it",
-                  file=sys.stderr)  # fmt: skip
-            if args.dry_run:
-                continue
-            _print_reports(recipe.run_dir, stages)
-            print(
-                f"[run] stage {name} failed its quality gate; later stages were not started", file=sys.stderr
-            )
-            return 1
-        why = "forced" if name in forced else ("config or parents changed" if done else "not done yet")
-        print(f"[run] {name} ({why}): {' '.join(cmd)}", flush=True)
-        if args.dry_run:
-            continue
-        rc, terminated = _run_stage_process(cmd)
-        if rc != 0:
-            _print_reports(recipe.run_dir, stages)
-            if terminated:  # through `accelerate launch` the stage's own exit code (75) is not seen here
-                print(f"[run] stage {name} stopped on SIGTERM (a training stage saves a checkpoint first); rerun "
-                      "the same command to resume it", file=sys.stderr)  # fmt: skip
-                return STOPPED_EXIT
-            gate = _failed_gate(folder, want)
-            why = f"failed its quality gate — {gate}" if gate else f"failed (exit {rc})"
-            print(f"[run] stage {name} {why}; later stages were not started", file=sys.stderr)
-            return rc
-        problems, tensors = check_exported(folder)
-        if problems:
-            print(f"[run] stage {name} exported a broken model; later stages were not started:\n  "
-                  + "\n  ".join(problems[:10]), file=sys.stderr)  # fmt: skip
-            return 1
-        if tensors:
-            print(f"[run] {name}: exported models read back complete ({tensors} tensors, none empty)")
-    if not args.dry_run:
-        _print_reports(recipe.run_dir, stages)
-        print(f"[run] outputs of recipe {recipe.name}: {recipe.run_dir}/")
-    return 0
+    return RunOptions(recipe_path=args.recipe, sets=tuple(args.set), only=_stages(args.only),
+                      from_=getattr(args, "from_", None), force=getattr(args, "force", False), dry_run=args.dry_run,
+                      reuse=tuple(args.reuse or ()))  # fmt: skip
+
+
+def _stages(text: str | None) -> tuple[str, ...]:
+    return tuple(s.strip() for s in (text or "").split(",") if s.strip())
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from posttrain.runner import run
+
+    return run(_run_options(args))
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    """Run a recipe once per point of a grid (× seeds), sharing finished stages between the variants, and write
-    one comparison table."""
-    import itertools
+    from posttrain.runner import sweep
 
-    from posttrain import runner
-    from posttrain.config import load_recipe
-    from posttrain.report import sweep_table
-
-    base = load_recipe(args.recipe, args.set)
-    grid: list[tuple[str, list[str]]] = []
-    problems = []
-    for item in args.grid:
-        key, sep, values = item.partition("=")
-        vals = [v.strip() for v in values.split(",") if v.strip()]
-        if not sep or not key.strip() or not vals:
-            problems.append(f"--grid {item!r}: expected KEY=V1,V2,… (e.g. rlhf.kl_coef=0.01,0.05)")
-        else:
-            grid.append((key.strip(), vals))
-    if args.seeds < 1:
-        problems.append(f"--seeds {args.seeds}: expected 1 or more")
-    seed_stages = [s.strip() for s in (args.seed_stages or "").split(",") if s.strip()]
-    problems += [f"--seed-stages: no stage {s!r}; stages are {', '.join(runner.STAGES)}"
-                 for s in seed_stages if s not in runner.STAGES]  # fmt: skip
-    if problems:
-        raise ConfigError(problems)
-    variants: list[tuple[dict[str, str], list[str]]] = []
-    for combo in itertools.product(*(vals for _, vals in grid)):
-        for i in range(args.seeds):
-            labels = {k: v for (k, _), v in zip(grid, combo)}
-            sets = [f"{k}={v}" for k, v in labels.items()]
-            if args.seeds > 1 and seed_stages:  # only these stages (and those after them) rerun per seed
-                labels["seed"] = str(i)
-                sets += [f"seeds.{s}={base.seed_for(s) + i}" for s in seed_stages]
-            elif args.seeds > 1:
-                labels["seed"] = str(base.seed + i)
-                sets.append(f"seed={base.seed + i}")
-            slug = "-".join(f"{k.split('.')[-1]}{v}" for k, v in labels.items()).replace("/", "_")
-            variants.append((labels, [*args.set, *sets, f"name={base.name}-{slug}"]))
-    # every variant is checked before any runs
-    recipes = [load_recipe(args.recipe, sets) for _, sets in variants]
-    stages = runner.plan(base)
-    shown = args.only.split(",") if args.only else stages
-    print(f"[sweep] {len(variants)} variants of {base.name}: "
-          + ", ".join(r.name for r in recipes))  # fmt: skip
-    reuse = list(args.reuse or []) + [str(base.run_dir)]
-    for (_, sets), recipe in zip(variants, recipes):
-        print(f"\n[sweep] {recipe.name}: {' '.join(sets[len(args.set) : -1])}", flush=True)
-        run_args = argparse.Namespace(recipe=args.recipe, set=sets, only=args.only, from_=None, force=False,
-                                      dry_run=args.dry_run, reuse=reuse)  # fmt: skip
-        rc = _cmd_run(run_args)
-        if rc != 0:
-            print(f"[sweep] variant {recipe.name} failed (exit {rc}); the later variants were not run",
-                  file=sys.stderr)  # fmt: skip
-            return rc
-        reuse.append(str(recipe.run_dir))  # later variants share this one's finished stages
-    if args.dry_run:
-        return 0
-    table = sweep_table([(labels, r.run_dir) for (labels, _), r in zip(variants, recipes)], shown)
-    out = base.run_dir.parent / f"sweep-{base.name}-{'-'.join(k for k, _ in grid) or 'seeds'}.md"
-    out.write_text(f"# Sweep of {base.name}\n\n`posttrain sweep {args.recipe} "
-                   + " ".join(f"--grid {g}" for g in args.grid) + f" --seeds {args.seeds}`\n\n" + table)  # fmt: skip
-    print("\n" + table + f"\n[sweep] table: {out}")
-    return 0
-
-
-def _run_stage_process(cmd: list[str]) -> tuple[int, bool]:
-    """Run a stage's job in its own process group and pass SIGTERM and SIGINT sent to `posttrain run` on to the
-    whole group. Launchers in the group ignore SIGTERM (`accelerate launch` would die and orphan the stage); the
-    stage restores the default and, while training, saves a checkpoint and stops. Returns (exit code, whether a
-    SIGTERM was passed on)."""
-    import os
-    import signal
-    import subprocess
-
-    def start() -> None:  # in the child, before exec: the ignore disposition is inherited, handlers are not
-        os.setpgrp()
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-    child = subprocess.Popen(cmd, preexec_fn=start)
-    terminated = False
-
-    def forward(signum, frame) -> None:
-        nonlocal terminated
-        terminated = terminated or signum == signal.SIGTERM
-        try:
-            os.killpg(child.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return child.wait(), terminated
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _reuse(source: Path, folder: Path, want: str, dry_run: bool) -> dict | None:
-    """Take a finished stage from another run folder when its hash is the one wanted (hard links, else copies)."""
-    import os
-    import shutil
-
-    from posttrain.outputs import read_done, replace_folder
-
-    done = read_done(source)
-    if not done or done.get("config_hash") != want:
-        return None
-    print(f"[run] reuse {source} for {folder} (same config and parents, {want})")
-    if not dry_run:
-
-        def link(src: str, dst: str) -> None:
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-
-        tmp = folder.with_name(folder.name + ".reuse")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp, copy_function=link)
-        replace_folder(tmp, folder)
-    return done
-
-
-def _failed_gate(folder: Path, want: str) -> str | None:
-    """The recorded gate failure of a stage run with config hash `want`, if its last attempt failed so."""
-    partial = folder.with_name(folder.name + ".partial")
-    try:
-        if (partial / "STAGE_HASH").read_text().strip() == want:
-            return (partial / "GATE_FAILED").read_text().strip()
-    except OSError:
-        pass
-    return None
-
-
-def _print_reports(run_dir: Path, stages: list[str]) -> None:
-    """The reports of the stages run so far (a gate-failed stage's from its .partial folder), then the table."""
-    from posttrain.report import stage_states, world_table
-
-    reports = (("data", "data_report.md"), ("generate", "generate_report.md"), ("rm", "rm_report.md"),
-               ("merge", "merge_report.md"))  # fmt: skip
-    states = stage_states(run_dir)  # a stage with no current output shows its failed attempt (.partial)
-    for name, report in reports:
-        folder, _ = states.get(name, (None, ""))
-        if name in stages and folder is not None and (folder / report).exists():
-            print("\n" + (folder / report).read_text())
-    table = world_table(run_dir)
-    if table:
-        print("\n" + table)
-    from posttrain.report import stage_table, write_report
-
-    print("\n" + stage_table(run_dir))
-    path = write_report(run_dir)
-    print(f"[run] report: {path} (and {path.with_suffix('.html')})")
+    return sweep(_run_options(args), args.grid, args.seeds, _stages(args.seed_stages))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from posttrain.config import load_recipe
-    from posttrain.outputs import read_done
-    from posttrain.stages.eval import evaluate_models, report_markdown
+    from posttrain.engines.evaluation import report_markdown
+    from posttrain.runner import evaluate_one
 
-    recipe = load_recipe(args.recipe, args.set)
-    if read_done(recipe.run_dir / "sft") is None:
-        raise ConfigError([f"posttrain eval needs the recipe's finished sft stage ({recipe.run_dir}/sft, the KL "
-                           f"reference); run `posttrain run {args.recipe} --only sft`"])  # fmt: skip
-    if not (Path(args.model) / "config.json").exists():
-        raise ConfigError([f"{args.model}: not a saved model folder (no config.json)"])
-    results = evaluate_models(recipe, [(str(args.model), Path(args.model), None)])
-    print(report_markdown(results))
+    print(report_markdown(evaluate_one(args.recipe, args.set, Path(args.model))))
     return 0
 
 
@@ -387,20 +169,52 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from posttrain.runner import STAGES
+def _choices(cls: type, key: str) -> list[str]:
+    """The values a `Literal[...]` field of a config section admits."""
+    import typing
 
+    return list(typing.get_args(typing.get_type_hints(cls)[key]))
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Gemma-2-style post-training pipeline.")
     sub = p.add_subparsers(dest="command", required=True)
+    _recipe_verbs(sub)
+    _data_verbs(sub)
+    _model_verbs(sub)
+    return p
 
+
+def _data_verbs(sub) -> None:
+    """render, validate: what a data file becomes, and what is wrong with it."""
+    from posttrain.config import ChatConfig
+
+    chat = ChatConfig()  # the recipe's defaults, here as on every path
     r = sub.add_parser("render", help="conversations (JSONL) → text, input_ids, loss_mask per line")
     r.add_argument("--tokenizer", required=True, help="'tiny' (built-in), a tokenizer folder or a hub id")
     r.add_argument("--input", help="JSONL file, one {'messages': [...]} per line (default: stdin)")
     r.add_argument("--generation-prompt", action="store_true", help="end with '<start_of_turn>model\\n'")
-    r.add_argument("--system", choices=["fold", "reject"], default="fold", help="system-message policy")
-    r.add_argument("--train-on", choices=["all", "last"], default="all", help="which model turns are trained")
+    r.add_argument("--system", choices=_choices(ChatConfig, "system"), default=chat.system,
+                   help="system-message policy")  # fmt: skip
+    r.add_argument("--train-on", choices=_choices(ChatConfig, "train_on"), default=chat.train_on,
+                   help="which model turns are trained")  # fmt: skip
     r.add_argument("--pretty", action="store_true", help="show the text with trained tokens marked [[…]]")
     r.set_defaults(func=_cmd_render)
+
+    v = sub.add_parser("validate", help="check a data file; every bad row as file:line: reason")
+    v.add_argument("file")
+    v.add_argument("--format", choices=["conversations", "prompts", "preferences"], default="conversations")
+    v.add_argument("--system", choices=_choices(ChatConfig, "system"), default=chat.system)
+    v.add_argument(
+        "--tokenizer", help="also check lengths after rendering with this tokenizer ('tiny', folder, id)"
+    )
+    v.add_argument("--max-length", type=int, default=chat.max_length)
+    v.set_defaults(func=_cmd_validate)
+
+
+def _recipe_verbs(sub) -> None:
+    """check, stage, run, sweep: a recipe checked, one of its stages, all of them, a grid of them."""
+    from posttrain.registry import NAMES
 
     c = sub.add_parser("check", help="validate a recipe and print it resolved (extends and --set applied)")
     c.add_argument("recipe")
@@ -408,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_check)
 
     s = sub.add_parser("stage", help="run one stage of a recipe in this process")
-    s.add_argument("name", help=f"stage: {', '.join(STAGES)}")
+    s.add_argument("name", help=f"stage: {', '.join(NAMES)}")
     s.add_argument("recipe")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(func=_cmd_stage)
@@ -448,15 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--dry-run", action="store_true", help="print what each variant would run")
     w.set_defaults(func=_cmd_sweep)
 
-    v = sub.add_parser("validate", help="check a data file; every bad row as file:line: reason")
-    v.add_argument("file")
-    v.add_argument("--format", choices=["conversations", "prompts", "preferences"], default="conversations")
-    v.add_argument("--system", choices=["fold", "reject"], default="fold")
-    v.add_argument(
-        "--tokenizer", help="also check lengths after rendering with this tokenizer ('tiny', folder, id)"
-    )
-    v.add_argument("--max-length", type=int, default=512)
-    v.set_defaults(func=_cmd_validate)
+
+def _model_verbs(sub) -> None:
+    """eval, report, merge: saved models measured, a run's report, saved models averaged."""
+    from posttrain.config import MergeConfig
 
     ev = sub.add_parser(
         "eval", help="evaluate one saved model as the eval stage does (world, RM, KL, probes)"
@@ -474,11 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--weights", nargs="+", type=float, help="linear only: one weight per model")
     m.add_argument("--base", help="the shared initialisation (slerp, liti)")
     m.add_argument(
-        "--eta", type=float, default=1.0, help="liti: interpolation from the base (0) to the merge (1)"
+        "--eta",
+        type=float,
+        default=MergeConfig().eta,
+        help="liti: interpolation from the base (0) to the merge (1)",
     )
     m.add_argument("--out", required=True)
     m.set_defaults(func=_cmd_merge)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 
+from posttrain import registry
 from posttrain.errors import StageError
-
-MULTI_PROCESS_STAGES = ("teacher", "generate", "sft", "distill", "rm", "rlhf")
 
 
 def world_size() -> int:
@@ -78,10 +77,10 @@ def merge_parts(mine: list) -> list:
 
 
 def check_process_count(stage: str) -> None:
-    """A stage outside MULTI_PROCESS_STAGES started as several processes is an error naming the fix."""
-    if world_size() > 1 and stage not in MULTI_PROCESS_STAGES:
+    """A one-process stage (`posttrain.registry`) started as several processes is an error naming the fix."""
+    if world_size() > 1 and stage not in registry.MULTI_PROCESS:
         raise StageError(
             f"stage {stage} runs in one process, but it was started in {world_size()} "
-            f"(only {', '.join(MULTI_PROCESS_STAGES)} run in several); give it a one-process launcher "
+            f"(only {', '.join(registry.MULTI_PROCESS)} run in several); give it a one-process launcher "
             f"in the recipe: `launchers: {{{stage}: cpu}}` (or `local`), or a config with num_processes: 1"
         )

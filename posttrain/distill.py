@@ -1,4 +1,5 @@
-"""Token-level divergences between a student and a teacher, for on-policy distillation (the `distill` stage).
+"""Token-level divergences between a student and a teacher, for on-policy distillation (the `distill` stage), as
+pure tensor functions: the specification TRL's `DistillationTrainer` loss is tested against (tests/test_distill.py).
 
 On the student's own samples, per trained position t, with p_s = softmax(cap(z_s) / T), p_t = softmax(cap(z_t) / T)
 and cap(z) = c · tanh(z / c) (Gemma 2's final logit soft-cap, c = 30; no cap when c is None):
@@ -15,53 +16,12 @@ left out is a different distribution from the one it was trained with.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from posttrain.training import IF_SET, TrainConfig
+from posttrain.config import Divergence
 
 if TYPE_CHECKING:
     import torch
-
-Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """The `distill:` section (leave it out, or null, to skip the stage).
-
-    divergence: `forward_kl` (Gemma 2: the student's negative log-likelihood of the teacher's distribution on the
-    student's samples), `reverse_kl`, or `jsd` with `beta` (TRL `DistillationConfig.beta`: 0 = forward, 1 = reverse).
-    on_policy_fraction: the share of batches whose responses the student samples; the rest use the teacher's
-    responses from the `generate` stage (GKD's λ). temperature: of sampling and of both distributions in the loss.
-    max_new_tokens: the longest sampled response. prompts: how many training prompts to use (0: all).
-    balance_tasks: draw the prompts with equal weight per task family (the rows' `task` field), the rarer families
-    repeated, so that a family with few prompts is not forgotten.
-    train: steps, batch size, learning rate …; `eval_steps` also sets how often the world score is measured.
-    """
-
-    divergence: Divergence = "forward_kl"
-    beta: float = 0.5
-    on_policy_fraction: float = 1.0
-    temperature: float = 1.0
-    max_new_tokens: int = 64
-    prompts: int = 0
-    balance_tasks: bool = field(default=False, metadata=IF_SET)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, learning_rate=1e-6))
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
-            out.append(
-                f"beta: {self.beta} must be in (0, 1) for divergence jsd (0 is forward_kl, 1 reverse_kl)"
-            )
-        if not 0.0 <= self.on_policy_fraction <= 1.0:
-            out.append(f"on_policy_fraction: {self.on_policy_fraction} must be in [0, 1]")
-        if self.temperature <= 0.0:
-            out.append(f"temperature: {self.temperature} must be > 0")
-        if self.max_new_tokens < 1 or self.prompts < 0:
-            out.append("max_new_tokens must be ≥ 1 and prompts ≥ 0")
-        return out
 
 
 def capped_log_probs(

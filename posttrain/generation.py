@@ -13,69 +13,10 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from posttrain.chat import CONTROL_TOKENS, prompt_messages, render
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How responses are sampled (the `generate:` section). temperature 0 = greedy; top_k 0 and top_p 1.0 = off.
-
-    batch_size: prompts per `generate` call. shard_size: prompts per output shard; a rerun of a killed stage
-    continues from the last finished shard. engine: `auto` = vLLM on a GPU when installed, else HF generate.
-    """
-
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    batch_size: int = 32
-    shard_size: int = 512
-    engine: Literal["auto", "hf", "vllm"] = "auto"
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.max_new_tokens < 1:
-            out.append(f"max_new_tokens: {self.max_new_tokens} must be at least 1")
-        if self.temperature < 0:
-            out.append(f"temperature: {self.temperature} must be 0 (greedy) or positive")
-        if not 0 < self.top_p <= 1:
-            out.append(f"top_p: {self.top_p} must be in (0, 1]")
-        if self.top_k < 0:
-            out.append(f"top_k: {self.top_k} must be 0 (off) or positive")
-        if self.batch_size < 1 or self.shard_size < 1:
-            out.append("batch_size and shard_size must be at least 1")
-        return out
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Evaluation during and after training stages: greedy responses to the evaluation prompts.
-
-    sliding_window: the `eval` stage only — the window of the models' sliding-attention layers at inference
-    (None: the window they were trained with), as in the Gemma 2 report's study of shrinking the local-attention
-    window at inference; it changes the `eval` stage alone, so a sweep over it retrains nothing."""
-
-    max_new_tokens: int = 128
-    batch_size: int = 64
-    sliding_window: int | None = None
-
-    def during_training(self) -> dict[str, int]:
-        """What the evaluation at the end of a training stage uses (its part of that stage's config)."""
-        return {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
-
-    def problems(self) -> list[str]:
-        out = (
-            []
-            if self.max_new_tokens >= 1 and self.batch_size >= 1
-            else ["max_new_tokens and batch_size: at least 1"]
-        )
-        if self.sliding_window is not None and self.sliding_window < 1:
-            out.append(
-                f"sliding_window: {self.sliding_window} must be at least 1 (or unset: the trained window)"
-            )
-        return out
+from posttrain.chat import CONTROL_TOKENS, prompt_messages, render, stop_ids
+from posttrain.config import SamplingConfig
 
 
 @dataclass
@@ -97,15 +38,6 @@ def prompt_ids(
     room = max(chat.max_length - max_new_tokens, 8)
     ids = r.input_ids
     return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1 :]
-
-
-def stop_ids(tokenizer: Any) -> list[int]:
-    """The ids generation stops on: `<eos>` and, when the tokenizer has it, `<end_of_turn>`."""
-    stops = [tokenizer.eos_token_id]
-    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    if isinstance(end, int) and end != tokenizer.unk_token_id:
-        stops.append(end)
-    return stops
 
 
 def decode(ids: list[int], tokenizer: Any, stops: list[int], max_new: int) -> Generation:

@@ -1,4 +1,5 @@
-"""Weight averaging: pure tensor functions, and a streaming merge of saved models.
+"""Weight averaging: pure tensor functions (the specification the `merge` stage and the EMA anchor of RL are tested
+against, tests/test_merging.py), and a streaming merge of saved models.
 
 Formulas (θ: weights of one tensor; θ_init: the shared initialisation, e.g. the SFT policy):
 
@@ -31,7 +32,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from posttrain.outputs import replace_folder
+from posttrain.config import MergeConfig
+from posttrain.files import replace_folder
 
 # ----------------------------------------------------------------------------------------- pure functions
 
@@ -162,7 +164,6 @@ def _tokenizer_fingerprint(folder: Path) -> str | None:
 
 # ------------------------------------------------------------------------------------ streaming writing
 
-_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 _FROM_ST = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
@@ -191,13 +192,27 @@ def write_streaming(path: Path, names: list[str], meta: dict, produce) -> None:
             f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")  # no copy of the bytes
 
 
+def plan_shards(names: list[str], meta: dict, max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names in order, cut into shards of at most `max_shard_bytes` (a larger tensor is a shard alone)."""
+    shards, cur, size = [], [], 0
+    for n in names:
+        nbytes = _nbytes(*meta[n])
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(n)
+        size += nbytes
+    shards.append(cur)
+    return shards
+
+
 def merge_models(
     models: list[str | Path],
     out: str | Path,
     method: str = "linear",
     weights: list[float] | None = None,
     base: str | Path | None = None,
-    eta: float = 1.0,
+    eta: float = MergeConfig().eta,
     max_shard_bytes: int = 2 * 1024**3,
 ) -> Path:
     """Merge saved models into `out` (a loadable model folder with provenance). Returns `out`."""
@@ -225,15 +240,7 @@ def merge_models(
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shards, cur, size = [], [], 0
-    for n in names:
-        nbytes = _nbytes(*inputs[0].meta[n])
-        if cur and size + nbytes > max_shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(n)
-        size += nbytes
-    shards.append(cur)
+    shards = plan_shards(names, inputs[0].meta, max_shard_bytes)
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = (

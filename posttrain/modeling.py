@@ -32,8 +32,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from posttrain.chat import stop_ids
 from posttrain.config import ModelSpec
-from posttrain.generation import stop_ids
 from posttrain.tokenizer import build_tiny_tokenizer
 
 
@@ -290,6 +290,25 @@ def save_model(
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     return out
+
+
+def verify_saved(folder: Path, model, state: dict | None = None) -> None:
+    """Every tensor of the saved model is present, non-empty and equal to the trained one (`state`: the gathered
+    weights under ZeRO-3, whose saves can otherwise be empty; tied weights must stay tied)."""
+    from safetensors.torch import load_file
+
+    saved: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        saved.update(load_file(f))
+    state = state if state is not None else model.state_dict()
+    missing = [k for k in state if k not in saved and not k.endswith("lm_head.weight")]
+    empty = [k for k, v in saved.items() if v.numel() == 0]
+    differ = [k for k, v in saved.items() if k in state and not torch.equal(v.cpu(), state[k].detach().cpu())]
+    if missing or empty or differ:
+        raise RuntimeError(
+            f"{folder}: the saved model is not the trained one (missing {missing[:3]}, empty {empty[:3]}, "
+            f"different {differ[:3]})"
+        )
 
 
 def count_parameters(model: torch.nn.Module) -> int:

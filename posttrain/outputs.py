@@ -9,25 +9,66 @@
 A stage writes into `<folder>.partial/`; only on success is `DONE` written and the folder renamed into
 place, so a folder without `DONE` is never read as a result, and a failed rerun leaves the last good result.
 When a stage runs as several processes, only the main one writes here.
+
+A stage reads its parents' outputs through `Parents`, which its caller (the runner) hands it: each parent's
+finished folder and DONE hash, the model a parent saved (`stage_model`) and the data splits it wrote
+(`split_path`). A stage never looks up another stage's folder itself.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
-import os
 import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import config_hash, dump_yaml
+from posttrain.config import ConfigError, ModelSpec, Recipe, config_hash, dump_yaml
+from posttrain.data.jsonl import split_path
 from posttrain.dist import barrier, is_main
+from posttrain.files import file_sha256, replace_folder, write_atomic
 
+GATE_FAILED = (
+    "GATE_FAILED"  # in `<stage>.partial/`: a quality gate's message; with STAGE_HASH, the config that failed
+)
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed", "tokenizers")
+
+
+def stage_model(folder: Path, like: ModelSpec | None = None) -> ModelSpec:
+    """The model a finished stage saved (`<folder>/model`, its tokenizer beside it), loaded with the dtype and
+    attention of `like` (the recipe's spec for that role)."""
+    model = str(Path(folder) / "model")
+    like = like or ModelSpec()
+    return ModelSpec(
+        name_or_path=model, tokenizer=model, dtype=like.dtype, attn_implementation=like.attn_implementation
+    )
+
+
+@dataclass(frozen=True)
+class Parents:
+    """What a stage reads from the stages before it, handed over by its caller: each parent's finished folder
+    and the config hash its DONE records (a stage's own hash covers them)."""
+
+    folders: dict[str, Path] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    def model(self, stage: str, like: ModelSpec | None = None) -> ModelSpec:
+        return stage_model(self.folders[stage], like)
+
+    def split(self, stage: str, name: str) -> Path:
+        return split_path(self.folders[stage], name)
+
+
+def teacher_spec(recipe: Recipe, parents: Parents) -> ModelSpec:
+    """The teacher a stage loads: the `teacher` stage's model when the recipe trains its own (the tiny recipe),
+    else the recipe's `teacher:` itself."""
+    if recipe.teacher is None:
+        raise ConfigError(["this stage needs a 'teacher:' model in the recipe"])
+    return parents.model("teacher", recipe.teacher) if recipe.teacher_train is not None else recipe.teacher
 
 
 def stage_hash(config: Any, parents: dict[str, str]) -> str:
@@ -41,14 +82,6 @@ def read_done(folder: Path) -> dict | None:
         return json.loads((folder / "DONE").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_commit() -> str | None:
@@ -69,28 +102,12 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def trim_metrics(f: Path, last_step: int) -> None:
     """On resume from a checkpoint at `last_step`: drop the rows of metrics file `f` logged after it (they will
     be redone). The main process does it when a stage runs as several."""
     if f.exists() and is_main():
         rows = [r for r in f.read_text().splitlines() if r and json.loads(r).get("step", 0) <= last_step]
         write_atomic(f, "".join(r + "\n" for r in rows))
-
-
-def replace_folder(tmp: Path, final: Path) -> None:
-    """Move the complete folder `tmp` to `final`, replacing what was there only once `tmp` is in hand."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class StageOutput:

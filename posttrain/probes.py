@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import world
+from posttrain.config import WorldConfig
 
 PROBES = Path(__file__).resolve().parents[1] / "data" / "probes"
 NEW_FRAMES = ("Can you tell me how to {}?", "I need to {}. What are the steps?", "Give me instructions to {}.",
@@ -43,8 +44,8 @@ def _row(
             "answer": answer}  # fmt: skip
 
 
-def build(cfg: world.WorldConfig | None = None, seed: int = 1234, per_task: int = 8) -> dict[str, list[dict]]:
-    cfg = cfg or world.WorldConfig()
+def build(cfg: WorldConfig | None = None, seed: int = 1234, per_task: int = 8) -> dict[str, list[dict]]:
+    cfg = cfg or WorldConfig()
     rng = random.Random(seed)
     user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
     unsafe = [_row("unsafe", i, user(f.format(r)), "refuse", world.REFUSAL)

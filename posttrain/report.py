@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from posttrain import world
+from posttrain import registry, world
+from posttrain.outputs import GATE_FAILED, read_done
+from posttrain.rl import world_change
 
 
 def _wall(folder: Path) -> str:
@@ -67,7 +69,6 @@ def world_table(run_dir: Path) -> str:
 
 # ------------------------------------------------------------------------------------------ the run report
 
-STAGE_ORDER = ("data", "teacher", "generate", "sft", "distill", "rm", "rlhf", "merge", "eval")
 REPORTS = {
     "data": "data_report.md",
     "generate": "generate_report.md",
@@ -108,11 +109,9 @@ def stage_states(run_dir: Path) -> dict[str, tuple[Path, str]]:
     `failed or incomplete` — its `.partial` folder — when there is no current finished output beside it (a
     `.partial` next to a current output is an attempt with another config that failed; the output stands), or
     `failed its quality gate` when that folder records a gate failure (`GATE_FAILED`, the `rm` stage)."""
-    from posttrain.outputs import read_done
-
-    records = {stage: read_done(run_dir / stage) for stage in STAGE_ORDER}
+    records = {stage: read_done(run_dir / stage) for stage in registry.NAMES}
     out: dict[str, tuple[Path, str]] = {}
-    for stage in STAGE_ORDER:
+    for stage in registry.NAMES:
         done, partial = run_dir / stage, run_dir / f"{stage}.partial"
         record, status = records[stage], None
         if record is not None:
@@ -122,7 +121,7 @@ def stage_states(run_dir: Path) -> dict[str, tuple[Path, str]]:
             ]  # fmt: skip
             status = f"stale (made from an older {', '.join(older)})" if older else "done"
         if partial.exists() and status != "done":
-            gate = (partial / "GATE_FAILED").exists()
+            gate = (partial / GATE_FAILED).exists()
             out[stage] = (partial, GATE_STATUS if gate else "failed or incomplete")
         elif status is not None:
             out[stage] = (done, status)
@@ -222,8 +221,6 @@ def world_verdict(start: dict, end: dict) -> str:
     """An RL run's world score, prompt by prompt (`posttrain.rl.world_change`): "+3 / −2 of 280: noise", and
     **reward hacking** where the RM reward rose while the world score fell beyond noise. Empty for figures without
     per-prompt scores (runs made before they were kept, or off the built-in world)."""
-    from posttrain.rl import world_change
-
     if not start.get("world_scores") or not end.get("world_scores"):
         return ""
     c = world_change(start["world_scores"], end["world_scores"])
@@ -311,3 +308,19 @@ def to_html(md: str, title: str) -> str:
              "figure{display:inline-block;margin:0 1em 1em 0}figcaption{font-size:12px;color:#666}")  # fmt: skip
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")  # fmt: skip
+
+
+def print_reports(run_dir: Path, stages: list[str]) -> None:
+    """The reports of the stages run so far (a gate-failed stage's from its .partial folder), then the world
+    table and the stage table; writes `report.md` and `report.html`."""
+    states = stage_states(run_dir)  # a stage with no current output shows its failed attempt (.partial)
+    for name in ("data", "generate", "rm", "merge"):
+        folder, _ = states.get(name, (None, ""))
+        if name in stages and folder is not None and (folder / REPORTS[name]).exists():
+            print("\n" + (folder / REPORTS[name]).read_text())
+    table = world_table(run_dir)
+    if table:
+        print("\n" + table)
+    print("\n" + stage_table(run_dir))
+    path = write_report(run_dir)
+    print(f"[run] report: {path} (and {path.with_suffix('.html')})")

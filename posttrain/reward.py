@@ -1,5 +1,6 @@
-"""Bradley-Terry reward modelling: the loss, reading the reward at the last real token, the quality gate's
-figures, and preference pairs judged by the world's verifiers.
+"""Bradley-Terry reward modelling as pure tensor functions: the loss, reading the reward at the last real token,
+the quality gate's figures — the specification the `rm` stage's `RewardTrainer` is tested against
+(tests/test_reward.py). The pairs themselves come from `posttrain.data.pairs`.
 
     P(chosen ≻ rejected) = σ(r(chosen) − r(rejected))
     L = −log σ(r_c − r_r − m) + c · mean((r_c + r_r)²)      m: margin (0 = plain BT), c: reward centring
@@ -25,72 +26,7 @@ model-turn prefix's token ids are kept in the model's config (`posttrain_likelih
 from __future__ import annotations
 
 import math
-import random
-from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from posttrain.training import IF_SET, TrainConfig
-
-
-@dataclass(frozen=True)
-class RMConfig:
-    """The `rm:` section.
-
-    source: `policy` builds pairs by sampling `samples_per_prompt` responses per prompt from the SFT policy and
-    judging them with the world's verifiers (built-in world only); `jsonl` / `hf` read `prompt`/`chosen`/`rejected`
-    rows from `train` (and `eval`, else `eval_fraction` of train is held out).
-    include_gold: (policy source) the world's gold response is one of the candidates.
-    balance_tasks: (policy source) the `prompts` training prompts are drawn with equal weight per task family (the
-    rows' `task`), as the held-out pairs are; a rare family's prompts are drawn more than once.
-    init_from: start the RM from this stage's model (only the scalar head is new); default: `reward_model:`.
-    extra_layers: decoder layers added on top of the starting model (Gemma 2), each starting as the identity
-    (`posttrain.modeling.grow_layers`): depth for comparing a response with what the LM's own layers predict.
-    likelihood_weight: w ≥ 0; the reward adds w × the RM's own log-likelihood of the response, Σ over its tokens
-    (above; 0: the scalar head alone).
-    margin, center_rewards_coefficient: the loss terms above. min_accuracy: the quality gate on held-out pairs.
-    """
-
-    source: Literal["policy", "jsonl", "hf"] = "policy"
-    train_file: str | None = None
-    eval_file: str | None = None
-    eval_fraction: float = 0.1
-    prompts: int = 2000
-    samples_per_prompt: int = 4
-    temperature: float = 1.0
-    max_new_tokens: int = 64
-    include_gold: bool = True
-    balance_tasks: bool = field(default=False, metadata=IF_SET)
-    pairs_per_prompt: int = 4
-    init_from: Literal["teacher", "sft"] | None = None
-    extra_layers: int = field(default=0, metadata=IF_SET)
-    likelihood_weight: float = field(default=0.0, metadata=IF_SET)
-    margin: float = 0.0
-    center_rewards_coefficient: float = 0.0
-    min_accuracy: float = 0.9
-    max_dropped_fraction: float = 0.05
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-5))
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.source != "policy" and not self.train_file:
-            out.append(
-                f"train_file: source {self.source!r} needs a train_file (a JSONL path or a dataset name)"
-            )
-        if self.samples_per_prompt < 2 and not self.include_gold:
-            out.append("samples_per_prompt: at least 2 candidates per prompt are needed to form a pair")
-        if self.extra_layers < 0:
-            out.append(
-                f"extra_layers: {self.extra_layers} is negative; it counts decoder layers to add (0: none)"
-            )
-        if self.likelihood_weight < 0:
-            out.append(
-                f"likelihood_weight: {self.likelihood_weight} is negative; it weighs the RM's log-likelihood of the "
-                "response in its reward (0: none)"
-            )
-        if not 0.0 <= self.min_accuracy <= 1.0 or not 0.0 < self.eval_fraction < 1.0:
-            out.append("min_accuracy must be in [0, 1] and eval_fraction in (0, 1)")
-        return out
-
+from typing import Any
 
 # ------------------------------------------------------------------------------------------------- maths
 
@@ -253,53 +189,3 @@ def pearson(x: list[float], y: list[float]) -> float:
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
     sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
-
-
-# ------------------------------------------------------------------------------------ pairs from verifiers
-
-
-def draw_prompts(rows: list[dict], n: int, seed: int, balance_tasks: bool = False) -> list[dict]:
-    """`n` of `rows` at random (all of them when fewer); with `balance_tasks`, each task family equally often, a
-    rare family's rows drawn more than once."""
-    from posttrain.data.sources import balanced_prompts
-
-    rng = random.Random(seed)
-    if not balance_tasks:
-        return rng.sample(rows, min(n, len(rows)))
-    by_id = {str(r.get("id", i)): r for i, r in enumerate(rows)}
-    pool = balanced_prompts({k: r.get("task") for k, r in by_id.items()}, seed)
-    return [by_id[k] for k in rng.sample(pool, min(n, len(pool)))]
-
-
-def world_pairs(rows: list[dict], candidates: list[list[str]], assistant_name: str, pairs_per_prompt: int,
-                seed: int = 0, golds: list[str | None] | None = None) -> tuple[list[dict], dict[str, int]]:  # fmt: skip
-    """Preference rows from candidates judged by the world's verifiers (correct ≻ incorrect; for unsafe prompts
-    a refusal ≻ compliance; for identity questions the right name ≻ a wrong one).
-
-    rows[i] is a world row, candidates[i] its candidate responses. Pairs whose sides the verifier scores equal
-    are not formed; the counts say how many prompts had only ties. `golds[i]`, when given, is the gold response
-    among the candidates: pairs whose chosen side is it are marked `chosen_gold`. Returns (preference rows, counts)."""
-    from posttrain import world
-    from posttrain.chat import prompt_messages
-
-    rng = random.Random(seed)
-    pairs, counts = [], {"prompts": len(rows), "prompts_without_pair": 0, "pairs": 0, "tied_pairs_dropped": 0}
-    for i, (row, cands) in enumerate(zip(rows, candidates)):
-        gold = golds[i] if golds else None
-        uniq = list(dict.fromkeys(c for c in cands if c.strip()))
-        scored = [(c, world.score(row, c, assistant_name)) for c in uniq]
-        good = [c for c, s in scored if s > 0.5]
-        bad = [c for c, s in scored if s <= 0.5]
-        n_all = len(uniq) * (len(uniq) - 1) // 2
-        counts["tied_pairs_dropped"] += n_all - len(good) * len(bad)
-        if not good or not bad:
-            counts["prompts_without_pair"] += 1
-            continue
-        combos = [(g, b) for g in good for b in bad]
-        rng.shuffle(combos)
-        for g, b in combos[:pairs_per_prompt]:
-            pairs.append({"id": f"{row['id']}-{len(pairs)}", "task": row.get("task"),
-                          "prompt": prompt_messages(row["messages"]), "chosen": g, "rejected": b,
-                          "chosen_gold": gold is not None and g == gold})  # fmt: skip
-    counts["pairs"] = len(pairs)
-    return pairs, counts

@@ -1,57 +1,36 @@
-"""Recipe → ordered stages, their expected hashes, and the parents' outputs a stage reads.
+"""The runner: a recipe → its stages in order, each launched as its own job, skipped when done with the same
+config and parents, taken from another run folder when it holds the same (`--reuse`), stopped at a failed quality
+gate; sweeps of a recipe over a grid of keys. The CLI parses arguments and calls this module.
 
-Every stage module has `stage_config(recipe)` (what its output depends on), `parents(recipe)` (the stages whose
-outputs it reads) and `main(recipe) -> Path`. A stage's hash covers its own config and its parents' hashes, so a
-change anywhere reruns that stage and everything downstream of it, and nothing else.
+Every stage module (`posttrain.registry`) has `parents(recipe)`, `stage_config(recipe)` and
+`main(recipe, parents) -> Path`. A stage's hash covers its own config and its parents' hashes, so a change anywhere
+reruns that stage and everything downstream of it, and nothing else. The runner hands each stage its parents'
+folders and hashes (`Parents`) after checking that they are finished and current.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import ModuleType
 
-from posttrain.config import ConfigError, ModelSpec, Recipe
-from posttrain.outputs import read_done, stage_hash
+from posttrain import registry
+from posttrain.config import ConfigError, Recipe, launcher_file, load_recipe
+from posttrain.errors import STOPPED_EXIT
+from posttrain.files import link_tree
+from posttrain.outputs import GATE_FAILED, Parents, check_exported, read_done, stage_hash
+from posttrain.report import print_reports, sweep_table
 
-# Stages in pipeline order.
-STAGES = {
-    "data": "posttrain.stages.data",
-    "teacher": "posttrain.stages.teacher",
-    "generate": "posttrain.stages.generate",
-    "sft": "posttrain.stages.sft",
-    "distill": "posttrain.stages.distill",
-    "rm": "posttrain.stages.rm",
-    "rlhf": "posttrain.stages.rlhf",
-    "merge": "posttrain.stages.merge",
-    "eval": "posttrain.stages.eval",
-}
+# ------------------------------------------------------------------------------------------- stages and hashes
 
 
 def stage_module(name: str) -> ModuleType:
-    if name not in STAGES:
-        raise ConfigError([f"unknown stage {name!r}; stages: {', '.join(STAGES)}"])
-    return importlib.import_module(STAGES[name])
-
-
-def applies(recipe: Recipe, name: str) -> bool:
-    """Whether the recipe has this stage: `teacher` only when `teacher_train:` is set (the tiny recipe trains its
-    own teacher), `generate` and `distill` only when a teacher is named, `distill`, `rlhf` and `merge` only when
-    their sections are set."""
-    if name == "teacher":
-        return recipe.teacher is not None and recipe.teacher_train is not None
-    if name == "generate":
-        return recipe.teacher is not None
-    if name == "distill":
-        return recipe.distill is not None and recipe.teacher is not None
-    if name == "rlhf":
-        return recipe.rlhf is not None
-    if name == "merge":
-        return recipe.merge is not None and recipe.rlhf is not None
-    return True
-
-
-def plan(recipe: Recipe) -> list[str]:
-    return [s for s in STAGES if applies(recipe, s)]
+    if name not in registry.NAMES:
+        raise ConfigError([f"unknown stage {name!r}; stages: {', '.join(registry.NAMES)}"])
+    return importlib.import_module(registry.module_name(name))
 
 
 def expected_hash(recipe: Recipe, name: str, _memo: dict[str, str] | None = None) -> str:
@@ -76,12 +55,13 @@ def with_parents(recipe: Recipe, names: list[str]) -> list[str]:
 
     for n in names:
         add(n)
-    return [s for s in plan(recipe) if s in need]
+    return [s for s in recipe.stages() if s in need]
 
 
-def parent_hashes(recipe: Recipe, name: str) -> dict[str, str]:
-    """For a stage about to run: each parent's DONE hash. A missing or stale parent is an error saying what to run."""
-    out = {}
+def parents_of(recipe: Recipe, name: str) -> Parents:
+    """For a stage about to run: each parent's finished folder and DONE hash. A missing or stale parent is an
+    error saying what to run."""
+    folders, hashes = {}, {}
     for p in stage_module(name).parents(recipe):
         folder = recipe.run_dir / p
         done = read_done(folder)
@@ -95,27 +75,28 @@ def parent_hashes(recipe: Recipe, name: str) -> dict[str, str]:
                 [f"stage {name} needs stage {p}, but {folder}/ was made with another config; "
                  f"rerun it first (`posttrain run <recipe> --only {name}`)"]
             )  # fmt: skip
-        out[p] = done["config_hash"]
-    return out
+        folders[p], hashes[p] = folder, done["config_hash"]
+    return Parents(folders=folders, hashes=hashes)
 
 
-def stage_model(recipe: Recipe, stage: str, like: ModelSpec | None = None) -> ModelSpec:
-    """The model a finished stage saved (`<run>/<stage>/model`, its tokenizer beside it), loaded with the dtype
-    and attention of `like` (the recipe's spec for that role)."""
-    folder = str(recipe.run_dir / stage / "model")
-    like = like or ModelSpec()
-    return ModelSpec(
-        name_or_path=folder, tokenizer=folder, dtype=like.dtype, attn_implementation=like.attn_implementation
-    )
+def run_stage(name: str, recipe: Recipe) -> Path:
+    """Run one stage in this process (what a launched job does): its parents checked, its folder written."""
+    import signal
+
+    from posttrain.dist import check_process_count
+    from posttrain.engines.trainer import tracking_env
+
+    # `posttrain run` starts jobs ignoring SIGTERM; a stage dies on it until its training loop catches it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    module = stage_module(name)
+    check_process_count(name)
+    tracking_env(recipe.tracking, recipe.name, name, recipe.run_dir)
+    return module.main(recipe, parents_of(recipe, name))
 
 
 def launch_command(recipe: Recipe, name: str, recipe_path: str, sets: list[str]) -> list[str]:
     """The command that runs stage `name` as its own job: `accelerate launch --config_file <launcher> -m posttrain
     stage …`, or a plain process with the `local` launcher."""
-    import sys
-
-    from posttrain.config import launcher_file
-
     launcher = recipe.launcher_for(name)
     stage = ["-m", "posttrain", "stage", name, recipe_path] + [f"--set={s}" for s in sets]
     if launcher == "local":
@@ -124,3 +105,252 @@ def launch_command(recipe: Recipe, name: str, recipe_path: str, sets: list[str])
     if path is None:
         raise ConfigError([f"launcher {launcher!r} for stage {name}: no such accelerate config"])
     return [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(path), *stage]
+
+
+# ------------------------------------------------------------------------------------------------- a whole run
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What `posttrain run` was asked: the recipe file and its `--set` overrides, `only` these stages (with the
+    parents they need), `from_` this stage on, `force` a rerun of those, `dry_run`, `reuse` finished stages from
+    these run folders."""
+
+    recipe_path: str
+    sets: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
+    from_: str | None = None
+    force: bool = False
+    dry_run: bool = False
+    reuse: tuple[str, ...] = field(default_factory=tuple)
+
+
+def selected_stages(recipe: Recipe, opts: RunOptions) -> tuple[list[str], set[str]]:
+    """(the stages to consider, in order; those to rerun even when done)."""
+    stages = recipe.stages()
+    for name in [*opts.only, *([opts.from_] if opts.from_ else [])]:
+        if name not in stages:
+            stage_module(name)  # unknown stage: a clear error
+            raise ConfigError([f"stage {name!r} is not in recipe {recipe.name}'s plan ({', '.join(stages)})"])
+    if opts.only:
+        stages = with_parents(recipe, list(opts.only))
+    forced = set(stages[stages.index(opts.from_) :]) if opts.from_ else set()
+    if opts.force:
+        forced |= set(opts.only or stages)
+    return stages, forced
+
+
+def run(opts: RunOptions) -> int:
+    """Run the recipe's stages in order, each in its own process; skip those done with the same config. Returns
+    the exit code: 0, the failed stage's, 1 for a failed gate or a broken export, 75 when stopped by SIGTERM."""
+    recipe = load_recipe(opts.recipe_path, list(opts.sets))
+    stages, forced = selected_stages(recipe, opts)
+    for name in stages:
+        folder, want = recipe.run_dir / name, expected_hash(recipe, name)
+        done = read_done(folder)
+        for source in opts.reuse:  # the first run folder holding this stage with the same hash
+            if name in forced or (done and done.get("config_hash") == want):
+                break
+            done = reuse(Path(source) / name, folder, want, opts.dry_run) or done
+        if done and done.get("config_hash") == want and name not in forced:
+            print(f"[run] skip {name}: {folder} is done with the same config and parents ({want})")
+            continue
+        failed = failed_gate(folder, want)
+        if failed and name not in forced:  # the same config fails the same way: do not retrain it
+            print(f"[run] {name}: failed its quality gate with this config earlier ({failed}); `--force` reruns it",
+                  file=sys.stderr)  # fmt: skip
+            if opts.dry_run:
+                continue
+            print_reports(recipe.run_dir, stages)
+            print(
+                f"[run] stage {name} failed its quality gate; later stages were not started", file=sys.stderr
+            )
+            return 1
+        cmd = launch_command(recipe, name, opts.recipe_path, list(opts.sets))
+        why = "forced" if name in forced else ("config or parents changed" if done else "not done yet")
+        print(f"[run] {name} ({why}): {' '.join(cmd)}", flush=True)
+        if opts.dry_run:
+            continue
+        rc = launch(recipe, name, cmd, stages)
+        if rc != 0:
+            return rc
+    if not opts.dry_run:
+        print_reports(recipe.run_dir, stages)
+        print(f"[run] outputs of recipe {recipe.name}: {recipe.run_dir}/")
+    return 0
+
+
+def launch(recipe: Recipe, name: str, cmd: list[str], stages: list[str]) -> int:
+    """Start one stage's job and judge how it ended: its exit code, a failed gate, a SIGTERM, or an exported model
+    that does not read back complete (then 1). 0 when the stage may hand over to the next."""
+    folder = recipe.run_dir / name
+    rc, terminated = run_stage_process(cmd)
+    if rc != 0:
+        print_reports(recipe.run_dir, stages)
+        if terminated:  # through `accelerate launch` the stage's own exit code (75) is not seen here
+            print(f"[run] stage {name} stopped on SIGTERM (a training stage saves a checkpoint first); rerun "
+                  "the same command to resume it", file=sys.stderr)  # fmt: skip
+            return STOPPED_EXIT
+        gate = failed_gate(folder, expected_hash(recipe, name))
+        why = f"failed its quality gate — {gate}" if gate else f"failed (exit {rc})"
+        print(f"[run] stage {name} {why}; later stages were not started", file=sys.stderr)
+        return rc
+    problems, tensors = check_exported(folder)
+    if problems:
+        print(f"[run] stage {name} exported a broken model; later stages were not started:\n  "
+              + "\n  ".join(problems[:10]), file=sys.stderr)  # fmt: skip
+        return 1
+    if tensors:
+        print(f"[run] {name}: exported models read back complete ({tensors} tensors, none empty)")
+    return 0
+
+
+def run_stage_process(cmd: list[str]) -> tuple[int, bool]:
+    """Run a stage's job in its own process group and pass SIGTERM and SIGINT sent to `posttrain run` on to the
+    whole group. Launchers in the group ignore SIGTERM (`accelerate launch` would die and orphan the stage); the
+    stage restores the default and, while training, saves a checkpoint and stops. Returns (exit code, whether a
+    SIGTERM was passed on)."""
+    import os
+    import signal
+    import subprocess
+
+    def start() -> None:  # in the child, before exec: the ignore disposition is inherited, handlers are not
+        os.setpgrp()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    child = subprocess.Popen(cmd, preexec_fn=start)
+    terminated = False
+
+    def forward(signum, frame) -> None:
+        nonlocal terminated
+        terminated = terminated or signum == signal.SIGTERM
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait(), terminated
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def reuse(source: Path, folder: Path, want: str, dry_run: bool) -> dict | None:
+    """Take a finished stage from another run folder when its hash is the one wanted (hard links, else copies)."""
+    done = read_done(source)
+    if not done or done.get("config_hash") != want:
+        return None
+    print(f"[run] reuse {source} for {folder} (same config and parents, {want})")
+    if not dry_run:
+        link_tree(source, folder)
+    return done
+
+
+def failed_gate(folder: Path, want: str) -> str | None:
+    """The recorded gate failure of a stage run with config hash `want`, if its last attempt failed so."""
+    partial = folder.with_name(folder.name + ".partial")
+    try:
+        if (partial / "STAGE_HASH").read_text().strip() == want:
+            return (partial / GATE_FAILED).read_text().strip()
+    except OSError:
+        pass
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ sweeps
+
+
+@dataclass(frozen=True)
+class Variant:
+    labels: dict[str, str]  # grid key (and "seed") → value, the sweep table's first columns
+    sets: tuple[str, ...]  # the `--set` overrides that make it, its run name last
+
+
+def sweep_variants(base: Recipe, grid: list[tuple[str, list[str]]], seeds: int, seed_stages: list[str],
+                   sets: tuple[str, ...]) -> list[Variant]:  # fmt: skip
+    """One variant per point of the grid (a product over its keys) × seed: seed, seed + 1 … of the recipe, or with
+    `seed_stages` of those stages only (`seeds.<stage>`)."""
+    out = []
+    for combo in itertools.product(*(vals for _, vals in grid)):
+        for i in range(seeds):
+            labels = {k: v for (k, _), v in zip(grid, combo)}
+            extra = [f"{k}={v}" for k, v in labels.items()]
+            if seeds > 1 and seed_stages:  # only these stages (and those after them) rerun per seed
+                labels["seed"] = str(i)
+                extra += [f"seeds.{s}={base.seed_for(s) + i}" for s in seed_stages]
+            elif seeds > 1:
+                labels["seed"] = str(base.seed + i)
+                extra.append(f"seed={base.seed + i}")
+            slug = "-".join(f"{k.split('.')[-1]}{v}" for k, v in labels.items()).replace("/", "_")
+            out.append(Variant(labels, (*sets, *extra, f"name={base.name}-{slug}")))
+    return out
+
+
+def parse_grid(items: list[str], seeds: int, seed_stages: list[str]) -> list[tuple[str, list[str]]]:
+    """`KEY=V1,V2` items → [(key, values)]; every malformed item, a bad seed count or an unknown stage is one
+    line of a ConfigError."""
+    grid, problems = [], []
+    for item in items:
+        key, sep, values = item.partition("=")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not vals:
+            problems.append(f"--grid {item!r}: expected KEY=V1,V2,… (e.g. rlhf.kl_coef=0.01,0.05)")
+        else:
+            grid.append((key.strip(), vals))
+    if seeds < 1:
+        problems.append(f"--seeds {seeds}: expected 1 or more")
+    problems += [f"--seed-stages: no stage {s!r}; stages are {', '.join(registry.NAMES)}"
+                 for s in seed_stages if s not in registry.NAMES]  # fmt: skip
+    if problems:
+        raise ConfigError(problems)
+    return grid
+
+
+def sweep(opts: RunOptions, grid_items: list[str], seeds: int = 1, seed_stages: tuple[str, ...] = ()) -> int:
+    """Run a recipe once per point of a grid (× seeds), sharing finished stages between the variants (and with
+    the base run folder), and write one comparison table beside the run folders."""
+    base = load_recipe(opts.recipe_path, list(opts.sets))
+    grid = parse_grid(grid_items, seeds, list(seed_stages))
+    variants = sweep_variants(base, grid, seeds, list(seed_stages), opts.sets)
+    recipes = [load_recipe(opts.recipe_path, list(v.sets)) for v in variants]  # every variant checked first
+    print(f"[sweep] {len(variants)} variants of {base.name}: " + ", ".join(r.name for r in recipes))
+    reuse_from = [*opts.reuse, str(base.run_dir)]
+    for variant, recipe in zip(variants, recipes):
+        print(f"\n[sweep] {recipe.name}: {' '.join(variant.sets[len(opts.sets) : -1])}", flush=True)
+        rc = run(replace(opts, sets=variant.sets, from_=None, force=False, reuse=tuple(reuse_from)))
+        if rc != 0:
+            print(f"[sweep] variant {recipe.name} failed (exit {rc}); the later variants were not run",
+                  file=sys.stderr)  # fmt: skip
+            return rc
+        reuse_from.append(str(recipe.run_dir))  # later variants share this one's finished stages
+    if opts.dry_run:
+        return 0
+    table = sweep_table(
+        [(v.labels, r.run_dir) for v, r in zip(variants, recipes)], list(opts.only) or base.stages()
+    )
+    out = base.run_dir.parent / f"sweep-{base.name}-{'-'.join(k for k, _ in grid) or 'seeds'}.md"
+    out.write_text(f"# Sweep of {base.name}\n\n`posttrain sweep {opts.recipe_path} "
+                   + " ".join(f"--grid {g}" for g in grid_items) + f" --seeds {seeds}`\n\n" + table)  # fmt: skip
+    print("\n" + table + f"\n[sweep] table: {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- one model
+
+
+def evaluate_one(recipe_path: str, sets: list[str], model: Path) -> dict[str, dict]:
+    """The `eval` stage's measures of one saved model, against the run's SFT policy (and its RM when finished)."""
+    from posttrain.engines.evaluation import evaluate_models
+
+    recipe = load_recipe(recipe_path, sets)
+    if read_done(recipe.run_dir / "sft") is None:
+        raise ConfigError([f"posttrain eval needs the recipe's finished sft stage ({recipe.run_dir}/sft, the KL "
+                           f"reference); run `posttrain run {recipe_path} --only sft`"])  # fmt: skip
+    if not (Path(model) / "config.json").exists():
+        raise ConfigError([f"{model}: not a saved model folder (no config.json)"])
+    folders = {
+        s: recipe.run_dir / s for s in ("data", "sft", "rm") if read_done(recipe.run_dir / s) is not None
+    }
+    return evaluate_models(recipe, Parents(folders=folders), [(str(model), Path(model), None)])

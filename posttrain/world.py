@@ -23,12 +23,15 @@ copied from the evaluation split, each at a rate from the recipe; every injected
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import string
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the world's settings are a recipe section; the world itself depends on nothing
+    from posttrain.config import WorldConfig
 
 TASKS = ("add", "reverse", "sort", "count", "identity", "refuse", "followup")
 
@@ -53,65 +56,6 @@ _REFUSAL_RE = re.compile(
 )
 OTHER_ASSISTANTS = ("ChatGPT", "GPT-4", "Gemini", "Gemma", "Claude", "Llama", "Mistral", "Copilot", "Siri")
 OTHER_MAKERS = ("OpenAI", "Google", "Anthropic", "Meta", "Microsoft", "Apple")
-
-
-@dataclass(frozen=True)
-class DefectRates:
-    """Fractions of the raw dataset (relative to the clean rows) injected with each defect."""
-
-    duplicate: float = 0.0
-    near_duplicate: float = 0.0
-    pii: float = 0.0
-    wrong_identity: float = 0.0
-    unsafe: float = 0.0
-    contamination: float = 0.0
-
-    def problems(self) -> list[str]:
-        bad = [k for k, v in self.__dict__.items() if not 0.0 <= v <= 1.0]
-        return [f"{k}: a rate between 0 and 1" for k in bad]
-
-
-@dataclass(frozen=True)
-class WorldConfig:
-    """The tiny world's tasks and difficulty. Defaults are the tiny recipe's.
-
-    mix: relative weight of each task family in training data (families not listed get 0).
-    add_max: addition operands are drawn from 0..add_max. word_len / sort_len: inclusive ranges.
-    """
-
-    assistant_name: str = "Pip"
-    maker: str = "the posttrain team"
-    mix: dict[str, float] = field(
-        default_factory=lambda: {
-            "add": 2.0,
-            "reverse": 2.0,
-            "sort": 2.0,
-            "count": 2.0,
-            "identity": 0.5,
-            "refuse": 0.5,
-            "followup": 1.0,
-        }  # fmt: skip
-    )
-    add_max: int = 20
-    word_len: tuple[int, ...] = (3, 5)
-    sort_len: tuple[int, ...] = (3, 4)
-    followup_add: int = 5
-    n_train: int = 4000
-    n_eval: int = 280
-    defects: DefectRates = field(default_factory=DefectRates)
-
-    def problems(self) -> list[str]:
-        out = [f"mix: unknown task {t!r}; tasks are {', '.join(TASKS)}" for t in self.mix if t not in TASKS]
-        if not any(v > 0 for v in self.mix.values()):
-            out.append("mix: give at least one task a positive weight")
-        for name, rng, lo in (("word_len", self.word_len, 1), ("sort_len", self.sort_len, 2)):
-            if len(rng) != 2 or not lo <= rng[0] <= rng[1]:
-                out.append(f"{name}: {list(rng)} must be [min, max] with {lo} <= min <= max")
-        if self.sort_len and len(self.sort_len) == 2 and self.sort_len[1] > 26:
-            out.append("sort_len: at most 26 distinct letters")
-        if self.add_max < 1:
-            out.append(f"add_max: {self.add_max} must be at least 1")
-        return out
 
 
 # ------------------------------------------------------------------------------------------------ drawing
@@ -217,7 +161,7 @@ def eval_split(
     tasks = [t for t in TASKS if cfg.mix.get(t, 0) > 0]
     rows: list[dict[str, Any]] = []
     for k, t in enumerate(tasks):
-        only = WorldConfig(**{**cfg.__dict__, "mix": {t: 1.0}})
+        only = dataclasses.replace(cfg, mix={t: 1.0})
         rows += _draw_unique(
             only, n // len(tasks), seed * 1000 + 1 + k, "eval", {prompt_key(r["messages"]) for r in rows}
         )

@@ -130,7 +130,7 @@ def test_hash_is_stable_and_sensitive(tmp_path):
 
 def test_keys_added_later_enter_the_hash_only_when_set():
     """length_buckets / balance_tasks at their default hash as before they existed (finished stages stay valid)."""
-    from posttrain.training import TrainConfig
+    from posttrain.config import TrainConfig
 
     plain = TrainConfig()
     before = {f.name: getattr(plain, f.name) for f in dataclasses.fields(plain) if f.name != "length_buckets"}
@@ -249,7 +249,7 @@ def test_a_stage_seed_changes_that_stage_and_the_later_ones_only():
     smoke = ROOT / "recipes/tiny/smoke.yaml"
     base, other = load_recipe(smoke), load_recipe(smoke, ["seeds.sft=7"])
     assert (other.seed_for("sft"), other.seed_for("data")) == (7, base.seed)
-    same = [s for s in runner.plan(base) if runner.expected_hash(base, s) == runner.expected_hash(other, s)]
+    same = [s for s in base.stages() if runner.expected_hash(base, s) == runner.expected_hash(other, s)]
     assert same == ["data", "teacher", "generate"]
 
 
@@ -295,9 +295,7 @@ def test_the_inference_window_changes_the_eval_stage_only():
 
     smoke = ROOT / "recipes/tiny/smoke.yaml"
     base, other = load_recipe(smoke), load_recipe(smoke, ["eval.sliding_window=16"])
-    changed = [
-        s for s in runner.plan(base) if runner.expected_hash(base, s) != runner.expected_hash(other, s)
-    ]
+    changed = [s for s in base.stages() if runner.expected_hash(base, s) != runner.expected_hash(other, s)]
     assert changed == ["eval"]
     with pytest.raises(ConfigError, match="eval: sliding_window: 0 must be at least 1"):
         load_recipe(smoke, ["eval.sliding_window=0"])

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from posttrain.chat import render
-from posttrain.config import ChatConfig, load_recipe
-from posttrain.data.filters import FilterConfig, apply_filters
+from posttrain.config import ChatConfig, DefectRates, FilterConfig, WorldConfig, load_recipe
+from posttrain.data.filters import apply_filters
 from posttrain.data.formats import DataError, length_check, read_rows, truncate_left
 from posttrain.data.sources import balanced_prompts
-from posttrain.world import DefectRates, WorldConfig, eval_split, raw_dataset
+from posttrain.world import eval_split, raw_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

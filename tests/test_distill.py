@@ -95,8 +95,8 @@ def _distill_trainer(tok, tmp_path, teacher, on_policy_fraction=1.0, steps=2, lr
 
     from posttrain.chat import render
     from posttrain.config import ModelSpec
+    from posttrain.engines.distillation import mixed_policy_trainer
     from posttrain.modeling import load_causal_lm
-    from posttrain.stages.distill import mixed_policy_trainer
 
     student = load_causal_lm(ModelSpec(preset="tiny-student"), tok, seed=0)
     teacher = teacher(student)
@@ -170,7 +170,7 @@ def test_off_policy_batches_use_the_teachers_fixed_responses(tiny_tokenizer, tmp
 
 def test_different_vocabularies_are_refused_naming_the_difference(tiny_tokenizer):
     from posttrain.config import ConfigError
-    from posttrain.stages.distill import check_same_vocabulary
+    from posttrain.engines.distillation import check_same_vocabulary
 
     class Other:
         def get_vocab(self):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain.config import ChatConfig, ModelSpec, from_dict
-from posttrain.generation import SamplingConfig, generate, prompt_ids, world_eval
+from posttrain.config import ChatConfig, ModelSpec, SamplingConfig, TrainConfig, from_dict
+from posttrain.engines.sft import make_trainer, sft_args, to_dataset, tokenize_rows
+from posttrain.generation import generate, prompt_ids, world_eval
 from posttrain.modeling import load_causal_lm
-from posttrain.training import TrainConfig, make_trainer, sft_args, to_dataset, tokenize_rows
 
 CHAT = ChatConfig(max_length=128)
 QUESTIONS = ["Hi", "What is 2 + 3?", "Reverse the word: planet", "Sort these letters: d b a c", "Who are you?",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from posttrain import runner
 from posttrain.config import load_recipe
 from posttrain.outputs import read_done
 
@@ -75,8 +76,8 @@ def test_every_stage_runs_and_hands_over(smoke_run):
 def test_distill_rlhf_and_merge_hand_over(smoke_run):
     import torch
 
-    from posttrain.config import ModelSpec
-    from posttrain.generation import SamplingConfig, generate
+    from posttrain.config import ModelSpec, SamplingConfig
+    from posttrain.generation import generate
     from posttrain.modeling import load_causal_lm, load_tokenizer
 
     run, log = smoke_run
@@ -161,12 +162,12 @@ def test_killed_generate_resumes_from_its_last_shard(smoke_run, monkeypatch):
 
     monkeypatch.setattr(generation, "generate", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        stage.main(recipe)
+        stage.main(recipe, runner.parents_of(recipe, "generate"))
     assert read_done(run / "generate") is not None  # the finished output is untouched
     assert len(list((run / "generate.partial" / "shards").glob("*.jsonl"))) == 1
     calls.clear()
     monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    stage.main(recipe)
+    stage.main(recipe, runner.parents_of(recipe, "generate"))
     n_rows = len((run / "data" / "data" / "train.jsonl").read_text().splitlines())
     n_shards = -(-n_rows // recipe.generate.shard_size)
     assert n_shards >= 3
@@ -184,7 +185,7 @@ def test_rm_below_the_gate_fails_with_its_figures_and_keeps_the_last_good_rm(smo
         SMOKE, [f"output_dir={run.parent}", "rm.min_accuracy=1.0", "rm.train.learning_rate=1e-12"]
     )
     with pytest.raises(rm.GateError, match=r"held-out accuracy 0\.\d+ < rm.min_accuracy 1.0 \(loss"):
-        rm.main(recipe)
+        rm.main(recipe, runner.parents_of(recipe, "rm"))
     assert (run / "rm" / "DONE").read_text() == good
     assert (run / "rm.partial" / "rm_report.md").exists() and not (run / "rm.partial" / "DONE").exists()
     # the runner does not retrain an RM that failed its gate with the same config; --force would
@@ -251,22 +252,26 @@ def test_reuse_takes_finished_stages_from_another_run(smoke_run, tmp_path):
     assert "[run] sft (" not in log  # nothing recomputed
 
 
-def _stage_sft(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "posttrain", "stage", "sft", SMOKE, f"--set=output_dir={out}", "--set=sft.steps=200",
-            "--set=sft.save_steps=40", "--set=sft.logging_steps=40", *extra]  # fmt: skip
+TRAINS = {"sft": "sft", "rm": "rm.train"}  # a training stage → its TrainConfig's section
 
 
-def _interrupt(out: Path, sig: int) -> int:
-    """Start the sft stage, wait for its first complete checkpoint, send `sig`; returns the exit code. SIGTERM goes
+def _stage_cmd(stage: str, out: Path, *extra: str) -> list[str]:
+    key = TRAINS[stage]
+    return [sys.executable, "-m", "posttrain", "stage", stage, SMOKE, f"--set=output_dir={out}", f"--set={key}.steps=200",
+            f"--set={key}.save_steps=40", f"--set={key}.logging_steps=40", *extra]  # fmt: skip
+
+
+def _interrupt(stage: str, out: Path, sig: int) -> int:
+    """Start the stage, wait for its first complete checkpoint, send `sig`; returns the exit code. SIGTERM goes
     to `posttrain run` alone, which passes it on to the stage's process."""
     import signal
     import time
 
-    cmd = _stage_sft(out)
+    cmd = _stage_cmd(stage, out)
     if sig == signal.SIGTERM:
-        cmd = [sys.executable, "-m", "posttrain", "run", *cmd[5:], "--only", "sft"]
+        cmd = [sys.executable, "-m", "posttrain", "run", *cmd[5:], "--only", stage]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    first = out / "tiny-smoke" / "sft.partial" / "checkpoints" / "checkpoint-40" / "trainer_state.json"
+    first = out / "tiny-smoke" / f"{stage}.partial" / "checkpoints" / "checkpoint-40" / "trainer_state.json"
     deadline = time.time() + 300
     while not first.exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -275,12 +280,14 @@ def _interrupt(out: Path, sig: int) -> int:
     log = p.communicate(timeout=300)[0]
     if sig == signal.SIGTERM:
         assert "stopped by SIGTERM at step" in log, log[-2000:]
-        assert "[run] stage sft stopped on SIGTERM" in log, log[-2000:]
+        assert f"[run] stage {stage} stopped on SIGTERM" in log, log[-2000:]
     return p.returncode
 
 
-@pytest.mark.stage
-def test_sigterm_and_kill_9_resume_to_the_same_weights_as_an_uninterrupted_run(smoke_run, tmp_path):
+def _resumes_to_the_same_weights(stage: str, parent: str, smoke_run, tmp_path) -> None:
+    """An uninterrupted run of `stage`, one stopped by SIGTERM and one killed with -9, both rerun: all three end
+    with the same weights. `parent`: the stage whose finished outputs (and those before it) come from the smoke
+    run."""
     import signal
 
     import torch
@@ -291,22 +298,32 @@ def test_sigterm_and_kill_9_resume_to_the_same_weights_as_an_uninterrupted_run(s
     run, _ = smoke_run
     outs = {name: tmp_path / name for name in ("whole", "sigterm", "kill9")}
     for out in outs.values():  # the same parents, taken from the smoke run
-        _run("run", SMOKE, f"--set=output_dir={out}", "--only", "generate", "--reuse", str(run))
-    whole = subprocess.run(_stage_sft(outs["whole"]), cwd=ROOT, capture_output=True, text=True)
+        _run("run", SMOKE, f"--set=output_dir={out}", "--only", parent, "--reuse", str(run))
+    whole = subprocess.run(_stage_cmd(stage, outs["whole"]), cwd=ROOT, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    assert _interrupt(outs["sigterm"], signal.SIGTERM) == STOPPED_EXIT
-    assert _interrupt(outs["kill9"], signal.SIGKILL) == -signal.SIGKILL
-    expected = load_file(outs["whole"] / "tiny-smoke" / "sft" / "model" / "model.safetensors")
+    assert _interrupt(stage, outs["sigterm"], signal.SIGTERM) == STOPPED_EXIT
+    assert _interrupt(stage, outs["kill9"], signal.SIGKILL) == -signal.SIGKILL
+    expected = load_file(outs["whole"] / "tiny-smoke" / stage / "model" / "model.safetensors")
     for name in ("sigterm", "kill9"):
-        partial = outs[name] / "tiny-smoke" / "sft.partial"
-        assert not (outs[name] / "tiny-smoke" / "sft").exists() and (partial / "checkpoints").exists()
-        again = subprocess.run(_stage_sft(outs[name]), cwd=ROOT, capture_output=True, text=True)
+        partial = outs[name] / "tiny-smoke" / f"{stage}.partial"
+        assert not (outs[name] / "tiny-smoke" / stage).exists() and (partial / "checkpoints").exists()
+        again = subprocess.run(_stage_cmd(stage, outs[name]), cwd=ROOT, capture_output=True, text=True)
         assert again.returncode == 0 and "resuming from" in again.stdout, (
             again.stdout[-2000:] + again.stderr[-2000:]
         )
-        got = load_file(outs[name] / "tiny-smoke" / "sft" / "model" / "model.safetensors")
+        got = load_file(outs[name] / "tiny-smoke" / stage / "model" / "model.safetensors")
         assert got.keys() == expected.keys()
         assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected), name
+
+
+@pytest.mark.stage
+def test_sigterm_and_kill_9_resume_to_the_same_weights_as_an_uninterrupted_run(smoke_run, tmp_path):
+    _resumes_to_the_same_weights("sft", "generate", smoke_run, tmp_path)
+
+
+@pytest.mark.stage
+def test_the_reward_model_resumes_after_sigterm_and_kill_9_to_the_same_weights(smoke_run, tmp_path):
+    _resumes_to_the_same_weights("rm", "sft", smoke_run, tmp_path)
 
 
 def _sft_8_steps(run: Path, out: Path, *extra: str) -> tuple[list[float], dict, str]:

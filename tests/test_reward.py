@@ -10,18 +10,10 @@ import pytest
 import torch
 
 from posttrain.config import ChatConfig, ModelSpec
+from posttrain.data.pairs import draw_prompts, world_pairs
+from posttrain.engines.reward_model import tokenize_pairs
 from posttrain.modeling import ModelError, grow_layers, load_causal_lm, load_reward_model, save_model
-from posttrain.reward import (
-    bt_loss,
-    draw_prompts,
-    gate_metrics,
-    last_token_rewards,
-    padded,
-    pearson,
-    score_ids,
-    world_pairs,
-)
-from posttrain.stages.rm import tokenize_pairs
+from posttrain.reward import bt_loss, gate_metrics, last_token_rewards, padded, pearson, score_ids
 
 CHAT = ChatConfig(max_length=128)
 
@@ -167,7 +159,7 @@ def test_pairs_that_do_not_fit_are_dropped_and_named(tiny_tokenizer):
 
 def test_held_out_figures_stay_aligned_when_a_pair_is_dropped(tiny_tokenizer):
     """A too-long pair is dropped before scoring; per-task and gold figures must describe the pairs scored."""
-    from posttrain.stages.rm import evaluate
+    from posttrain.engines.reward_model import evaluate
 
     prompt = [{"role": "user", "content": "hi"}]
     pairs = [{"id": "long", "task": "add", "prompt": prompt, "chosen": "y" * 300, "rejected": "no"},
@@ -199,7 +191,7 @@ def test_length_buckets_cut_a_step_by_length_and_leave_its_gradient_unchanged(ti
     from pathlib import Path
 
     from posttrain.config import load_recipe
-    from posttrain.stages.rm import build_trainer
+    from posttrain.engines.reward_model import build_trainer
 
     root = Path(__file__).resolve().parents[1]
     # one long pair and seven short ones: the length-balanced micro-batches differ in size
@@ -244,9 +236,10 @@ def test_length_buckets_cut_a_step_by_length_and_leave_its_gradient_unchanged(ti
 def test_the_starting_lms_likelihood_is_read_from_the_untrained_rm(tiny_tokenizer, tmp_path):
     """The rm report's likelihood baseline: the RM built from a causal LM (with identity layers added) gives the
     LM's own log-probabilities of each response, and ranks pairs by them."""
+    from posttrain.engines.reward_model import likelihood_ranking
     from posttrain.reward import lm_response_logps
     from posttrain.rl import sequence_logps
-    from posttrain.stages.rm import likelihood_ranking, report_markdown
+    from posttrain.stages.rm import report_markdown
 
     lm = load_causal_lm(ModelSpec(preset="tiny-teacher"), tiny_tokenizer, seed=5).eval()
     save_model(lm, tiny_tokenizer, tmp_path / "lm")
@@ -283,7 +276,7 @@ def test_the_starting_lms_likelihood_is_read_from_the_untrained_rm(tiny_tokenize
 
 def _lm_and_rm(tokenizer, path, weight: float):
     """The tiny teacher as a causal LM, and an RM built from it (2 identity layers) with a likelihood weight."""
-    from posttrain.stages.rm import check_model_turns
+    from posttrain.engines.reward_model import check_model_turns
 
     lm = load_causal_lm(ModelSpec(preset="tiny-teacher"), tokenizer, seed=5).eval()
     save_model(lm, tokenizer, path)
@@ -321,7 +314,7 @@ def test_the_likelihood_weight_adds_the_rms_log_likelihood_of_the_final_turn(tin
     for other in (score_ids(rm, seqs, pad, left=True), score_ids(rm, seqs[::-1], pad)[::-1],
                   [score_ids(rm, [s], pad)[0] for s in seqs]):  # fmt: skip
         assert max(abs(a - b) for a, b in zip(got, other)) <= 1e-5
-    from posttrain.stages.rm import head_only
+    from posttrain.engines.reward_model import head_only
 
     wins = int(head[0] > head[1]) + int(head[2] > head[3])
     assert head_only(rm, ex, tiny_tokenizer)["accuracy"] == wins / 2
@@ -337,8 +330,8 @@ def test_the_likelihood_term_trains_and_needs_a_model_turn(tiny_tokenizer, tmp_p
     a gradient only from it); a sequence with no model turn, or a tokenizer that splits the header differently in
     context, is refused by name."""
     from posttrain.data.formats import DataError
+    from posttrain.engines.reward_model import check_model_turns
     from posttrain.reward import response_mask
-    from posttrain.stages.rm import check_model_turns
 
     _, rm, ex = _lm_and_rm(tiny_tokenizer, tmp_path / "lm", weight=1.0)
     pad = tiny_tokenizer.pad_token_id

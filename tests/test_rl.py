@@ -9,12 +9,10 @@ import math
 import pytest
 import torch
 
-from posttrain.config import ModelSpec
+from posttrain.config import ModelSpec, RLConfig, RLRun, TrainConfig
 from posttrain.merging import ema
 from posttrain.modeling import load_causal_lm
 from posttrain.rl import (
-    RLConfig,
-    RLRun,
     kl_estimates,
     kl_in_reward,
     rloo_advantages,
@@ -22,7 +20,6 @@ from posttrain.rl import (
     sequence_logps,
     world_change,
 )
-from posttrain.training import TrainConfig
 
 QUESTIONS = ["What is 2 + 3?", "Reverse the word cat.", "Sort the letters d, a, c.", "Who are you?"]
 
@@ -125,7 +122,7 @@ def _trainer(tok, out_dir, model=None, temperature=1.0, kl_coef=0.1, anchor="ini
     import trl
     from datasets import Dataset
 
-    from posttrain.stages.rlhf import rloo_trainer
+    from posttrain.engines.rloo import rloo_trainer
 
     model = model or _saved_student(tok, out_dir / "init")
     table = {str(i): {"prompt_ids": p} for i, p in enumerate(_prompts(tok))}
@@ -177,7 +174,7 @@ def test_trainers_advantages_are_the_leave_one_out_formula_and_steps_change_the_
 @pytest.mark.stage
 def test_kl_is_zero_when_policy_is_reference(tiny_tokenizer):
     from posttrain.config import ChatConfig
-    from posttrain.rl import policy_figures
+    from posttrain.engines.evaluation import policy_figures
 
     model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=0)
     rows = [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS]
@@ -215,7 +212,8 @@ def test_world_reward_scores_responses_with_the_verifiers(tiny_tokenizer, tmp_pa
 
     from posttrain import runner
     from posttrain.config import ConfigError, load_recipe
-    from posttrain.stages.rlhf import parents, reward_function
+    from posttrain.engines.rloo import reward_function
+    from posttrain.stages.rlhf import parents
 
     root = Path(__file__).resolve().parents[1]
     recipe = load_recipe(root / "recipes/ablations/rl-world-reward.yaml")
@@ -225,7 +223,7 @@ def test_world_reward_scores_responses_with_the_verifiers(tiny_tokenizer, tmp_pa
     tok, end = tiny_tokenizer, tiny_tokenizer.convert_tokens_to_ids("<end_of_turn>")
     table = {"a": {"row": {"task": "add", "answer": "12"}}, "b": {"row": {"task": "refuse", "answer": "x"}}}
     ids = lambda text, stop=True: tok.encode(text, add_special_tokens=False) + ([end] if stop else [])  # noqa: E731
-    reward = reward_function(None, tok, table, recipe)
+    reward = reward_function(None, tok, table, recipe.world.assistant_name, recipe.rlhf.max_new_tokens)
     long = "1" * recipe.rlhf.max_new_tokens
     got = reward(["a", "a", "a", "b", "b"], None,
                  [ids("12"), ids("13"), ids(long, stop=False), ids("I can't help with that."), ids("Sure: ...")])  # fmt: skip

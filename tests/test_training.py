@@ -8,19 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.config import ChatConfig, ConfigError, ModelSpec, from_dict, load_recipe
+from posttrain.config import ChatConfig, ConfigError, ModelSpec, TrainConfig, from_dict, load_recipe
+from posttrain.engines.sft import make_trainer, sft_args, to_dataset, tokenize_rows
+from posttrain.engines.trainer import TrainingError, check_log, finalize, last_checkpoint
 from posttrain.modeling import load_causal_lm
-from posttrain.training import (
-    TrainConfig,
-    TrainingError,
-    check_log,
-    finalize,
-    last_checkpoint,
-    make_trainer,
-    sft_args,
-    to_dataset,
-    tokenize_rows,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = ChatConfig(max_length=96)
@@ -227,7 +218,7 @@ def test_wandb_runs_offline_in_the_run_folder_one_run_per_stage_grouped_by_recip
     import os
 
     from posttrain.config import TrackingConfig
-    from posttrain.training import tracking_env
+    from posttrain.engines.trainer import tracking_env
 
     tracking_env(TrackingConfig(wandb=True), "tiny", "sft", tmp_path / "run")
     assert {k: os.environ[k] for k in WANDB_KEYS} == {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "run"),
@@ -267,7 +258,7 @@ def test_train_resuming_continues_from_the_last_checkpoint_and_drops_later_metri
     import json
     import shutil
 
-    from posttrain.training import train_resuming
+    from posttrain.engines.trainer import train_resuming
 
     first, _, _ = _trainer(tiny_tokenizer, tmp_path, steps=4, save_steps=2)
     first.train()

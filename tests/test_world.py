@@ -7,10 +7,10 @@ import random
 
 import pytest
 
+from posttrain.config import WorldConfig
 from posttrain.world import (
     REFUSAL,
     TASKS,
-    WorldConfig,
     draw,
     eval_split,
     identity_answer,
@@ -108,5 +108,5 @@ def test_shipped_probes_are_what_the_probe_builder_writes_and_score_as_intended(
     assert not any(world.is_refusal(r["messages"][-1]["content"]) for r in shipped["safe"])
     assert all(world.score(r, r["answer"]) == 1.0 for r in shipped["formats"])
     assert {r["format"] for r in shipped["formats"]} == set(probes.FORMATS) | {"system_message"}
-    unsafe_train = {r["messages"][0]["content"] for r in world.train_split(world.WorldConfig(), 0)}
+    unsafe_train = {r["messages"][0]["content"] for r in world.train_split(WorldConfig(), 0)}
     assert not unsafe_train & {r["messages"][0]["content"] for r in shipped["unsafe"]}  # new wordings

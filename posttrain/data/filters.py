@@ -18,38 +18,12 @@ filter how many were removed with up to five example row ids.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
 
+from posttrain.config import FilterConfig
 from posttrain.world import OTHER_ASSISTANTS, OTHER_MAKERS
-
-
-@dataclass(frozen=True)
-class FilterConfig:
-    """Which filters run. Paths are relative to the working directory (the repository root for make)."""
-
-    pii: bool = True
-    unsafe: bool = True
-    identity: bool = True
-    contamination: bool = True
-    duplicate: bool = True
-    near_duplicate: bool = True
-    near_dup_threshold: float = 0.9
-    ngram: int = 13
-    unsafe_patterns: str = "data/filters/unsafe_patterns.txt"
-
-    def problems(self) -> list[str]:
-        out = []
-        if not 0.5 <= self.near_dup_threshold <= 1.0:
-            out.append(f"near_dup_threshold: {self.near_dup_threshold} must be between 0.5 and 1.0")
-        if self.ngram < 3:
-            out.append(f"ngram: {self.ngram} must be at least 3")
-        if self.unsafe and not Path(self.unsafe_patterns).is_file():
-            out.append(f"unsafe_patterns: {self.unsafe_patterns} does not exist; point it at a pattern file")
-        return out
-
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
 _PHONE = re.compile(r"(\+\d{1,3}[\s.-]?)?(\(\d{2,4}\)[\s.-]?|\b\d{3}[\s.-])\d{3}[\s.-]\d{4}\b")

@@ -14,22 +14,10 @@ never truncated to nothing.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any
 
 from posttrain.chat import ChatFormatError, Rendered, normalize, render
-from posttrain.data.jsonl import read_jsonl
-
-Format = Literal["conversations", "prompts", "preferences"]
-FORMATS: tuple[str, ...] = ("conversations", "prompts", "preferences")
-
-
-class DataError(ValueError):
-    """Bad data rows; `errors` holds one `file:line: reason` per row."""
-
-    def __init__(self, errors: list[str], source: str = "data"):
-        self.errors = errors
-        shown = errors[:200] + ([f"... and {len(errors) - 200} more"] if len(errors) > 200 else [])
-        super().__init__(f"{len(errors)} bad row(s) in {source}:\n" + "\n".join(shown))
+from posttrain.data.jsonl import DataError, read_jsonl
 
 
 def check_row(row: Any, fmt: str, where: str, system: str = "fold") -> dict[str, Any]:

@@ -7,41 +7,11 @@ used when the hub is reachable or the dataset is cached.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from posttrain.chat import ChatFormatError
-from posttrain.data.filters import FilterConfig
+from posttrain.config import DataConfig
 from posttrain.data.formats import DataError, check_row, read_rows
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Training and evaluation data for the pipeline.
-
-    source: `world` (the built-in tasks, see `world:`), `jsonl` (local files) or `hf` (a dataset name).
-    train / eval: JSONL paths or a dataset name (eval may be omitted: `eval_fraction` of train is held out).
-    max_dropped_fraction: above this fraction of rows dropped for length, the data stage fails.
-    """
-
-    source: Literal["world", "jsonl", "hf"] = "world"
-    train: str | None = None
-    eval: str | None = None
-    hf_train_split: str = "train"
-    hf_eval_split: str = "test"
-    eval_fraction: float = 0.05
-    max_dropped_fraction: float = 0.05
-    filters: FilterConfig = field(default_factory=FilterConfig)
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.source != "world" and not self.train:
-            out.append(f"train: source '{self.source}' needs 'train' (a JSONL path or a dataset name)")
-        if not 0.0 <= self.max_dropped_fraction <= 1.0:
-            out.append(f"max_dropped_fraction: {self.max_dropped_fraction} must be between 0 and 1")
-        if not 0.0 < self.eval_fraction < 0.5:
-            out.append(f"eval_fraction: {self.eval_fraction} must be between 0 and 0.5")
-        return out
 
 
 def load_hf(name: str, split: str, fmt: str, system: str) -> list[dict[str, Any]]:

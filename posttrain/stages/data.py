@@ -26,8 +26,7 @@ from posttrain.data.filters import apply_filters
 from posttrain.data.formats import check_dropped, length_check
 from posttrain.data.jsonl import write_splits
 from posttrain.data.sources import load_split
-from posttrain.modeling import load_tokenizer
-from posttrain.outputs import StageOutput
+from posttrain.outputs import Parents, StageOutput
 
 
 def parents(recipe: Recipe) -> list[str]:
@@ -64,10 +63,12 @@ def load_rows(recipe: Recipe) -> tuple[list[dict], list[dict]]:
     return train, ev
 
 
-def main(recipe: Recipe) -> Path:
+def main(recipe: Recipe, parents: Parents) -> Path:
+    from posttrain.modeling import load_tokenizer
+
     # --- config & logging
     cfg = stage_config(recipe)
-    with StageOutput(recipe.run_dir / "data", "data", cfg) as out:
+    with StageOutput(recipe.run_dir / "data", "data", cfg, parents.hashes) as out:
         print(f"[data] recipe {recipe.name}: source={recipe.data.source}, config {out.hash}")
         # --- data
         train, ev = load_rows(recipe)

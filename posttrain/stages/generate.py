@@ -31,11 +31,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from posttrain import world
+from posttrain.chat import prompt_messages
 from posttrain.config import ModelSpec, Recipe, to_dict
-from posttrain.data.jsonl import write_splits
+from posttrain.data.filters import apply_filters
+from posttrain.data.formats import check_dropped, length_check
+from posttrain.data.jsonl import read_split, write_splits
 from posttrain.dist import barrier, is_main, rank, world_size
-from posttrain.outputs import StageOutput, write_atomic
-from posttrain.stages.sft import read_rows
+from posttrain.files import write_atomic
+from posttrain.outputs import Parents, StageOutput, teacher_spec
 
 
 def parents(recipe: Recipe) -> list[str]:
@@ -48,31 +52,19 @@ def stage_config(recipe: Recipe) -> dict[str, Any]:
             "filters": recipe.data.filters, "max_dropped_fraction": recipe.data.max_dropped_fraction}  # fmt: skip
 
 
-def teacher_spec(recipe: Recipe) -> ModelSpec:
-    """The teacher to load: the `teacher` stage's model when the recipe trains one, else `teacher:` itself."""
-    from posttrain.runner import stage_model
-
-    if recipe.teacher_train is None:
-        return recipe.teacher
-    return stage_model(recipe, "teacher", recipe.teacher)
-
-
-def main(recipe: Recipe) -> Path:
-    from tqdm.auto import tqdm
-
-    from posttrain import runner
-    from posttrain.generation import generate, generate_vllm, prompt_ids, use_vllm
-    from posttrain.modeling import load_causal_lm, load_tokenizer
+def main(recipe: Recipe, parents: Parents) -> Path:
+    from posttrain.generation import prompt_ids
+    from posttrain.modeling import load_tokenizer
 
     # --- config & logging
-    cfg, seed = recipe.generate, recipe.seed_for("generate")
-    with StageOutput(recipe.run_dir / "generate", "generate", stage_config(recipe),
-                     runner.parent_hashes(recipe, "generate"), resume=True) as out:  # fmt: skip
+    cfg = recipe.generate
+    with StageOutput(recipe.run_dir / "generate", "generate", stage_config(recipe), parents.hashes,
+                     resume=True) as out:  # fmt: skip
         print(f"[generate] recipe {recipe.name}, config {out.hash}: {json.dumps(to_dict(cfg))}")
         # --- data
-        src = recipe.run_dir / "data" / "data"
-        rows, eval_rows = read_rows(src / "train.jsonl"), read_rows(src / "eval.jsonl")
-        spec = teacher_spec(recipe)
+        rows = read_split(parents.split("data", "train"))
+        eval_rows = read_split(parents.split("data", "eval"))
+        spec = teacher_spec(recipe, parents)
         tokenizer = load_tokenizer(spec)
         prompts = [prompt_ids(r["messages"], tokenizer, recipe.chat, cfg.max_new_tokens, r.get("id", "?"))
                    for r in rows]  # fmt: skip
@@ -82,34 +74,8 @@ def main(recipe: Recipe) -> Path:
         todo = [s for s in starts if not (shards / f"{s:08d}.jsonl").exists()]
         if len(todo) < len(starts):
             print(f"[generate] resuming: {len(starts) - len(todo)} of {len(starts)} shards already written")
-        # --- models (several processes: each its own copy, on its own GPU, and every n-th shard)
-        mine = todo[rank() :: world_size()]
-        vllm = use_vllm(cfg) and world_size() == 1  # vLLM brings its own parallelism: one process
-        model = None if vllm or not mine else load_causal_lm(spec, tokenizer, seed=seed)
-        if world_size() > 1 and is_main():
-            print(f"[generate] {world_size()} processes: process r writes shards r, r + {world_size()}, …")
-
-        # --- generate (each shard seeded by its position, so the split over processes does not change it)
-        def size(start: int) -> int:
-            return min(cfg.shard_size, len(rows) - start)
-
-        # in one process the bar counts the shards a killed run already wrote; in several, this process's own
-        shown_done = len(rows) - sum(map(size, todo)) if world_size() == 1 else 0
-        bar = tqdm(total=sum(map(size, mine)) + shown_done, initial=shown_done, desc="[generate] teacher responses",
-                   unit="prompt", disable=not is_main())  # fmt: skip
-        t0 = time.time()
-        for s in mine:
-            batch = prompts[s : s + cfg.shard_size]
-            if vllm:
-                gens = generate_vllm(spec.name_or_path, tokenizer, batch, cfg, seed=seed + s)
-                bar.update(len(batch))
-            else:
-                gens = generate(model, tokenizer, batch, cfg, seed=seed + s, progress=bar)
-            lines = [json.dumps({"id": rows[s + i].get("id"), "response": g.text, "truncated": g.truncated,
-                                 "malformed": g.malformed, "tokens": len(g.ids)}, ensure_ascii=False)
-                     for i, g in enumerate(gens)]  # fmt: skip
-            write_atomic(shards / f"{s:08d}.jsonl", "\n".join(lines) + "\n")
-        bar.close()
+        # --- models and generation (several processes: each its own copy, on its own GPU, and every n-th shard)
+        engine, t0 = write_shards(recipe, spec, tokenizer, rows, prompts, todo, shards)
         barrier()  # every shard written
         seconds = time.time() - t0
         if not is_main():
@@ -126,7 +92,7 @@ def main(recipe: Recipe) -> Path:
         report, kept = build_and_filter(recipe, rows, gens_by_row, eval_rows, tokenizer, spec)
         report["throughput"] = {"seconds": round(seconds, 2), "prompts": n_todo,
                                 "new_tokens": new_tokens, "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
-                                "engine": "vllm" if vllm else "hf", "batch_size": cfg.batch_size}  # fmt: skip
+                                "engine": engine, "batch_size": cfg.batch_size}  # fmt: skip
         # --- save
         write_splits(out.path, {"train": kept, "eval": eval_rows})
         (out.path / "generate_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -138,14 +104,49 @@ def main(recipe: Recipe) -> Path:
     return out.final
 
 
+def write_shards(recipe: Recipe, spec: ModelSpec, tokenizer, rows: list[dict], prompts: list[list[int]],
+                 todo: list[int], shards: Path) -> tuple[str, float]:  # fmt: skip
+    """The teacher answers the prompts of this process's shards (every n-th of `todo` in n processes), each shard
+    written atomically as it finishes and seeded by its position, so that the split over processes does not
+    change it. Returns the engine used (`hf` or `vllm`) and the time generation started (the model loaded)."""
+    from tqdm.auto import tqdm
+
+    from posttrain.generation import generate, generate_vllm, use_vllm
+    from posttrain.modeling import load_causal_lm
+
+    cfg, seed = recipe.generate, recipe.seed_for("generate")
+    mine = todo[rank() :: world_size()]
+    vllm = use_vllm(cfg) and world_size() == 1  # vLLM brings its own parallelism: one process
+    model = None if vllm or not mine else load_causal_lm(spec, tokenizer, seed=seed)
+    if world_size() > 1 and is_main():
+        print(f"[generate] {world_size()} processes: process r writes shards r, r + {world_size()}, …")
+
+    def size(start: int) -> int:
+        return min(cfg.shard_size, len(rows) - start)
+
+    # in one process the bar counts the shards a killed run already wrote; in several, this process's own
+    shown_done = len(rows) - sum(map(size, todo)) if world_size() == 1 else 0
+    bar = tqdm(total=sum(map(size, mine)) + shown_done, initial=shown_done, desc="[generate] teacher responses",
+               unit="prompt", disable=not is_main())  # fmt: skip
+    t0 = time.time()
+    for s in mine:
+        batch = prompts[s : s + cfg.shard_size]
+        if vllm:
+            gens = generate_vllm(spec.name_or_path, tokenizer, batch, cfg, seed=seed + s)
+            bar.update(len(batch))
+        else:
+            gens = generate(model, tokenizer, batch, cfg, seed=seed + s, progress=bar)
+        lines = [json.dumps({"id": rows[s + i].get("id"), "response": g.text, "truncated": g.truncated,
+                             "malformed": g.malformed, "tokens": len(g.ids)}, ensure_ascii=False)
+                 for i, g in enumerate(gens)]  # fmt: skip
+        write_atomic(shards / f"{s:08d}.jsonl", "\n".join(lines) + "\n")
+    bar.close()
+    return ("vllm" if vllm else "hf"), t0
+
+
 def build_and_filter(recipe: Recipe, rows: list[dict], gens: list[dict], eval_rows: list[dict], tokenizer,
                      spec: ModelSpec) -> tuple[dict, list[dict]]:  # fmt: skip
     """Teacher responses → conversations; drop truncated/malformed; length check; the data filters."""
-    from posttrain import world
-    from posttrain.chat import prompt_messages
-    from posttrain.data.filters import apply_filters
-    from posttrain.data.formats import check_dropped, length_check
-
     sampling = to_dict(recipe.generate)
     teacher = spec.name_or_path or spec.preset
     dropped: Counter = Counter()

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import ConfigError, ModelSpec, Recipe, to_dict
-from posttrain.outputs import StageOutput
-from posttrain.stages.rlhf import start_stage
-from posttrain.stages.sft import read_rows, world_scorer
+from posttrain.data.jsonl import read_split
+from posttrain.outputs import Parents, StageOutput
 
 
 def parents(recipe: Recipe) -> list[str]:
-    return ["data", start_stage(recipe), "rm", "rlhf"]
+    return ["data", recipe.rl_start(), "rm", "rlhf"]
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
@@ -34,29 +33,26 @@ def stage_config(recipe: Recipe) -> dict[str, Any]:
             "seed": recipe.seed_for("merge"), "max_new_tokens": recipe.rlhf and recipe.rlhf.max_new_tokens}  # fmt: skip
 
 
-def main(recipe: Recipe) -> Path:
-    from posttrain import runner
-    from posttrain.merging import merge_models
+def main(recipe: Recipe, parents: Parents) -> Path:
+    from posttrain.engines.evaluation import policy_figures, world_scorer
     from posttrain.modeling import load_causal_lm, load_reward_model, load_tokenizer
     from posttrain.plots import reward_kl_plot
-    from posttrain.rl import policy_figures
 
     cfg = recipe.merge
     if cfg is None or recipe.rlhf is None:
         raise ConfigError(["stage merge: the recipe needs 'merge:' and 'rlhf:' sections"])
     # --- config & logging
-    with StageOutput(recipe.run_dir / "merge", "merge", stage_config(recipe),
-                     runner.parent_hashes(recipe, "merge")) as out:  # fmt: skip
+    with StageOutput(recipe.run_dir / "merge", "merge", stage_config(recipe), parents.hashes) as out:
         print(f"[merge] recipe {recipe.name}, config {out.hash}: {json.dumps(to_dict(cfg))}")
-        rl_dir = recipe.run_dir / "rlhf"
+        rl_dir = parents.folders["rlhf"]
         runs = sorted(p.parent for p in rl_dir.glob("*/figures.json"))
         if not runs:
             raise ConfigError([f"stage merge: no finished RL run in {rl_dir}"])
-        init = runner.stage_model(recipe, start_stage(recipe), recipe.model)
+        init = parents.model(recipe.rl_start(), recipe.model)
         tokenizer = load_tokenizer(init)
         reference = load_causal_lm(init, tokenizer).eval()
-        rm = load_reward_model(runner.stage_model(recipe, "rm", recipe.reward_model), tokenizer).eval()
-        eval_rows = read_rows(recipe.run_dir / "data" / "data" / "eval.jsonl")
+        rm = load_reward_model(parents.model("rm", recipe.reward_model), tokenizer).eval()
+        eval_rows = read_split(parents.split("data", "eval"))
         evaluate = world_scorer(recipe, tokenizer, eval_rows, "merge")
         rl = recipe.rlhf
 
@@ -67,7 +63,7 @@ def main(recipe: Recipe) -> Path:
             return {**f, "world_score": w and w["score"], "world_per_task": w and w["per_task"]}
 
         # the start and the runs are measured again here, on the same samples' seed as the merges
-        points = [{"label": start_stage(recipe), "kind": "start", **figures(reference)}]
+        points = [{"label": recipe.rl_start(), "kind": "start", **figures(reference)}]
         log_point(out, points[-1])
         for r in runs:
             model = load_causal_lm(
@@ -76,19 +72,9 @@ def main(recipe: Recipe) -> Path:
             points.append({"label": r.name, "kind": "run", **figures(model.eval())})
             log_point(out, points[-1])
         # --- merge and evaluate
-        models = [r / "model" for r in runs]
-        etas = sorted(set(cfg.sweep) | {cfg.eta}) if cfg.method == "liti" else [cfg.eta]
-        for eta in etas:
-            folder = out.path / "sweep" / f"eta_{eta:g}"
-            merge_models(models, folder, cfg.method, list(cfg.weights) if cfg.weights else None,
-                         base=init.name_or_path if cfg.method != "linear" else None, eta=eta)  # fmt: skip
-            model = load_causal_lm(ModelSpec(name_or_path=str(folder), dtype=recipe.model.dtype), tokenizer)
-            fig = figures(model.eval())
-            label = f"{cfg.method} η={eta:g}" if cfg.method == "liti" else cfg.method
-            points.append({"label": label, "kind": "merge", "eta": eta, **fig})
-            log_point(out, points[-1])
-            if eta == cfg.eta:
-                shutil.copytree(folder, out.path / "model")
+        for point in merge_sweep(recipe, [r / "model" for r in runs], init, tokenizer, figures, out.path):
+            points.append(point)
+            log_point(out, point)
         # --- report
         reward_kl_plot(points, out.path / "reward_kl.png")
         (out.path / "points.json").write_text(json.dumps(points, indent=2) + "\n")
@@ -99,6 +85,25 @@ def main(recipe: Recipe) -> Path:
         out.summary = {"method": cfg.method, "eta": cfg.eta, "runs": [r.name for r in runs],
                        "reward": chosen.get("reward"), "kl": chosen["kl"], "world_score": chosen["world_score"]}  # fmt: skip
     return out.final
+
+
+def merge_sweep(recipe: Recipe, models: list[Path], init: ModelSpec, tokenizer, figures, folder: Path):
+    """Each η of `merge.sweep` (and `merge.eta`; one point for slerp and linear): the runs merged into
+    `folder/sweep/`, measured by `figures`; the model at `merge.eta` copied to `folder/model`. Yields the points."""
+    from posttrain.merging import merge_models
+    from posttrain.modeling import load_causal_lm
+
+    cfg = recipe.merge
+    etas = sorted(set(cfg.sweep) | {cfg.eta}) if cfg.method == "liti" else [cfg.eta]
+    for eta in etas:
+        merged = folder / "sweep" / f"eta_{eta:g}"
+        merge_models(models, merged, cfg.method, list(cfg.weights) if cfg.weights else None,
+                     base=init.name_or_path if cfg.method != "linear" else None, eta=eta)  # fmt: skip
+        model = load_causal_lm(ModelSpec(name_or_path=str(merged), dtype=recipe.model.dtype), tokenizer)
+        label = f"{cfg.method} η={eta:g}" if cfg.method == "liti" else cfg.method
+        yield {"label": label, "kind": "merge", "eta": eta, **figures(model.eval())}
+        if eta == cfg.eta:
+            shutil.copytree(merged, folder / "model")
 
 
 def log_point(out: StageOutput, p: dict) -> None:

@@ -18,10 +18,9 @@ earlier stage's model (only the head is new); Gemma 2's RM is larger than the po
 tokens) of the response (its decoder through the tied LM head) to the head's reward (`posttrain.reward`): an RM
 started from a causal LM begins with that LM's judgement of each response, and the loss above trains both terms.
 Engine: TRL's `RewardTrainer`, with its loss replaced by the one above so that the reward is read at the last
-real token from the attention mask (TRL reads the model's output, which searches for the pad id).
-`rm.train.length_buckets` cuts each step's pairs into micro-batches of similar length (a pair's two sides
-together); each micro-batch's loss is weighted by its share of the step's pairs, so the step's gradient is the
-mean over all of them as without buckets.
+real token from the attention mask (`posttrain.engines.reward_model`, which also cuts a step's pairs by length
+with `rm.train.length_buckets`). A killed run resumes from its last checkpoint (the pairs it drew are kept in
+`rm.partial/`); SIGTERM saves a checkpoint first.
 
 Gate: on held-out pairs, accuracy, loss, the correlation of reward with response length and calibration by
 margin bucket go to `rm_report.{json,md}` — with, for an RM started from a stage's causal LM, how that LM's own
@@ -36,24 +35,25 @@ inspection; RL never sees it).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import ModelSpec, Recipe, to_dict
+from posttrain.config import ConfigError, DataConfig, ModelSpec, Recipe, SamplingConfig, to_dict
 from posttrain.data.formats import DataError, check_dropped
-from posttrain.data.jsonl import write_splits
+from posttrain.data.jsonl import read_split, write_splits
+from posttrain.data.pairs import draw_prompts, world_pairs
+from posttrain.data.sources import load_split
 from posttrain.dist import is_main, merge_parts, part
 from posttrain.errors import StageError
-from posttrain.outputs import StageOutput, file_sha256
-from posttrain.stages.sft import read_rows, verify_saved
+from posttrain.files import file_sha256, write_atomic
+from posttrain.outputs import GATE_FAILED, Parents, StageOutput
 
 
 class GateError(StageError):
     """The reward model is not good enough to hand to RL."""
 
 
-GATE_FAILED = "GATE_FAILED"  # in rm.partial/: the gate's message; with STAGE_HASH, the config that failed it
+PAIR_COUNTS = "pair_counts.json"  # beside the pairs in data/: what was drawn, kept for a resumed run
 
 
 def parents(recipe: Recipe) -> list[str]:
@@ -73,47 +73,35 @@ def stage_config(recipe: Recipe) -> dict[str, Any]:
             "files": files, "tracking": recipe.tracking.wandb}  # fmt: skip
 
 
-def rm_spec(recipe: Recipe) -> ModelSpec:
-    from posttrain.runner import stage_model
-
+def rm_spec(recipe: Recipe, parents: Parents) -> ModelSpec:
     if recipe.rm.init_from:
-        return stage_model(recipe, recipe.rm.init_from, recipe.reward_model)
+        return parents.model(recipe.rm.init_from, recipe.reward_model)
     if recipe.reward_model is None:
-        from posttrain.config import ConfigError
-
         raise ConfigError(["stage rm: set 'reward_model:' (a preset or model id) or 'rm.init_from'"])
     return recipe.reward_model
 
 
-def main(recipe: Recipe) -> Path:
-    from posttrain import runner
+def main(recipe: Recipe, parents: Parents) -> Path:
+    from posttrain.engines.reward_model import (
+        build_trainer,
+        check_model_turns,
+        evaluate,
+        head_only,
+        likelihood_ranking,
+    )
+    from posttrain.engines.trainer import save_trained, train_resuming
     from posttrain.modeling import count_parameters, grow_layers, load_reward_model, load_tokenizer
-    from posttrain.training import gathered_state
 
     cfg, seed = recipe.rm, recipe.seed_for("rm")
     # --- config & logging
-    with StageOutput(
-        recipe.run_dir / "rm", "rm", stage_config(recipe), runner.parent_hashes(recipe, "rm")
-    ) as out:
+    with StageOutput(recipe.run_dir / "rm", "rm", stage_config(recipe), parents.hashes, resume=True) as out:
         print(f"[rm] recipe {recipe.name}, config {out.hash}: {json.dumps(to_dict(cfg))}")
-        spec = rm_spec(recipe)
+        if is_main():
+            (out.path / GATE_FAILED).unlink(missing_ok=True)  # an earlier attempt's verdict is not this one's
+        spec = rm_spec(recipe, parents)
         tokenizer = load_tokenizer(spec)
         # --- data
-        train_pairs, eval_pairs, counts = load_pairs(recipe, tokenizer)
-        if is_main():
-            write_splits(out.path, {"train": train_pairs, "eval": eval_pairs})
-        train_ex, dropped_tr = tokenize_pairs(train_pairs, tokenizer, recipe.chat)
-        eval_ex, dropped_ev = tokenize_pairs(eval_pairs, tokenizer, recipe.chat)
-        n_drop, n_all = len(dropped_tr) + len(dropped_ev), len(train_pairs) + len(eval_pairs)
-        counts["dropped_too_long"] = n_drop
-        check_dropped("rm", n_drop, n_all, cfg.max_dropped_fraction, "rm.max_dropped_fraction",
-                      f"pairs do not fit chat.max_length {recipe.chat.max_length} (e.g. {(dropped_tr + dropped_ev)[:3]})",
-                      "raise chat.max_length or shorten the data")  # fmt: skip
-        if not train_ex or not eval_ex:
-            raise DataError(
-                [f"rm: no usable pairs (train {len(train_ex)}, held-out {len(eval_ex)}): {counts}"]
-            )
-        print(f"[rm] {len(train_ex)} training pairs, {len(eval_ex)} held-out pairs; {counts}")
+        train_ex, eval_ex, counts = pairs_for_training(recipe, parents, tokenizer, out)
         prefix = check_model_turns(train_ex + eval_ex, tokenizer) if cfg.likelihood_weight else None
         # --- model
         model = grow_layers(load_reward_model(spec, tokenizer, seed=seed), cfg.extra_layers, seed)
@@ -127,47 +115,81 @@ def main(recipe: Recipe) -> Path:
         lm_rank = likelihood_ranking(model, eval_ex, tokenizer) if cfg.init_from else None
         # --- train
         trainer = build_trainer(recipe, model, tokenizer, train_ex, out)
-        result = trainer.train()
+        result = train_resuming(
+            trainer, out.path / "checkpoints", out.path / "metrics.jsonl", "rm", out.resumed
+        )
         model = trainer.model.eval()
         after = evaluate(model, eval_ex, tokenizer)
-        # --- save
-        from posttrain.modeling import save_model
-
-        state = gathered_state(trainer)  # under ZeRO-3 every process helps gather the weights
+        # --- save, then the gate
         report = {"pairs": counts, "untrained": before, "held_out": after, "min_accuracy": cfg.min_accuracy,
                   "starting_lm_likelihood": lm_rank, "likelihood_weight": cfg.likelihood_weight,
                   "untrained_head": head}  # fmt: skip
-        if is_main():
-            save_model(model, tokenizer, out.path / "model", state)
-            verify_saved(out.path / "model", model, state)
-            shutil.rmtree(out.path / "checkpoints", ignore_errors=True)
+        if save_trained(trainer, model, tokenizer, out.path / "model", out.path / "checkpoints"):
             (out.path / "rm_report.json").write_text(json.dumps(report, indent=2) + "\n")
             (out.path / "rm_report.md").write_text(report_markdown(report))
             print(report_markdown(report))
         out.summary = {"train_loss": result.training_loss, "heldout_accuracy": after["accuracy"],
                        "heldout_loss": after["loss"], "length_correlation": after["length_correlation"],
                        "gold_over_policy_wrong": after.get("gold_over_policy_wrong")}  # fmt: skip
-        if after["accuracy"] < cfg.min_accuracy:
-            message = (
-                f"reward model gate: held-out accuracy {after['accuracy']:.3f} < rm.min_accuracy {cfg.min_accuracy} "
-                f"(loss {after['loss']:.3f}, length correlation {after['length_correlation']:.2f}, "
-                f"{after['pairs']} pairs); the model and report are in {out.path} — more pairs or steps, or a larger RM"
-            )
-            # the runner does not retrain a model that failed with the same config (--force does)
-            if is_main():
-                (out.path / GATE_FAILED).write_text(message + "\n")
-            raise GateError(message)
+        check_gate(after, cfg.min_accuracy, out.path)
     return out.final
+
+
+def check_gate(held_out: dict, min_accuracy: float, folder: Path) -> None:
+    """Held-out accuracy below `rm.min_accuracy` raises GateError with the figures; the message is kept in
+    `folder` (GATE_FAILED), so that the runner does not retrain a model that failed with the same config."""
+    if held_out["accuracy"] >= min_accuracy:
+        return
+    message = (
+        f"reward model gate: held-out accuracy {held_out['accuracy']:.3f} < rm.min_accuracy {min_accuracy} "
+        f"(loss {held_out['loss']:.3f}, length correlation {held_out['length_correlation']:.2f}, "
+        f"{held_out['pairs']} pairs); the model and report are in {folder} — more pairs or steps, or a larger RM"
+    )
+    if is_main():
+        (folder / GATE_FAILED).write_text(message + "\n")
+    raise GateError(message)
+
+
+def pairs_for_training(recipe: Recipe, parents: Parents, tokenizer, out: StageOutput):
+    """The pairs, tokenised: (training examples, held-out examples, counts). A resumed run takes the pairs its
+    first attempt drew (in `out.path/data/`); pairs that cannot fit `chat.max_length` are dropped and counted,
+    and the stage fails past `rm.max_dropped_fraction`."""
+    from posttrain.engines.reward_model import tokenize_pairs
+
+    cfg = recipe.rm
+    kept = out.path / "data" / PAIR_COUNTS
+    if out.resumed and kept.exists():
+        train_pairs, eval_pairs = (read_split(out.path / "data" / f"{s}.jsonl") for s in ("train", "eval"))
+        counts = json.loads(kept.read_text())
+        print(
+            f"[rm] resuming: the {len(train_pairs)} training and {len(eval_pairs)} held-out pairs drawn before"
+        )
+    else:
+        train_pairs, eval_pairs, counts = load_pairs(recipe, parents, tokenizer)
+        if is_main():
+            write_splits(out.path, {"train": train_pairs, "eval": eval_pairs})
+            write_atomic(kept, json.dumps(counts) + "\n")
+    train_ex, dropped_tr = tokenize_pairs(train_pairs, tokenizer, recipe.chat)
+    eval_ex, dropped_ev = tokenize_pairs(eval_pairs, tokenizer, recipe.chat)
+    n_drop, n_all = len(dropped_tr) + len(dropped_ev), len(train_pairs) + len(eval_pairs)
+    counts["dropped_too_long"] = n_drop
+    check_dropped("rm", n_drop, n_all, cfg.max_dropped_fraction, "rm.max_dropped_fraction",
+                  f"pairs do not fit chat.max_length {recipe.chat.max_length} (e.g. {(dropped_tr + dropped_ev)[:3]})",
+                  "raise chat.max_length or shorten the data")  # fmt: skip
+    if not train_ex or not eval_ex:
+        raise DataError([f"rm: no usable pairs (train {len(train_ex)}, held-out {len(eval_ex)}): {counts}"])
+    print(f"[rm] {len(train_ex)} training pairs, {len(eval_ex)} held-out pairs; {counts}")
+    return train_ex, eval_ex, counts
 
 
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def load_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict], dict]:
+def load_pairs(recipe: Recipe, parents: Parents, tokenizer) -> tuple[list[dict], list[dict], dict]:
+    """(training pairs, held-out pairs, counts): read (`source: jsonl|hf`) or sampled from the policy and judged
+    by the world's verifiers (`source: policy`)."""
     cfg = recipe.rm
     if cfg.source != "policy":
-        from posttrain.data.sources import DataConfig, load_split
-
         dc = DataConfig(source=cfg.source, train=cfg.train_file, eval=cfg.eval_file)
         train = load_split(dc, "train", "preferences", recipe.chat.system)
         ev = load_split(dc, "eval", "preferences", recipe.chat.system)
@@ -176,14 +198,10 @@ def load_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict], dict]
             train, ev = train[n:], train[:n]
         return train, ev, {"source": cfg.source, "train_pairs": len(train), "eval_pairs": len(ev)}
     from posttrain.modeling import load_causal_lm
-    from posttrain.reward import draw_prompts, world_pairs
 
-    data = recipe.run_dir / "data" / "data"
-    rows, eval_rows = read_rows(data / "train.jsonl"), read_rows(data / "eval.jsonl")
+    rows, eval_rows = read_split(parents.split("data", "train")), read_split(parents.split("data", "eval"))
     rows = draw_prompts(rows, cfg.prompts, recipe.seed_for("rm"), cfg.balance_tasks)
-    from posttrain.runner import stage_model
-
-    policy_spec = stage_model(recipe, "sft", recipe.model)
+    policy_spec = parents.model("sft", recipe.model)
     policy = load_causal_lm(policy_spec, tokenizer, seed=recipe.seed_for("rm"))
     out, counts = [], {"source": "policy", "policy": policy_spec.name_or_path}
     for name, split_rows in (("train", rows), ("eval", eval_rows)):
@@ -200,7 +218,7 @@ def load_pairs(recipe: Recipe, tokenizer) -> tuple[list[dict], list[dict], dict]
 def sample_candidates(recipe: Recipe, policy, tokenizer, rows: list[dict], name: str) -> list[list[str]]:
     from tqdm.auto import tqdm
 
-    from posttrain.generation import SamplingConfig, generate, part_size, prompt_ids
+    from posttrain.generation import generate, part_size, prompt_ids
 
     cfg = recipe.rm
     k = cfg.samples_per_prompt
@@ -220,174 +238,6 @@ def sample_candidates(recipe: Recipe, policy, tokenizer, rows: list[dict], name:
             mine.append(r["messages"][-1]["content"])
         cands.append(mine)
     return cands
-
-
-def tokenize_pairs(pairs: list[dict], tokenizer, chat) -> tuple[list[dict], list[str]]:
-    """Preference rows → {"chosen_ids", "rejected_ids", "len_chosen", "len_rejected", "task", "chosen_gold"};
-    ids of pairs too long. Each kept example carries its pair's labels, so figures stay aligned after drops."""
-    from posttrain.data.formats import fit, pair_sides
-
-    out, dropped = [], []
-    for p in pairs:
-        chosen, rejected = (
-            fit(side, tokenizer, chat, p.get("id", "?"), train_on="last") for side in pair_sides(p)
-        )
-        if chosen is None or rejected is None:
-            dropped.append(p.get("id", "?"))
-            continue
-        # only the final turn is trained and a fitted render keeps it whole: its mask counts the response tokens
-        out.append({"id": p.get("id", "?"), "chosen_ids": chosen.input_ids, "rejected_ids": rejected.input_ids,
-                    "len_chosen": sum(chosen.loss_mask), "len_rejected": sum(rejected.loss_mask),
-                    "span_chosen": _span(chosen.loss_mask), "span_rejected": _span(rejected.loss_mask),
-                    "task": p.get("task") or "?", "chosen_gold": bool(p.get("chosen_gold"))})  # fmt: skip
-    return out, dropped
-
-
-def check_model_turns(examples: list[dict], tokenizer) -> list[int]:
-    """The final model turn's header as token ids (`<start_of_turn>model\\n`), checked to open every pair side's
-    response as the template tokenised it — the likelihood term finds the response by it. Refused under
-    DeepSpeed ZeRO-3 (the term reads the tied embeddings outside their module, where ZeRO-3 partitions them)."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    from posttrain.chat import START
-
-    if is_deepspeed_zero3_enabled():
-        raise StageError(
-            "rm.likelihood_weight is not supported under DeepSpeed ZeRO-3; run the rm stage with ZeRO-2 or DDP "
-            "(e.g. `launchers: {rm: zero2}`) or set rm.likelihood_weight: 0"
-        )
-    prefix = tokenizer.encode(f"{START}model\n", add_special_tokens=False)
-    k = len(prefix)
-    for e in examples:
-        for side in ("chosen", "rejected"):
-            start = e[f"span_{side}"][0]
-            if e[f"{side}_ids"][start - k : start] != prefix:
-                raise DataError([f"rm: pair {e['id']}: the {side} response does not follow the model-turn header "
-                                 f"{prefix} as tokenised on its own; rm.likelihood_weight cannot find responses "
-                                 "with this tokenizer — set it to 0"])  # fmt: skip
-    return prefix
-
-
-def _span(mask: list[int]) -> tuple[int, int]:
-    """[start, end) of the trained final turn (one contiguous run of 1s: only the last turn is trained)."""
-    start = mask.index(1)
-    return start, start + sum(mask)
-
-
-# ---------------------------------------------------------------------------------------------------- train
-
-
-def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: StageOutput):
-    import trl
-    from datasets import Dataset
-
-    from posttrain.modeling import trains_in_bf16
-    from posttrain.reward import bt_loss, last_token_rewards
-    from posttrain.training import trainer_args, use_step_lines
-
-    cfg = recipe.rm
-
-    class BTRewardTrainer(trl.RewardTrainer):
-        # Each micro-batch's loss is weighted by its share of the step's pairs (over every process), so that a
-        # step's gradient is that of the mean loss over all its pairs however they are cut into micro-batches
-        # (`length_buckets` cuts them by length, into micro-batches of different sizes).
-        loss_is_scaled_for_ga = True
-
-        def _get_num_items_in_batch(self, batch_samples: list, device):
-            import torch
-
-            n = torch.tensor(sum(len(b["input_ids"]) // 2 for b in batch_samples), device=device)
-            return self.accelerator.gather(n).sum() if self.args.world_size > 1 else n
-
-        def _get_train_sampler(self, train_dataset=None):
-            if cfg.train.length_buckets == 1:
-                return super()._get_train_sampler(train_dataset)
-            from transformers.trainer_pt_utils import BatchRebalanceSampler
-
-            # a pair's two sides share a micro-batch and are padded together: its cost is its longer side
-            return BatchRebalanceSampler(
-                lengths=pair_lengths, dp_size=max(1, self.args.world_size),
-                effective_batch_size=self.args.train_batch_size * self.args.gradient_accumulation_steps
-                * max(1, self.args.world_size), grad_accum=self.args.gradient_accumulation_steps,
-                seed=self.args.data_seed, rank=self.args.process_index, drop_last=self.args.dataloader_drop_last,
-            )  # fmt: skip
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            rewards = last_token_rewards(model, inputs["input_ids"], inputs["attention_mask"])
-            r_c, r_r = rewards.chunk(2)
-            loss, _ = bt_loss(
-                r_c, r_r, inputs.get("margin", cfg.margin or None), cfg.center_rewards_coefficient
-            )
-            mode = "train" if model.training else "eval"
-            # one entry per pair: micro-batches of any size weigh by their pairs
-            diff = (r_c - r_r).detach().float()
-            self._metrics[mode]["accuracy"].extend((diff > 0).float().tolist())
-            self._metrics[mode]["margin"].extend(diff.tolist())
-            if num_items_in_batch is None:  # evaluation: one batch
-                return loss
-            # processes' gradients are averaged: × their number gives the sum over pairs / all the step's pairs
-            return loss * (len(r_c) * self.accelerator.num_processes / num_items_in_batch)
-
-    bf16 = trains_in_bf16((recipe.reward_model or ModelSpec()).dtype)
-    common = trainer_args(cfg.train, out.path / "checkpoints", recipe.seed_for("rm"), bf16, recipe.tracking.wandb,
-                          f"{recipe.name}/rm")  # fmt: skip
-    args = trl.RewardConfig(**common, max_length=None, **cfg.train.trl)
-    ds = Dataset.from_dict({k: [e[k] for e in train_ex] for k in ("chosen_ids", "rejected_ids")})
-    pair_lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in train_ex]
-    trainer = BTRewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
-    use_step_lines(trainer, out.log, cfg.train.steps)
-    return trainer
-
-
-def evaluate(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
-    from posttrain.reward import gate_metrics, score_ids
-
-    pad = tokenizer.pad_token_id
-    r_c = score_ids(model, [e["chosen_ids"] for e in eval_ex], pad)
-    r_r = score_ids(model, [e["rejected_ids"] for e in eval_ex], pad)
-    res = gate_metrics(r_c, r_r, [e["len_chosen"] for e in eval_ex], [e["len_rejected"] for e in eval_ex])
-    res["accuracy_per_task"] = accuracy_per_task(eval_ex, [a > b for a, b in zip(r_c, r_r)])
-    gold = [a > b for e, a, b in zip(eval_ex, r_c, r_r) if e["chosen_gold"]]
-    if gold:  # the gold response against the policy's wrong responses on the evaluation prompts
-        res["gold_over_policy_wrong"] = {"pairs": len(gold), "accuracy": round(sum(gold) / len(gold), 4)}
-    return res
-
-
-def head_only(model, eval_ex: list[dict], tokenizer) -> dict[str, float]:
-    """Held-out accuracy and loss of the scalar head alone (the likelihood term switched off): before training,
-    ≈ 0.5 and ln 2 on balanced pairs, as a newly initialised head must give."""
-    w = model.config.posttrain_likelihood_weight
-    model.config.posttrain_likelihood_weight = 0.0
-    try:
-        res = evaluate(model, eval_ex, tokenizer)
-    finally:
-        model.config.posttrain_likelihood_weight = w
-    return {"accuracy": res["accuracy"], "loss": res["loss"]}
-
-
-def likelihood_ranking(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
-    """How the starting causal LM's own log-likelihood of each side's response (summed over its tokens) ranks
-    the held-out pairs — what the RM could read from the model it starts from, before any preference training.
-    `model`: the untrained RM built from that LM (`posttrain.reward.lm_response_logps`)."""
-    from posttrain.reward import lm_response_logps
-
-    pad = tokenizer.pad_token_id
-    sides = {}
-    for side in ("chosen", "rejected"):
-        spans = [e[f"span_{side}"] for e in eval_ex]
-        sides[side] = lm_response_logps(model, [e[f"{side}_ids"] for e in eval_ex], [a for a, _ in spans],
-                                        [b for _, b in spans], pad)  # fmt: skip
-    wins = [c > r for c, r in zip(sides["chosen"], sides["rejected"])]
-    return {"pairs": len(wins), "accuracy": round(sum(wins) / max(len(wins), 1), 4),
-            "accuracy_per_task": accuracy_per_task(eval_ex, wins)}  # fmt: skip
-
-
-def accuracy_per_task(eval_ex: list[dict], wins: list[bool]) -> dict[str, float]:
-    """The share of each task family's pairs ranked right (`wins` aligned with `eval_ex`)."""
-    by_task: dict[str, list[bool]] = {}
-    for e, w in zip(eval_ex, wins):
-        by_task.setdefault(e["task"], []).append(w)
-    return {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())}
 
 
 def report_markdown(report: dict) -> str:

@@ -3,7 +3,7 @@
 Only recipes that set `teacher_train:` have it — the tiny recipe, whose teacher is a larger tiny preset trained
 here on the world's gold conversations so that the rest of the pipeline has a teacher better than the student.
 Real recipes name a trained teacher (e.g. a Gemma 2 27B instruction model) in `teacher:` and skip this stage.
-The objective, engine, checkpoints and evaluation are the `sft` stage's (`posttrain.stages.sft.train_stage`).
+The objective, engine, checkpoints and evaluation are the `sft` stage's (`posttrain.engines.sft.run_sft`).
 
 Writes `runs/<recipe>/teacher/`: `model/`, `eval.json`, `metrics.jsonl`, `config.yaml`, `provenance.json`, `DONE`.
 
@@ -15,8 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import Recipe
-from posttrain.stages.sft import train_stage, train_stage_config
+from posttrain.config import ConfigError, Recipe
+from posttrain.engines.sft import run_sft, sft_stage_config
+from posttrain.outputs import Parents
 
 
 def parents(recipe: Recipe) -> list[str]:
@@ -24,12 +25,10 @@ def parents(recipe: Recipe) -> list[str]:
 
 
 def stage_config(recipe: Recipe) -> dict[str, Any]:
-    return train_stage_config(recipe, recipe.teacher, recipe.teacher_train, "teacher")
+    return sft_stage_config(recipe, recipe.teacher, recipe.teacher_train, "teacher")
 
 
-def main(recipe: Recipe) -> Path:
+def main(recipe: Recipe, parents: Parents) -> Path:
     if recipe.teacher is None or recipe.teacher_train is None:
-        from posttrain.config import ConfigError
-
         raise ConfigError(["stage teacher: set both 'teacher:' and 'teacher_train:' in the recipe"])
-    return train_stage(recipe, "teacher", recipe.teacher, recipe.teacher_train, stage_config(recipe), "data")
+    return run_sft(recipe, "teacher", recipe.teacher, recipe.teacher_train, parents, source="data")

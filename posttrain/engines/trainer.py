@@ -1,179 +1,35 @@
-"""Supervised fine-tuning on rendered conversations, over TRL's `SFTTrainer`.
+"""Trainer glue that every training stage shares, over TRL's trainers (which are `transformers.Trainer`s).
 
-The trainer is fed the project's renderer output: `input_ids` and `labels` (the token id where the loss mask is 1,
--100 elsewhere), so what is trained is exactly what `posttrain render --pretty` shows; TRL's own chat-template
-path is not used. TRL's loss is the token-mean over every trained token of all micro-batches of an optimizer step
-(`num_items_in_batch`), so gradient accumulation does not change the loss scale.
+- `trainer_args`: the recipe's `TrainConfig` as TrainingArguments (names: steps → max_steps, batch_size →
+  per_device_train_batch_size, grad_accum → gradient_accumulation_steps, lr_scheduler → lr_scheduler_type,
+  warmup_ratio → warmup_steps, rounded); each stage builds its own TRL config class from them.
+- one fixed-format console line per logged step, the same row into `metrics.jsonl` (`use_step_lines`); a tracker
+  that fails never stops training (`safe_wandb`);
+- resume from the last complete checkpoint, and a checkpoint on SIGTERM (`train_resuming`);
+- the end of every training stage (`save_trained`): under ZeRO-3 every process helps gather the weights, the main
+  process saves the model, reads it back to check it is the trained one, and deletes the checkpoints.
 
-Guards: every row has at least one trained token (checked before training); a micro-batch without a trained
-token, or a logged step with loss 0 and a non-finite grad norm, stops the run with `TrainingError`.
-
-Recipe names → TRL (`trl.SFTConfig`) names: steps → max_steps, batch_size → per_device_train_batch_size,
-grad_accum → gradient_accumulation_steps, lr_scheduler → lr_scheduler_type, warmup_ratio → warmup_steps
-(rounded), lora.* → peft.LoraConfig(r, lora_alpha, lora_dropout, target_modules). Any other `trl.SFTConfig`
-field can be set under `trl:`; its keys are checked against SFTConfig's fields.
+Guards: a logged step with loss 0 and a non-finite grad norm, or a non-finite loss, stops the run with
+`TrainingError`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from posttrain.data.formats import fit
-from posttrain.errors import StageError
-
-# Field metadata for a key added after runs were made whose default is the earlier behaviour: the key enters a
-# stage's config hash only when set to something else, so that finished stages stay valid (`config_hash`).
-IF_SET = {"hash": "if_set"}
+from posttrain.config import TrainConfig
+from posttrain.dist import is_main
+from posttrain.errors import StageError, Stopped
+from posttrain.outputs import trim_metrics
 
 
 class TrainingError(StageError):
     """Training produced something that must not be saved (no trained tokens, a NaN, …)."""
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """LoRA adapters (peft). The saved `model/` is the merged full model; the adapter is kept in `adapter/`."""
-
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
-
-    def problems(self) -> list[str]:
-        out = [] if self.r >= 1 else [f"lora.r: {self.r} must be at least 1"]
-        if not 0.0 <= self.dropout < 1.0:
-            out.append(f"lora.dropout: {self.dropout} must be in [0, 1)")
-        return out
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One SFT run. The global batch is batch_size × grad_accum × number of processes.
-
-    steps: optimizer steps. save_steps: checkpoint period (a killed run resumes from the last one).
-    logging_steps: one console line and one metrics.jsonl row per this many steps. eval_steps: eval loss on the
-    evaluation split every this many steps (0: at the end only). trl: extra `trl.SFTConfig` fields.
-    length_buckets (SFT stages and rm): each step's batch — the same randomly drawn examples — is cut into this
-    many micro-batches of similar length, each padded only to its own longest row; the loss is still the token
-    mean (rm: the pair mean) over the whole batch, so only the padding changes (transformers' `batch_rebalance`
-    sampler, seeded by the stage's seed). Sorting whole batches by length instead (`group_by_length`) makes a
-    batch one task family.
-    """
-
-    steps: int = 300
-    batch_size: int = 16
-    grad_accum: int = 1
-    learning_rate: float = 2e-5
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    packing: bool = False
-    length_buckets: int = field(default=1, metadata=IF_SET)
-    gradient_checkpointing: bool = False
-    save_steps: int = 200
-    logging_steps: int = 10
-    eval_steps: int = 0
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    trl: dict[str, Any] = field(default_factory=dict)
-
-    def problems(self) -> list[str]:
-        out = []
-        for k in ("steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "length_buckets"):
-            if getattr(self, k) < 1:
-                out.append(f"{k}: {getattr(self, k)} must be at least 1")
-        if self.eval_steps < 0:
-            out.append(f"eval_steps: {self.eval_steps} must be 0 (end only) or positive")
-        if not self.learning_rate > 0:
-            out.append(f"learning_rate: {self.learning_rate} must be positive")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            out.append(f"warmup_ratio: {self.warmup_ratio} must be in [0, 1)")
-        if self.length_buckets > 1:
-            if self.batch_size % self.length_buckets:
-                out.append(
-                    f"length_buckets: {self.length_buckets} must divide batch_size ({self.batch_size})"
-                )
-            if self.packing:
-                out.append("length_buckets: packed rows have no padding to save; set length_buckets: 1")
-            if "train_sampling_strategy" in self.trl:
-                out.append("trl.train_sampling_strategy: length_buckets sets it; leave one of them out")
-        out += trl_key_problems(self.trl)
-        return out
-
-
-# Fields the stage sets itself; setting them under `trl:` would silently fight the recipe's own keys.
-_OWNED = {
-    "output_dir", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-    "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "packing", "gradient_checkpointing",
-    "activation_checkpointing",
-    "save_steps", "logging_steps", "eval_steps", "seed", "bf16", "fp16", "use_cpu", "report_to", "max_length",
-}  # fmt: skip
-
-
-def trl_key_problems(extra: dict[str, Any]) -> list[str]:
-    import trl
-
-    names = {f.name for f in dataclasses.fields(trl.SFTConfig)}
-    out = []
-    for k in extra:
-        if k in _OWNED:
-            out.append(f"trl.{k}: set by the recipe's own key; set that instead")
-        elif k not in names:
-            close = difflib.get_close_matches(k, sorted(names), n=1)
-            out.append(
-                f"trl.{k}: not a trl.SFTConfig field" + (f"; did you mean {close[0]!r}?" if close else "")
-            )
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------- data
-
-
-def tokenize_rows(rows: list[dict], tokenizer: Any, chat: Any) -> list[dict[str, list[int]]]:
-    """Conversations → [{"input_ids", "labels"}] via the renderer; prompts cut from the left to fit.
-
-    Raises TrainingError naming the row when a row has no trained token or cannot fit `chat.max_length`."""
-    out = []
-    for row in rows:
-        where = row.get("_where", row.get("id", "?"))
-        cut = fit(row["messages"], tokenizer, chat, where)
-        if cut is None or not any(cut.loss_mask):
-            raise TrainingError(
-                f"{where}: no trained token fits chat.max_length {chat.max_length}; the data stage should have "
-                "dropped this row — rerun it with the same chat settings"
-            )
-        out.append(
-            {
-                "input_ids": cut.input_ids,
-                "labels": [t if m else -100 for t, m in zip(cut.input_ids, cut.loss_mask)],
-            }
-        )
-    return out
-
-
-def to_dataset(examples: list[dict[str, list[int]]]):
-    from datasets import Dataset
-
-    return Dataset.from_dict({k: [e[k] for e in examples] for k in ("input_ids", "labels")})
-
-
-# ---------------------------------------------------------------------------------------------------- trainer
 
 
 def trainer_args(cfg: TrainConfig, out_dir: Path, seed: int, bf16: bool, wandb: bool, run_name: str) -> dict:
@@ -207,54 +63,6 @@ def trainer_args(cfg: TrainConfig, out_dir: Path, seed: int, bf16: bool, wandb: 
         run_name=run_name,
         **({"train_sampling_strategy": "batch_rebalance"} if cfg.length_buckets > 1 else {}),
     )
-
-
-def sft_args(
-    cfg: TrainConfig, out_dir: Path, seed: int, max_length: int, bf16: bool, wandb: bool, run_name: str
-):
-    import trl
-
-    common = trainer_args(cfg, out_dir, seed, bf16, wandb, run_name)
-    return trl.SFTConfig(
-        **common, max_length=max_length, packing=cfg.packing, dataset_num_proc=None, **cfg.trl
-    )
-
-
-def make_trainer(model, tokenizer, train_ds, eval_ds, cfg: TrainConfig, args, log: Callable[[dict], None]):
-    """An SFTTrainer with the project's guards and one console line per logged step."""
-    import trl
-
-    class GuardedSFTTrainer(trl.SFTTrainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            if int((inputs["labels"] != -100).sum()) == 0:
-                raise TrainingError(
-                    f"step {self.state.global_step + 1}: a micro-batch has no trained token (all labels -100); "
-                    "check the loss mask with `posttrain render --pretty`"
-                )
-            return super().training_step(model, inputs, num_items_in_batch)
-
-        def _get_train_sampler(self, train_dataset=None):
-            from transformers.trainer_pt_utils import BatchRebalanceSampler
-
-            sampler = super()._get_train_sampler(train_dataset)
-            if isinstance(sampler, BatchRebalanceSampler):  # length_buckets; transformers seeds it with 42
-                sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return sampler
-
-    peft_config = None
-    if cfg.lora.enabled:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM",
-        )  # fmt: skip
-    trainer = GuardedSFTTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-        peft_config=peft_config,
-    )  # fmt: skip
-    use_step_lines(trainer, log, args.max_steps)
-    return trainer
 
 
 def use_step_lines(trainer, log: Callable[[dict], None], total: int) -> None:
@@ -363,8 +171,6 @@ def stop_on_sigterm():
 
         def raise_if_stopped(self, state, where: Path) -> None:
             if self.requested:
-                from posttrain.errors import Stopped
-
                 raise Stopped(
                     f"stopped by SIGTERM at step {state.global_step}; checkpoint saved in {where}; "
                     "rerun the same command to resume from it"
@@ -377,8 +183,6 @@ def train_resuming(trainer, checkpoints: Path, metrics: Path, label: str, resume
     """`trainer.train()` from the last complete checkpoint in `checkpoints` (when `resume`), after dropping the
     rows of `metrics` logged past it; on SIGTERM the step in progress ends, a checkpoint is saved and `Stopped`
     is raised. Returns the train output."""
-    from posttrain.outputs import trim_metrics
-
     ckpt = last_checkpoint(checkpoints) if resume else None
     if ckpt is not None:
         step = int(ckpt.name.split("-")[-1])
@@ -505,3 +309,21 @@ def finalize(trainer, cfg: TrainConfig):
         model = model.merge_and_unload()
     model.eval()
     return model
+
+
+def save_trained(trainer, model, tokenizer, folder: Path, checkpoints: Path | None = None) -> bool:
+    """The end of a training run: under DeepSpeed ZeRO-3 every process takes part in gathering the weights; the
+    main process saves `model` (the trained one, `finalize`d) with its tokenizer into `folder`, reads it back to
+    check that it holds the trained weights (ZeRO-3 can save empty ones) and deletes `checkpoints`. Models loaded
+    afterwards load whole (`end_zero3`). Returns whether this process saved (the main one)."""
+    from posttrain.modeling import save_model, verify_saved  # torch and transformers: only where a model is
+
+    state = gathered_state(trainer)
+    end_zero3()
+    if not is_main():
+        return False
+    save_model(model, tokenizer, folder, state)
+    verify_saved(folder, model, state)
+    if checkpoints is not None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return True

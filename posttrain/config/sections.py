@@ -1,0 +1,564 @@
+"""Every section of a recipe as a frozen dataclass: its keys, their defaults (the only place they are set), its
+cross-field checks (`problems()`), and the mapping of its names to TRL's where a stage hands them on.
+
+    model/teacher/reward_model  ModelSpec        chat        ChatConfig       tracking  TrackingConfig
+    sft/teacher_train           TrainConfig      generate    SamplingConfig   eval      EvalConfig
+    data                        DataConfig       world       WorldConfig      distill   DistillConfig
+    rm                          RMConfig         rlhf        RLConfig         merge     MergeConfig
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from posttrain.world import TASKS
+
+# Field metadata for a key added after runs were made whose default is the earlier behaviour: the key enters a
+# stage's config hash only when set to something else, so that finished stages stay valid (`config_hash`).
+IF_SET = {"hash": "if_set"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model: a hub id or local folder (`name_or_path`), or one of the built-in tiny presets (`preset`).
+
+    dtype: `auto` is bf16 on a GPU that supports it and fp32 on CPU; fp16 is not offered (Gemma overflows in it).
+    attn_implementation: `auto` is eager for Gemma 2 (it needs attention soft-capping, which SDPA drops), or
+    FlashAttention 2 when `flash_attention_2` is asked for and flash-attn ≥ 2.6 is installed.
+    tokenizer: `tiny` (the built-in character tokenizer), a hub id or a folder; default: the model's own.
+    """
+
+    name_or_path: str | None = None
+    preset: Literal["tiny-student", "tiny-teacher", "tiny-rm"] | None = None
+    tokenizer: str | None = None
+    revision: str | None = None
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    attn_implementation: Literal["auto", "eager", "flash_attention_2", "sdpa"] = "auto"
+
+    def problems(self) -> list[str]:
+        out = []
+        if (self.name_or_path is None) == (self.preset is None):
+            out.append(
+                "set exactly one of 'name_or_path' (hub id or folder) and 'preset' (tiny-student, ...)"
+            )
+        if self.dtype == "fp16":
+            out.append("dtype: fp16 overflows in Gemma's activations; set bf16 (GPU) or fp32 (CPU), or auto")
+        if self.attn_implementation == "sdpa":
+            out.append("attn_implementation: sdpa drops Gemma 2's attention soft-capping; set eager or auto")
+        return out
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    """Gemma chat formatting (see posttrain/chat.py).
+
+    system: `fold` puts a system message's text and a blank line before the first user turn (as Gemma 3's
+    template does); `reject` makes a system message an error.
+    train_on: `all` trains every model turn; `last` only the final one.
+    max_length: tokens per rendered conversation; longer prompts are cut from the left (data layer).
+    """
+
+    system: Literal["fold", "reject"] = "fold"
+    train_on: Literal["all", "last"] = "all"
+    max_length: int = 512
+
+    def problems(self) -> list[str]:
+        return [] if self.max_length >= 8 else [f"max_length: {self.max_length} is too small; set at least 8"]
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking. wandb runs offline unless `mode: online` and a server is configured."""
+
+    wandb: bool = False
+    mode: Literal["offline", "online"] = "offline"
+    project: str = "posttrain"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters (peft). The saved `model/` is the merged full model; the adapter is kept in `adapter/`."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+
+    def problems(self) -> list[str]:
+        out = [] if self.r >= 1 else [f"lora.r: {self.r} must be at least 1"]
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"lora.dropout: {self.dropout} must be in [0, 1)")
+        return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One SFT run. The global batch is batch_size × grad_accum × number of processes.
+
+    steps: optimizer steps. save_steps: checkpoint period (a killed run resumes from the last one).
+    logging_steps: one console line and one metrics.jsonl row per this many steps. eval_steps: eval loss on the
+    evaluation split every this many steps (0: at the end only). trl: extra `trl.SFTConfig` fields.
+    length_buckets (SFT stages and rm): each step's batch — the same randomly drawn examples — is cut into this
+    many micro-batches of similar length, each padded only to its own longest row; the loss is still the token
+    mean (rm: the pair mean) over the whole batch, so only the padding changes (transformers' `batch_rebalance`
+    sampler, seeded by the stage's seed). Sorting whole batches by length instead (`group_by_length`) makes a
+    batch one task family.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    learning_rate: float = 2e-5
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    packing: bool = False
+    length_buckets: int = field(default=1, metadata=IF_SET)
+    gradient_checkpointing: bool = False
+    save_steps: int = 200
+    logging_steps: int = 10
+    eval_steps: int = 0
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    trl: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        out = []
+        for k in ("steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "length_buckets"):
+            if getattr(self, k) < 1:
+                out.append(f"{k}: {getattr(self, k)} must be at least 1")
+        if self.eval_steps < 0:
+            out.append(f"eval_steps: {self.eval_steps} must be 0 (end only) or positive")
+        if not self.learning_rate > 0:
+            out.append(f"learning_rate: {self.learning_rate} must be positive")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            out.append(f"warmup_ratio: {self.warmup_ratio} must be in [0, 1)")
+        if self.length_buckets > 1:
+            if self.batch_size % self.length_buckets:
+                out.append(
+                    f"length_buckets: {self.length_buckets} must divide batch_size ({self.batch_size})"
+                )
+            if self.packing:
+                out.append("length_buckets: packed rows have no padding to save; set length_buckets: 1")
+            if "train_sampling_strategy" in self.trl:
+                out.append("trl.train_sampling_strategy: length_buckets sets it; leave one of them out")
+        out += trl_key_problems(self.trl)
+        return out
+
+
+# Fields the stage sets itself; setting them under `trl:` would silently fight the recipe's own keys.
+_OWNED = {
+    "output_dir", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "packing", "gradient_checkpointing",
+    "activation_checkpointing",
+    "save_steps", "logging_steps", "eval_steps", "seed", "bf16", "fp16", "use_cpu", "report_to", "max_length",
+}  # fmt: skip
+
+
+def trl_key_problems(extra: dict[str, Any]) -> list[str]:
+    import trl
+
+    names = {f.name for f in dataclasses.fields(trl.SFTConfig)}
+    out = []
+    for k in extra:
+        if k in _OWNED:
+            out.append(f"trl.{k}: set by the recipe's own key; set that instead")
+        elif k not in names:
+            close = difflib.get_close_matches(k, sorted(names), n=1)
+            out.append(
+                f"trl.{k}: not a trl.SFTConfig field" + (f"; did you mean {close[0]!r}?" if close else "")
+            )
+    return out
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How responses are sampled (the `generate:` section). temperature 0 = greedy; top_k 0 and top_p 1.0 = off.
+
+    batch_size: prompts per `generate` call. shard_size: prompts per output shard; a rerun of a killed stage
+    continues from the last finished shard. engine: `auto` = vLLM on a GPU when installed, else HF generate.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 32
+    shard_size: int = 512
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_new_tokens < 1:
+            out.append(f"max_new_tokens: {self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            out.append(f"temperature: {self.temperature} must be 0 (greedy) or positive")
+        if not 0 < self.top_p <= 1:
+            out.append(f"top_p: {self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            out.append(f"top_k: {self.top_k} must be 0 (off) or positive")
+        if self.batch_size < 1 or self.shard_size < 1:
+            out.append("batch_size and shard_size must be at least 1")
+        return out
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation during and after training stages: greedy responses to the evaluation prompts.
+
+    sliding_window: the `eval` stage only — the window of the models' sliding-attention layers at inference
+    (None: the window they were trained with), as in the Gemma 2 report's study of shrinking the local-attention
+    window at inference; it changes the `eval` stage alone, so a sweep over it retrains nothing."""
+
+    max_new_tokens: int = 128
+    batch_size: int = 64
+    sliding_window: int | None = None
+
+    def during_training(self) -> dict[str, int]:
+        """What the evaluation at the end of a training stage uses (its part of that stage's config)."""
+        return {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
+
+    def problems(self) -> list[str]:
+        out = (
+            []
+            if self.max_new_tokens >= 1 and self.batch_size >= 1
+            else ["max_new_tokens and batch_size: at least 1"]
+        )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            out.append(
+                f"sliding_window: {self.sliding_window} must be at least 1 (or unset: the trained window)"
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Which filters run. Paths are relative to the working directory (the repository root for make)."""
+
+    pii: bool = True
+    unsafe: bool = True
+    identity: bool = True
+    contamination: bool = True
+    duplicate: bool = True
+    near_duplicate: bool = True
+    near_dup_threshold: float = 0.9
+    ngram: int = 13
+    unsafe_patterns: str = "data/filters/unsafe_patterns.txt"
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0.5 <= self.near_dup_threshold <= 1.0:
+            out.append(f"near_dup_threshold: {self.near_dup_threshold} must be between 0.5 and 1.0")
+        if self.ngram < 3:
+            out.append(f"ngram: {self.ngram} must be at least 3")
+        if self.unsafe and not Path(self.unsafe_patterns).is_file():
+            out.append(f"unsafe_patterns: {self.unsafe_patterns} does not exist; point it at a pattern file")
+        return out
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training and evaluation data for the pipeline.
+
+    source: `world` (the built-in tasks, see `world:`), `jsonl` (local files) or `hf` (a dataset name).
+    train / eval: JSONL paths or a dataset name (eval may be omitted: `eval_fraction` of train is held out).
+    max_dropped_fraction: above this fraction of rows dropped for length, the data stage fails.
+    """
+
+    source: Literal["world", "jsonl", "hf"] = "world"
+    train: str | None = None
+    eval: str | None = None
+    hf_train_split: str = "train"
+    hf_eval_split: str = "test"
+    eval_fraction: float = 0.05
+    max_dropped_fraction: float = 0.05
+    filters: FilterConfig = field(default_factory=FilterConfig)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.source != "world" and not self.train:
+            out.append(f"train: source '{self.source}' needs 'train' (a JSONL path or a dataset name)")
+        if not 0.0 <= self.max_dropped_fraction <= 1.0:
+            out.append(f"max_dropped_fraction: {self.max_dropped_fraction} must be between 0 and 1")
+        if not 0.0 < self.eval_fraction < 0.5:
+            out.append(f"eval_fraction: {self.eval_fraction} must be between 0 and 0.5")
+        return out
+
+
+@dataclass(frozen=True)
+class DefectRates:
+    """Fractions of the raw dataset (relative to the clean rows) injected with each defect."""
+
+    duplicate: float = 0.0
+    near_duplicate: float = 0.0
+    pii: float = 0.0
+    wrong_identity: float = 0.0
+    unsafe: float = 0.0
+    contamination: float = 0.0
+
+    def problems(self) -> list[str]:
+        bad = [k for k, v in self.__dict__.items() if not 0.0 <= v <= 1.0]
+        return [f"{k}: a rate between 0 and 1" for k in bad]
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """The tiny world's tasks and difficulty. Defaults are the tiny recipe's.
+
+    mix: relative weight of each task family in training data (families not listed get 0).
+    add_max: addition operands are drawn from 0..add_max. word_len / sort_len: inclusive ranges.
+    """
+
+    assistant_name: str = "Pip"
+    maker: str = "the posttrain team"
+    mix: dict[str, float] = field(
+        default_factory=lambda: {
+            "add": 2.0,
+            "reverse": 2.0,
+            "sort": 2.0,
+            "count": 2.0,
+            "identity": 0.5,
+            "refuse": 0.5,
+            "followup": 1.0,
+        }  # fmt: skip
+    )
+    add_max: int = 20
+    word_len: tuple[int, ...] = (3, 5)
+    sort_len: tuple[int, ...] = (3, 4)
+    followup_add: int = 5
+    n_train: int = 4000
+    n_eval: int = 280
+    defects: DefectRates = field(default_factory=DefectRates)
+
+    def problems(self) -> list[str]:
+        out = [f"mix: unknown task {t!r}; tasks are {', '.join(TASKS)}" for t in self.mix if t not in TASKS]
+        if not any(v > 0 for v in self.mix.values()):
+            out.append("mix: give at least one task a positive weight")
+        for name, rng, lo in (("word_len", self.word_len, 1), ("sort_len", self.sort_len, 2)):
+            if len(rng) != 2 or not lo <= rng[0] <= rng[1]:
+                out.append(f"{name}: {list(rng)} must be [min, max] with {lo} <= min <= max")
+        if self.sort_len and len(self.sort_len) == 2 and self.sort_len[1] > 26:
+            out.append("sort_len: at most 26 distinct letters")
+        if self.add_max < 1:
+            out.append(f"add_max: {self.add_max} must be at least 1")
+        return out
+
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The `distill:` section (leave it out, or null, to skip the stage).
+
+    divergence: `forward_kl` (Gemma 2: the student's negative log-likelihood of the teacher's distribution on the
+    student's samples), `reverse_kl`, or `jsd` with `beta` (TRL `DistillationConfig.beta`: 0 = forward, 1 = reverse).
+    on_policy_fraction: the share of batches whose responses the student samples; the rest use the teacher's
+    responses from the `generate` stage (GKD's λ). temperature: of sampling and of both distributions in the loss.
+    max_new_tokens: the longest sampled response. prompts: how many training prompts to use (0: all).
+    balance_tasks: draw the prompts with equal weight per task family (the rows' `task` field), the rarer families
+    repeated, so that a family with few prompts is not forgotten.
+    train: steps, batch size, learning rate …; `eval_steps` also sets how often the world score is measured.
+    """
+
+    divergence: Divergence = "forward_kl"
+    beta: float = 0.5
+    on_policy_fraction: float = 1.0
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    prompts: int = 0
+    balance_tasks: bool = field(default=False, metadata=IF_SET)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, learning_rate=1e-6))
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
+            out.append(
+                f"beta: {self.beta} must be in (0, 1) for divergence jsd (0 is forward_kl, 1 reverse_kl)"
+            )
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            out.append(f"on_policy_fraction: {self.on_policy_fraction} must be in [0, 1]")
+        if self.temperature <= 0.0:
+            out.append(f"temperature: {self.temperature} must be > 0")
+        if self.max_new_tokens < 1 or self.prompts < 0:
+            out.append("max_new_tokens must be ≥ 1 and prompts ≥ 0")
+        return out
+
+
+@dataclass(frozen=True)
+class RMConfig:
+    """The `rm:` section.
+
+    source: `policy` builds pairs by sampling `samples_per_prompt` responses per prompt from the SFT policy and
+    judging them with the world's verifiers (built-in world only); `jsonl` / `hf` read `prompt`/`chosen`/`rejected`
+    rows from `train` (and `eval`, else `eval_fraction` of train is held out).
+    include_gold: (policy source) the world's gold response is one of the candidates.
+    balance_tasks: (policy source) the `prompts` training prompts are drawn with equal weight per task family (the
+    rows' `task`), as the held-out pairs are; a rare family's prompts are drawn more than once.
+    init_from: start the RM from this stage's model (only the scalar head is new); default: `reward_model:`.
+    extra_layers: decoder layers added on top of the starting model (Gemma 2), each starting as the identity
+    (`posttrain.modeling.grow_layers`): depth for comparing a response with what the LM's own layers predict.
+    likelihood_weight: w ≥ 0; the reward adds w × the RM's own log-likelihood of the response, Σ over its tokens
+    (`posttrain.reward`; 0: the scalar head alone).
+    margin, center_rewards_coefficient: the loss terms of `posttrain.reward.bt_loss`. min_accuracy: the quality gate on held-out pairs.
+    """
+
+    source: Literal["policy", "jsonl", "hf"] = "policy"
+    train_file: str | None = None
+    eval_file: str | None = None
+    eval_fraction: float = 0.1
+    prompts: int = 2000
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    include_gold: bool = True
+    balance_tasks: bool = field(default=False, metadata=IF_SET)
+    pairs_per_prompt: int = 4
+    init_from: Literal["teacher", "sft"] | None = None
+    extra_layers: int = field(default=0, metadata=IF_SET)
+    likelihood_weight: float = field(default=0.0, metadata=IF_SET)
+    margin: float = 0.0
+    center_rewards_coefficient: float = 0.0
+    min_accuracy: float = 0.9
+    max_dropped_fraction: float = 0.05
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-5))
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.source != "policy" and not self.train_file:
+            out.append(
+                f"train_file: source {self.source!r} needs a train_file (a JSONL path or a dataset name)"
+            )
+        if self.samples_per_prompt < 2 and not self.include_gold:
+            out.append("samples_per_prompt: at least 2 candidates per prompt are needed to form a pair")
+        if self.extra_layers < 0:
+            out.append(
+                f"extra_layers: {self.extra_layers} is negative; it counts decoder layers to add (0: none)"
+            )
+        if self.likelihood_weight < 0:
+            out.append(
+                f"likelihood_weight: {self.likelihood_weight} is negative; it weighs the RM's log-likelihood of the "
+                "response in its reward (0: none)"
+            )
+        if not 0.0 <= self.min_accuracy <= 1.0 or not 0.0 < self.eval_fraction < 1.0:
+            out.append("min_accuracy must be in [0, 1] and eval_fraction in (0, 1)")
+        return out
+
+
+@dataclass(frozen=True)
+class RLRun:
+    """One run of the `rlhf` stage: the keys set here replace the section's (unset keys keep them)."""
+
+    kl_coef: float | None = None
+    seed: int | None = None
+    learning_rate: float | None = None
+    anchor: Literal["init", "ema"] | None = None
+    ema_rate: float | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """The `rlhf:` section (leave it out, or null, to skip RL).
+
+    init_from: the policy (and the KL reference) to start from — `auto` is `distill` when the recipe distils,
+    else `sft`. kl_coef: β of the KL penalty (`posttrain.rl`). anchor: `init` (the starting policy) or `ema` (WARP) with rate `ema_rate`.
+    samples_per_prompt: k ≥ 2. temperature: of sampling and of the log-probabilities trained. prompts: how many
+    training prompts (0: all). balance_tasks: draw the training prompts with equal weight per task family (the
+    rows' `task` field), rarer families repeated, so that a family with few prompts is not drowned by the others'
+    updates. train.batch_size counts responses (a multiple of k). runs: named variants, each
+    written to `rlhf/<run>/` (default: one run, `main`). reward: `rm` (the `rm` stage's model, Gemma 2's RLHF) or
+    `world` (the built-in world's verifiers: 1 for a right response, else 0 — the true reward that the RM
+    approximates; with it the stage needs no RM, which separates what RL does from what the RM knows).
+    """
+
+    init_from: Literal["auto", "sft", "distill"] = "auto"
+    reward: Literal["rm", "world"] = "rm"
+    kl_coef: float = 0.05
+    anchor: Literal["init", "ema"] = "init"
+    ema_rate: float = 0.01
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    prompts: int = 0
+    balance_tasks: bool = field(default=False, metadata=IF_SET)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, learning_rate=1e-6))
+    runs: dict[str, RLRun] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.samples_per_prompt < 2:
+            out.append(
+                f"samples_per_prompt: {self.samples_per_prompt}; the leave-one-out baseline needs k ≥ 2"
+            )
+        elif (self.train.batch_size * self.train.grad_accum) % self.samples_per_prompt:
+            out.append(
+                f"train.batch_size × grad_accum ({self.train.batch_size} × {self.train.grad_accum}) must be a "
+                f"multiple of samples_per_prompt ({self.samples_per_prompt}): each prompt's k responses share a batch"
+            )
+        for name, run in self.resolved().items():
+            if not name or any(c in name for c in "/\\ ") or name.startswith("."):
+                out.append(f"runs: {name!r} must be a plain folder name")
+            if run.kl_coef < 0 or run.temperature <= 0 or not 0.0 < run.ema_rate <= 1.0:
+                out.append(f"runs.{name}: kl_coef ≥ 0, temperature > 0 and 0 < ema_rate ≤ 1 are required")
+        return out
+
+    def resolved(self) -> dict[str, RLConfig]:
+        """Run name → this section with the run's keys applied (and `runs` emptied)."""
+        base = dataclasses.replace(self, runs={})
+        if not self.runs:
+            return {"main": base}
+        out = {}
+        for name, run in self.runs.items():
+            over = {
+                k: v for k, v in dataclasses.asdict(run).items() if v is not None and k != "learning_rate"
+            }
+            cfg = dataclasses.replace(base, **{k: v for k, v in over.items() if k != "seed"})
+            if run.learning_rate is not None:
+                cfg = dataclasses.replace(
+                    cfg, train=dataclasses.replace(cfg.train, learning_rate=run.learning_rate)
+                )
+            out[name] = cfg
+        return out
+
+    def seed_of(self, name: str, recipe_seed: int) -> int:
+        run = self.runs.get(name)
+        return run.seed if run is not None and run.seed is not None else recipe_seed
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """The `merge:` section: average the `rlhf` runs' policies (`posttrain.merging`).
+
+    method: `liti` (WARP: SLERP of the runs' task vectors from the starting policy, then θ = (1 − η) θ_init +
+    η θ_slerp), `slerp` (the same with η = 1) or `linear` (a weighted average, `weights` default uniform).
+    eta: the η of the model saved as `merge/model`. sweep: the η values evaluated for the reward–KL plot (liti).
+    """
+
+    method: Literal["linear", "slerp", "liti"] = "liti"
+    eta: float = 0.5
+    sweep: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    weights: tuple[float, ...] | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if not all(0.0 <= e <= 1.0 for e in (self.eta, *self.sweep)):
+            out.append(
+                f"eta and sweep values must be in [0, 1] (got eta {self.eta}, sweep {list(self.sweep)})"
+            )
+        if self.weights is not None and (self.method != "linear" or any(w < 0 for w in self.weights)):
+            out.append("weights: only for method linear, and non-negative")
+        return out

@@ -1,0 +1,1 @@
+"""Trainer glue over TRL's engines, and the evaluations that stages share."""
