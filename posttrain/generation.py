@@ -80,7 +80,8 @@ def generate(
 ) -> list[Generation]:
     """Generate one response per prompt (token ids). `progress`: a tqdm bar advanced by prompts done.
 
-    Prompts go in batches longest first, each batch sampled with its own seed (`seed` + its position). With
+    Prompts go in batches longest first, each batch sampled with its own seed (`seed` + its position) on a copy
+    of the random state, which is left as it was (`torch.random.fork_rng`). With
     `part=(r, n)` only every n-th batch from the r-th is generated (the others are None): n processes with parts
     (0, n) … (n-1, n) together produce exactly what one process produces (`posttrain.dist.merge_parts`)."""
     import torch
@@ -116,14 +117,17 @@ def _generate(model, tokenizer, prompts, cfg, seed, progress, part=(0, 1)):
             p = prompts[i]
             ids[row, width - len(p) :] = torch.tensor(p)
             mask[row, width - len(p) :] = 1
-        torch.manual_seed(seed + b)
         sample = cfg.temperature > 0
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=cfg.max_new_tokens,
-            do_sample=sample, temperature=cfg.temperature if sample else None,
-            top_p=cfg.top_p if sample else None, top_k=cfg.top_k if sample else None,
-            eos_token_id=stops, pad_token_id=pad,
-        )  # fmt: skip
+        # each batch sampled with its own seed, on a copy of the random state: a training stage that evaluates
+        # mid-run keeps its own sampling sequence (and RL runs do not share the evaluation's noise)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + b)
+            gen = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=cfg.max_new_tokens,
+                do_sample=sample, temperature=cfg.temperature if sample else None,
+                top_p=cfg.top_p if sample else None, top_k=cfg.top_k if sample else None,
+                eos_token_id=stops, pad_token_id=pad,
+            )  # fmt: skip
         for row, i in enumerate(idx):
             out[i] = decode(gen[row, width:].tolist(), tokenizer, stops, cfg.max_new_tokens)
         if progress is not None:

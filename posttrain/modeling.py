@@ -56,6 +56,16 @@ PRESETS: dict[str, dict[str, int]] = {
         hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         head_dim=32,
     ),
+    # Gemma 2's shapes at a small width (recipes/tiny/real-shape.yaml, with the real 256k tokenizer): head_dim and
+    # query scaling 256 as in Gemma 2 2B/9B, one sliding (window 4096) and one global layer, the soft-caps
+    "real-shape-student": dict(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=256, sliding_window=4096,
+    ),
+    "real-shape-teacher": dict(
+        hidden_size=64, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=256, sliding_window=4096,
+    ),
 }  # fmt: skip
 
 
@@ -71,6 +81,15 @@ def resolve_device(device: str | None = None) -> torch.device:
 
         return torch.device("cuda", local_rank())
     return torch.device("cpu")
+
+
+def frozen_device(index: int) -> str | None:
+    """The device of the `index`-th frozen model of a one-process stage (the reference and the RM of `eval` and
+    `merge`): a GPU of its own (`cuda:index`) when the machine has that many, so that the evaluated model, its
+    reference and a large RM do not share one GPU; else None (the default device)."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > index:
+        return f"cuda:{index}"
+    return None
 
 
 def resolve_dtype(requested: str, device: torch.device | str, model_type: str = "gemma2") -> torch.dtype:
@@ -145,12 +164,13 @@ def load_tokenizer(spec: ModelSpec) -> Any:
 def preset_config(preset: str, tokenizer: Any, max_positions: int = 1024) -> Gemma2Config:
     if preset not in PRESETS:
         raise ModelError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    dims = PRESETS[preset]
+    dims = dict(PRESETS[preset])
     return Gemma2Config(
         vocab_size=len(tokenizer),
-        max_position_embeddings=max_positions,
+        max_position_embeddings=max(max_positions, dims.get("sliding_window", 0)),
         query_pre_attn_scalar=dims["head_dim"],
-        sliding_window=64,  # small enough that the sliding layers really slide on tiny sequences
+        # the tiny presets' 64 is small enough that the sliding layers really slide on tiny sequences
+        sliding_window=dims.pop("sliding_window", 64),
         attn_logit_softcapping=50.0,
         final_logit_softcapping=30.0,
         pad_token_id=tokenizer.pad_token_id,
@@ -171,51 +191,112 @@ def generation_config(tokenizer: Any) -> GenerationConfig:
 
 
 def load_causal_lm(
-    spec: ModelSpec, tokenizer: Any, device: str | None = None, seed: int = 0
+    spec: ModelSpec, tokenizer: Any, device: str | None = None, seed: int = 0, trainable: bool = False
 ) -> PreTrainedModel:
-    """A policy or teacher: built from a preset (seeded init) or loaded from a hub id / folder."""
-    dev = resolve_device(device)
-    if spec.preset:
-        config = preset_config(spec.preset, tokenizer)
-        config._attn_implementation = resolve_attention(config, spec.attn_implementation)
-        torch.manual_seed(seed)
-        model = Gemma2ForCausalLM(config)
-        model = model.to(dtype=resolve_dtype(spec.dtype, dev), device=dev)
-    else:
-        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.name_or_path,
-            revision=spec.revision,
-            dtype=resolve_dtype(spec.dtype, dev, config.model_type),
-            attn_implementation=resolve_attention(config, spec.attn_implementation),
-        ).to(dev)
+    """A policy or teacher: built from a preset (seeded init) or loaded from a hub id / folder (`_load`)."""
+    model = _load(
+        spec, tokenizer, Gemma2ForCausalLM, AutoModelForCausalLM, device, seed, trainable, "causal_lm"
+    )
     model.generation_config = generation_config(tokenizer)
     check_tied(model)
     return model
 
 
 def load_reward_model(
-    spec: ModelSpec, tokenizer: Any, device: str | None = None, seed: int = 0
+    spec: ModelSpec, tokenizer: Any, device: str | None = None, seed: int = 0, trainable: bool = False
 ) -> PreTrainedModel:
     """A scalar reward model (one output). From a causal LM checkpoint only the head is newly initialised."""
-    dev = resolve_device(device)
-    if spec.preset:
-        config = preset_config(spec.preset, tokenizer)
-        config.num_labels = 1
-        config._attn_implementation = resolve_attention(config, spec.attn_implementation)
-        torch.manual_seed(seed)
-        model = Gemma2ForSequenceClassification(config).to(dtype=resolve_dtype(spec.dtype, dev), device=dev)
-    else:
-        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            spec.name_or_path,
-            revision=spec.revision,
-            num_labels=1,
-            dtype=resolve_dtype(spec.dtype, dev, config.model_type),
-            attn_implementation=resolve_attention(config, spec.attn_implementation),
-        ).to(dev)
+    model = _load(spec, tokenizer, Gemma2ForSequenceClassification, AutoModelForSequenceClassification, device,
+                  seed, trainable, "reward_model", num_labels=1)  # fmt: skip
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _load(spec: ModelSpec, tokenizer: Any, preset_class: type, auto_class: type, device: str | None, seed: int,
+          trainable: bool, kind: str, **extra: Any) -> PreTrainedModel:  # fmt: skip
+    """Create or load a model so that it is never whole on every GPU under DeepSpeed ZeRO-3: a stage builds its
+    TRL config (which activates DeepSpeed's configuration) before its models, and both a preset's `_from_config`
+    and `from_pretrained` then create the parameters already partitioned (`zero.Init`), on the devices DeepSpeed
+    assigns. A model that will be trained outside DeepSpeed with a bf16 recipe dtype is kept in fp32 — its master
+    weights — and trained under bf16 autocast (the trainer's `bf16` flag), so that AdamW never updates bf16
+    weights; DeepSpeed keeps fp32 master weights itself."""
+    dev = resolve_device(device)
+    sharded = zero3()
+    if spec.preset:
+        config = preset_config(spec.preset, tokenizer)
+        config.update(extra)
+        config._attn_implementation = resolve_attention(config, spec.attn_implementation)
+    else:
+        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
+    dtype = resolve_dtype(spec.dtype, dev, config.model_type)
+    if trainable and dtype == torch.bfloat16 and not uses_deepspeed():
+        dtype = torch.float32
+    # a preset's weights, and the new head of a reward model read from a causal LM, drawn from `seed` on a copy of
+    # the random state: the caller's random sequence is left as it was
+    devices = list(range(torch.cuda.device_count())) if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        if spec.preset:
+            model = preset_class._from_config(config, dtype=dtype)
+        else:
+            model = auto_class.from_pretrained(
+                spec.name_or_path, revision=spec.revision, dtype=dtype,
+                attn_implementation=resolve_attention(config, spec.attn_implementation), **extra,
+            )  # fmt: skip
+    if not sharded:
+        model = model.to(dev)
+    record_load(kind, spec, model, sharded)
+    return model
+
+
+def zero3() -> bool:
+    """Whether DeepSpeed ZeRO-3 is configured in this process (a trainer's config was built under it)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def uses_deepspeed() -> bool:
+    """Whether this stage runs under DeepSpeed (any ZeRO stage), as `accelerate launch` says."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+RECORD_LOADS = "POSTTRAIN_RECORD_LOADS"  # a file: one JSON line per model created (for the ZeRO-3 tests)
+
+
+def record_load(kind: str, spec: ModelSpec, model: PreTrainedModel, zero3_active: bool) -> None:
+    """With `POSTTRAIN_RECORD_LOADS` set: which model was created, and whether every parameter of it came out
+    partitioned by DeepSpeed (`ds_id`), under an active ZeRO-3 configuration."""
+    import json
+    import os
+
+    path = os.environ.get(RECORD_LOADS)
+    if not path:
+        return
+    from posttrain.dist import rank
+
+    params = list(model.parameters())
+    row = {"kind": kind, "model": spec.preset or spec.name_or_path, "rank": rank(), "zero3": zero3_active,
+           "partitioned": bool(params) and all(hasattr(p, "ds_id") for p in params),
+           "dtype": str(params[0].dtype) if params else None}  # fmt: skip
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def gathered(*models):
+    """For inference outside a DeepSpeed engine (greedy evaluation, sampled figures) on models created
+    partitioned under ZeRO-3: their parameters gathered whole for the duration (as TRL gathers a policy to
+    generate); a no-op otherwise."""
+    from contextlib import nullcontext
+
+    params = [p for m in models if m is not None for p in m.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def grow_layers(model: PreTrainedModel, n: int, seed: int = 0) -> PreTrainedModel:
@@ -239,14 +320,15 @@ def grow_layers(model: PreTrainedModel, n: int, seed: int = 0) -> PreTrainedMode
         types.append(types[i - 2] if i >= 2 else "sliding_attention")
     config.layer_types, config.num_hidden_layers = types, first + n
     param = next(model.parameters())
-    torch.manual_seed(seed)
-    for i in range(first, first + n):
-        layer = Gemma2DecoderLayer(config, i)
-        layer.apply(model._init_weights)
-        with torch.no_grad():
-            layer.post_attention_layernorm.weight.fill_(-1.0)
-            layer.post_feedforward_layernorm.weight.fill_(-1.0)
-        stack.layers.append(layer.to(dtype=param.dtype, device=param.device))
+    with torch.random.fork_rng(devices=[]):  # seeded, leaving the caller's random state as it was
+        torch.manual_seed(seed)
+        for i in range(first, first + n):
+            layer = Gemma2DecoderLayer(config, i)
+            layer.apply(model._init_weights)
+            with torch.no_grad():
+                layer.post_attention_layernorm.weight.fill_(-1.0)
+                layer.post_feedforward_layernorm.weight.fill_(-1.0)
+            stack.layers.append(layer.to(dtype=param.dtype, device=param.device))
     return model
 
 
@@ -312,4 +394,5 @@ def verify_saved(folder: Path, model, state: dict | None = None) -> None:
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the whole model, also when ZeRO-3 holds only a partition of each in this process."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -28,6 +28,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from posttrain.logits import padded, token_logps, unwrapped
+
 # ------------------------------------------------------------------------------------------------- maths
 
 
@@ -57,7 +59,7 @@ def last_token_rewards(model, input_ids, attention_mask):
 
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    base = getattr(model, "module", model)  # DDP / DeepSpeed keep the model in .module
+    base = unwrapped(model)
     hook = base.score.register_forward_hook(lambda _m, inp, out: seen.append((inp[0], out)))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
@@ -96,32 +98,16 @@ def response_mask(input_ids, attention_mask, prefix: list[int]):
 
 def _token_logps(base, hidden, input_ids, response):
     """Σ log p over each row's `response` positions under the LM inside a Gemma 2 sequence-classification model:
-    `hidden` (B, T, H), the decoder's output, through the tied LM head with the final logit soft-cap. Only the
-    response positions' logits are formed (a real vocabulary's are large). → (B,) float."""
+    `hidden` (B, T, H), the decoder's output, through the tied LM head with the final logit soft-cap, a tile at a
+    time (`posttrain.logits`: only the response positions are projected). → (B,) float."""
     import torch
 
     emb = base.get_input_embeddings().weight
     cap = getattr(base.config, "final_logit_softcapping", None)
     target = response[:, 1:]  # position t predicts token t + 1
-    logits = (hidden[:, :-1][target] @ emb.T).float()
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    lp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:][target][:, None])[:, 0]
+    lp = token_logps(hidden[:, :-1][target], emb, input_ids[:, 1:][target], cap)
     rows = target.nonzero()[:, 0]
     return torch.zeros(input_ids.shape[0], device=lp.device, dtype=lp.dtype).index_add(0, rows, lp)
-
-
-def padded(sequences: list[list[int]], pad_id: int, left: bool = False):
-    """Token sequences → (B, T) ids padded with `pad_id` (right padding unless `left`) and their attention mask."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(sequences):
-        sl = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, sl], mask[i, sl] = torch.tensor(s), 1
-    return ids, mask
 
 
 def score_ids(
@@ -147,7 +133,7 @@ def lm_response_logps(
     built from one and not yet trained (added identity layers change nothing)."""
     import torch
 
-    base = getattr(model, "module", model)
+    base = unwrapped(model)
     device = base.get_input_embeddings().weight.device
     out: list[float] = []
     with torch.no_grad():

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from posttrain.chat import stop_ids
+from posttrain.logits import backbone, lm_head, padded, token_logps
 
 if TYPE_CHECKING:
     import torch
@@ -62,29 +63,32 @@ def sequence_logps(
     batch_size: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Per-token log π(y_t | x, y_<t) of each response (logits / temperature, after the model's soft-cap):
-    (N, T_max) log-probs and (N, T_max) mask, responses right-aligned to position 0."""
+    (N, T_max) log-probs and (N, T_max) mask, responses right-aligned to position 0. Only the response positions
+    are projected through the LM head, a tile at a time (`posttrain.logits`); under ZeRO-3 the head is gathered
+    for it (it is read outside its module's forward)."""
     import torch
-    import torch.nn.functional as F
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
 
     width = max((len(r) for r in responses), default=0)
     out = torch.zeros(len(responses), width)
     mask = torch.zeros(len(responses), width)
-    device = next(model.parameters()).device
+    weight, cap = lm_head(model)
+    device = weight.device
     with torch.no_grad():
         for b in range(0, len(prompts), batch_size):
-            seqs = [p + r for p, r in zip(prompts[b : b + batch_size], responses[b : b + batch_size])]
-            w = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), w), pad_id, dtype=torch.long)
-            att = torch.zeros_like(ids)
-            for i, s in enumerate(seqs):
-                ids[i, : len(s)], att[i, : len(s)] = torch.tensor(s), 1
-            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
-            logps = F.log_softmax(logits / temperature, dim=-1)
-            for i, (p, r) in enumerate(zip(prompts[b : b + batch_size], responses[b : b + batch_size])):
-                if r:
-                    pos = torch.arange(len(p) - 1, len(p) + len(r) - 1, device=logps.device)
-                    out[b + i, : len(r)] = logps[i, pos, torch.tensor(r, device=logps.device)].cpu()
-                    mask[b + i, : len(r)] = 1
+            ps, rs = prompts[b : b + batch_size], responses[b : b + batch_size]
+            ids, att = (t.to(device) for t in padded([p + r for p, r in zip(ps, rs)], pad_id))
+            hidden = backbone(model)(input_ids=ids, attention_mask=att).last_hidden_state
+            rows = [i for i, r in enumerate(rs) if r]
+            if not rows:
+                continue
+            pos = [torch.arange(len(ps[i]) - 1, len(ps[i]) + len(rs[i]) - 1) for i in rows]
+            picked = torch.cat([hidden[i, p.to(device)] for i, p in zip(rows, pos)])
+            targets = torch.tensor([t for i in rows for t in rs[i]], device=device)
+            with maybe_gather_lm_head_ctx(weight):
+                lp = token_logps(picked, weight, targets, cap, temperature).cpu()
+            for i, chunk in zip(rows, lp.split([len(rs[i]) for i in rows])):
+                out[b + i, : len(chunk)], mask[b + i, : len(chunk)] = chunk, 1
     return out, mask
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 
-from posttrain import registry
+from posttrain import dist, recorder, registry
 from posttrain.config import ConfigError, Recipe, launcher_file, load_recipe
 from posttrain.errors import STOPPED_EXIT
 from posttrain.files import link_tree
@@ -85,13 +86,20 @@ def run_stage(name: str, recipe: Recipe) -> Path:
 
     from posttrain.dist import check_process_count
     from posttrain.engines.trainer import tracking_env
+    from posttrain.logits import match_trl_tiles
+    from posttrain.modeling import resolve_device
 
     # `posttrain run` starts jobs ignoring SIGTERM; a stage dies on it until its training loop catches it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     module = stage_module(name)
     check_process_count(name)
     tracking_env(recipe.tracking, recipe.name, name, recipe.run_dir)
-    return module.main(recipe, parents_of(recipe, name))
+    match_trl_tiles(resolve_device())  # TRL's tiled LM-head kernels at this device's width
+    parents = parents_of(recipe, name)
+    if os.environ.get(recorder.ENV):  # the largest tensor the stage forms, for the real-shape tests
+        with recorder.largest_tensors(os.environ[recorder.ENV], f"{name}:{dist.rank()}"):
+            return module.main(recipe, parents)
+    return module.main(recipe, parents)
 
 
 def launch_command(recipe: Recipe, name: str, recipe_path: str, sets: list[str]) -> list[str]:
@@ -145,6 +153,7 @@ def run(opts: RunOptions) -> int:
     the exit code: 0, the failed stage's, 1 for a failed gate or a broken export, 75 when stopped by SIGTERM."""
     recipe = load_recipe(opts.recipe_path, list(opts.sets))
     stages, forced = selected_stages(recipe, opts)
+    print_plan_on_gpus(recipe)
     for name in stages:
         folder, want = recipe.run_dir / name, expected_hash(recipe, name)
         done = read_done(folder)
@@ -180,11 +189,28 @@ def run(opts: RunOptions) -> int:
     return 0
 
 
+def print_plan_on_gpus(recipe: Recipe) -> None:
+    """On a machine with GPUs: the recipe's memory plan for them (`posttrain plan`) before the first stage starts,
+    with a warning for each stage that would not fit."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from posttrain.plan import plan, render
+
+    gpus, memory = torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory
+    text, misfits = render(recipe, plan(recipe, gpus), gpus, memory)
+    print(text, flush=True)
+    for m in misfits:
+        print(f"[run] warning: {m}", file=sys.stderr)
+
+
 def launch(recipe: Recipe, name: str, cmd: list[str], stages: list[str]) -> int:
     """Start one stage's job and judge how it ended: its exit code, a failed gate, a SIGTERM, or an exported model
     that does not read back complete (then 1). 0 when the stage may hand over to the next."""
     folder = recipe.run_dir / name
-    rc, terminated = run_stage_process(cmd)
+    rc, terminated, peak = run_stage_process(cmd)
+    print(f"[run] {name}: peak memory {peak / 2**30:.2f} GiB (resident, the largest process of the stage)")
     if rc != 0:
         print_reports(recipe.run_dir, stages)
         if terminated:  # through `accelerate launch` the stage's own exit code (75) is not seen here
@@ -205,12 +231,11 @@ def launch(recipe: Recipe, name: str, cmd: list[str], stages: list[str]) -> int:
     return 0
 
 
-def run_stage_process(cmd: list[str]) -> tuple[int, bool]:
+def run_stage_process(cmd: list[str]) -> tuple[int, bool, int]:
     """Run a stage's job in its own process group and pass SIGTERM and SIGINT sent to `posttrain run` on to the
     whole group. Launchers in the group ignore SIGTERM (`accelerate launch` would die and orphan the stage); the
     stage restores the default and, while training, saves a checkpoint and stops. Returns (exit code, whether a
-    SIGTERM was passed on)."""
-    import os
+    SIGTERM was passed on, the peak resident memory in bytes of the job's largest process)."""
     import signal
     import subprocess
 
@@ -231,7 +256,11 @@ def run_stage_process(cmd: list[str]) -> tuple[int, bool]:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return child.wait(), terminated
+        _, status, usage = os.wait4(
+            child.pid, 0
+        )  # the child's own resource use, its waited-for children's too
+        child.returncode = os.waitstatus_to_exitcode(status)
+        return child.returncode, terminated, usage.ru_maxrss * 1024
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -26,3 +26,16 @@ def trl_gemma_template() -> str:
     import trl
 
     return (Path(trl.__file__).parent / "chat_templates" / "gemma.jinja").read_text()
+
+
+GEMMA_TOKENIZER = ROOT / ".cache" / "gemma-tokenizer"
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+    """The real Gemma tokenizer (256,000 entries), fetched by `make gemma-tokenizer` (which `make test` runs)."""
+    from transformers import AutoTokenizer
+
+    if not (GEMMA_TOKENIZER / "tokenizer.json").exists():
+        pytest.fail(f"{GEMMA_TOKENIZER} is missing: run `make gemma-tokenizer` (make test does it first)")
+    return AutoTokenizer.from_pretrained(str(GEMMA_TOKENIZER))

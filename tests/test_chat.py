@@ -210,3 +210,27 @@ def test_render_cli_reports_every_bad_line(tmp_path):
     assert out.returncode == 1 and out.stdout == ""
     assert f"{bad}:2: not valid JSON" in out.stderr
     assert f"{bad}:3, turn 2: expected a assistant turn" in out.stderr
+
+
+def test_real_gemma_tokenizer_has_gemmas_ids(gemma_tokenizer):
+    tok = gemma_tokenizer
+    assert len(tok) == 256000 and tok.is_fast
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
+    assert tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]) == [106, 107]
+
+
+@pytest.mark.parametrize("gen", [False, True])
+def test_renderer_with_the_real_gemma_tokenizer_gives_the_official_templates_ids(gen, gemma_tokenizer):
+    """Every golden conversation: the ids the renderer gives are those of the official template applied by the
+    real tokenizer, and the trained tokens decode to the model turns (each with its `<end_of_turn>`)."""
+    tok = gemma_tokenizer
+    for msgs in GOLDEN:
+        if gen and msgs[-1]["role"] != "user":
+            msgs = msgs[:-1]
+        ours = render(msgs, tok, add_generation_prompt=gen)
+        ref = tok.apply_chat_template(msgs, chat_template=gemma_chat_template(), add_generation_prompt=gen)
+        assert ours.input_ids == list(ref["input_ids"]), msgs
+        assert ours.input_ids.count(tok.bos_token_id) == 1 and ours.input_ids[0] == tok.bos_token_id
+        if not gen:
+            turns = [m["content"].strip() + "<end_of_turn>" for m in msgs if m["role"] == "assistant"]
+            assert trained_text(ours, tok) == turns, msgs

@@ -62,6 +62,23 @@ def test_sampling_split_in_parts_equals_sampling_whole(tiny_tokenizer):
     assert len({tuple(g.ids) for g in whole}) > 1  # really sampled
 
 
+def test_generation_leaves_the_callers_random_state_as_it_was(tiny_tokenizer):
+    """An evaluation inside a training run (greedy or sampled) must not reset the run's sampling state: the
+    numbers drawn after it are the ones drawn without it."""
+    model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=0)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    for temperature in (0.0, 1.0):
+        torch.manual_seed(123)
+        generate(
+            model,
+            tiny_tokenizer,
+            _prompts(tiny_tokenizer),
+            SamplingConfig(max_new_tokens=4, temperature=temperature),
+        )
+        assert torch.equal(torch.rand(4), expected), temperature
+
+
 @pytest.mark.stage
 def test_untrained_model_is_marked_truncated(tiny_tokenizer):
     model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=0)

@@ -32,14 +32,17 @@ from posttrain.config.sections import (
     DataConfig,
     DefectRates,
     DistillConfig,
+    DistillTrainConfig,
     Divergence,
     EvalConfig,
     FilterConfig,
     LoraSpec,
     MergeConfig,
     ModelSpec,
+    RewardTrainConfig,
     RLConfig,
     RLRun,
+    RLTrainConfig,
     RMConfig,
     SamplingConfig,
     TrackingConfig,
@@ -49,8 +52,8 @@ from posttrain.config.sections import (
 )
 
 __all__ = [
-    "IF_SET", "LAUNCHERS", "ChatConfig", "ConfigError", "DataConfig", "DefectRates", "DistillConfig", "Divergence",
-    "EvalConfig", "FilterConfig", "LoraSpec", "MergeConfig", "ModelSpec", "RLConfig", "RLRun", "RMConfig", "Recipe",
+    "IF_SET", "LAUNCHERS", "ChatConfig", "ConfigError", "DataConfig", "DefectRates", "DistillConfig", "DistillTrainConfig", "Divergence",
+    "EvalConfig", "FilterConfig", "LoraSpec", "MergeConfig", "ModelSpec", "RLConfig", "RLRun", "RLTrainConfig", "RMConfig", "Recipe", "RewardTrainConfig",
     "SamplingConfig", "TrackingConfig", "TrainConfig", "WorldConfig", "apply_overrides", "config_hash", "dump_yaml",
     "from_dict", "launcher_file", "launcher_processes", "load_raw", "load_recipe", "to_dict", "trl_key_problems",
 ]  # fmt: skip

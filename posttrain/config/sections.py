@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from posttrain.world import TASKS
 
@@ -33,7 +33,9 @@ class ModelSpec:
     """
 
     name_or_path: str | None = None
-    preset: Literal["tiny-student", "tiny-teacher", "tiny-rm"] | None = None
+    preset: (
+        Literal["tiny-student", "tiny-teacher", "tiny-rm", "real-shape-student", "real-shape-teacher"] | None
+    ) = None
     tokenizer: str | None = None
     revision: str | None = None
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -135,6 +137,11 @@ class TrainConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
     trl: dict[str, Any] = field(default_factory=dict)
 
+    TRL_CONFIG: ClassVar[str] = (
+        "SFTConfig"  # the TRL config class the stage builds (its `trl:` keys are checked)
+    )
+    TRL_OWNED: ClassVar[tuple[str, ...]] = ()  # more of its fields the stage sets itself
+
     def problems(self) -> list[str]:
         out = []
         for k in ("steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "length_buckets"):
@@ -155,8 +162,30 @@ class TrainConfig:
                 out.append("length_buckets: packed rows have no padding to save; set length_buckets: 1")
             if "train_sampling_strategy" in self.trl:
                 out.append("trl.train_sampling_strategy: length_buckets sets it; leave one of them out")
-        out += trl_key_problems(self.trl)
+        out += trl_key_problems(self.trl, self.TRL_CONFIG, self.TRL_OWNED)
         return out
+
+
+class RewardTrainConfig(TrainConfig):
+    """`rm.train`: its `trl:` keys are `trl.RewardConfig` fields."""
+
+    TRL_CONFIG = "RewardConfig"
+
+
+class DistillTrainConfig(TrainConfig):
+    """`distill.train`: its `trl:` keys are `trl.DistillationConfig` fields."""
+
+    TRL_CONFIG = "DistillationConfig"
+    TRL_OWNED = ("temperature", "top_p", "top_k", "max_completion_length", "beta")
+
+
+class RLTrainConfig(TrainConfig):
+    """`rlhf.train`: its `trl:` keys are `trl.RLOOConfig` fields (e.g. `ds3_gather_for_generation`,
+    `steps_per_generation`)."""
+
+    TRL_CONFIG = "RLOOConfig"
+    TRL_OWNED = ("temperature", "top_p", "top_k", "max_completion_length", "beta", "num_generations",
+                 "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "model_init_kwargs")  # fmt: skip
 
 
 # Fields the stage sets itself; setting them under `trl:` would silently fight the recipe's own keys.
@@ -168,18 +197,23 @@ _OWNED = {
 }  # fmt: skip
 
 
-def trl_key_problems(extra: dict[str, Any]) -> list[str]:
+def trl_key_problems(
+    extra: dict[str, Any], config_class: str = "SFTConfig", owned: tuple[str, ...] = ()
+) -> list[str]:
+    """Every `trl:` key that is not a field of the stage's TRL config class (with the closest field), or that the
+    stage sets from the recipe's own keys."""
     import trl
 
-    names = {f.name for f in dataclasses.fields(trl.SFTConfig)}
+    names = {f.name for f in dataclasses.fields(getattr(trl, config_class))}
     out = []
     for k in extra:
-        if k in _OWNED:
+        if k in _OWNED or k in owned:
             out.append(f"trl.{k}: set by the recipe's own key; set that instead")
         elif k not in names:
             close = difflib.get_close_matches(k, sorted(names), n=1)
             out.append(
-                f"trl.{k}: not a trl.SFTConfig field" + (f"; did you mean {close[0]!r}?" if close else "")
+                f"trl.{k}: not a trl.{config_class} field"
+                + (f"; did you mean {close[0]!r}?" if close else "")
             )
     return out
 
@@ -381,7 +415,9 @@ class DistillConfig:
     max_new_tokens: int = 64
     prompts: int = 0
     balance_tasks: bool = field(default=False, metadata=IF_SET)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, learning_rate=1e-6))
+    train: DistillTrainConfig = field(
+        default_factory=lambda: DistillTrainConfig(steps=200, learning_rate=1e-6)
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -434,7 +470,7 @@ class RMConfig:
     center_rewards_coefficient: float = 0.0
     min_accuracy: float = 0.9
     max_dropped_fraction: float = 0.05
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-5))
+    train: RewardTrainConfig = field(default_factory=lambda: RewardTrainConfig(learning_rate=1e-5))
 
     def problems(self) -> list[str]:
         out = []
@@ -490,12 +526,14 @@ class RLConfig:
     kl_coef: float = 0.05
     anchor: Literal["init", "ema"] = "init"
     ema_rate: float = 0.01
+    ema_sync_steps: int = field(default=1, metadata=IF_SET)
+    ema_dtype: Literal["fp32", "policy"] = field(default="fp32", metadata=IF_SET)
     samples_per_prompt: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 64
     prompts: int = 0
     balance_tasks: bool = field(default=False, metadata=IF_SET)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, learning_rate=1e-6))
+    train: RLTrainConfig = field(default_factory=lambda: RLTrainConfig(steps=100, learning_rate=1e-6))
     runs: dict[str, RLRun] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
@@ -508,6 +546,10 @@ class RLConfig:
             out.append(
                 f"train.batch_size × grad_accum ({self.train.batch_size} × {self.train.grad_accum}) must be a "
                 f"multiple of samples_per_prompt ({self.samples_per_prompt}): each prompt's k responses share a batch"
+            )
+        if self.ema_sync_steps < 1:
+            out.append(
+                f"ema_sync_steps: {self.ema_sync_steps} must be at least 1 (optimizer steps between moves)"
             )
         for name, run in self.resolved().items():
             if not name or any(c in name for c in "/\\ ") or name.startswith("."):

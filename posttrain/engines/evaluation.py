@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import statistics
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,14 @@ from posttrain import world
 from posttrain.config import ModelSpec, Recipe, SamplingConfig
 from posttrain.data.jsonl import read_split
 from posttrain.generation import generate, prompt_ids, world_eval
-from posttrain.modeling import load_causal_lm, load_reward_model, load_tokenizer, set_inference_window
+from posttrain.modeling import (
+    frozen_device,
+    gathered,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    set_inference_window,
+)
 from posttrain.outputs import Parents
 from posttrain.probes import load as load_probes
 from posttrain.reward import score_ids
@@ -29,13 +37,16 @@ def world_scorer(recipe: Recipe, tokenizer, eval_rows: list[dict], stage: str):
     """model → the world evaluation (None off the built-in world), printed."""
     on_world = recipe.data.source == "world" and eval_rows and all("task" in r for r in eval_rows)
 
-    def evaluate(model) -> dict | None:
+    def evaluate(model, gather: bool = True) -> dict | None:
+        """`gather`: under ZeRO-3, gather the model whole while it generates (off for a frozen model wrapped in
+        a DeepSpeed engine, which gathers a layer at a time)."""
         if not on_world:
             return None
         was_training = model.training
         model.eval()
-        res = world_eval(model, tokenizer, eval_rows, recipe.chat, recipe.world.assistant_name,
-                         recipe.eval.max_new_tokens, recipe.eval.batch_size)  # fmt: skip
+        with gathered(model) if gather else nullcontext():
+            res = world_eval(model, tokenizer, eval_rows, recipe.chat, recipe.world.assistant_name,
+                             recipe.eval.max_new_tokens, recipe.eval.batch_size)  # fmt: skip
         model.train(was_training)
         print(
             f"[{stage}] world score {res['score']:.3f} "
@@ -52,17 +63,21 @@ def policy_figures(
 ) -> dict[str, Any]:  # fmt: skip
     """On `rows`' prompts, the policy samples one response each (plain temperature): the mean RM reward of those
     responses, KL(π ‖ π_ref) estimated on them (k1 and k3, per sequence), their length and truncation rate
-    (and each response's reward under "rewards" with `keep_rewards`)."""
+    (and each response's reward under "rewards" with `keep_rewards`). Under ZeRO-3 the policy is gathered
+    whole while it samples; the reference and the RM score through their DeepSpeed engines."""
     prompts = [
         prompt_ids(r["messages"], tokenizer, chat, max_new_tokens, str(r.get("id", "?"))) for r in rows
     ]
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
                          batch_size=batch_size, engine="hf")  # fmt: skip
-    gens = generate(policy, tokenizer, prompts, cfg, seed=seed)
+    with gathered(policy):
+        gens = generate(policy, tokenizer, prompts, cfg, seed=seed)
     end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     responses = [g.ids + ([] if g.truncated else [end]) for g in gens]
-    logp, mask = sequence_logps(policy, prompts, responses, temperature, tokenizer.pad_token_id)
-    ref_logp, _ = sequence_logps(reference, prompts, responses, temperature, tokenizer.pad_token_id)
+    logp, mask = sequence_logps(policy, prompts, responses, temperature, tokenizer.pad_token_id, batch_size)
+    ref_logp, _ = sequence_logps(
+        reference, prompts, responses, temperature, tokenizer.pad_token_id, batch_size
+    )
     kl = kl_estimates(logp, ref_logp, mask)
     out = {"kl": kl["k1_seq"], "kl_k3": kl["k3_seq"],
            "length": sum(len(g.ids) for g in gens) / max(len(gens), 1),
@@ -84,10 +99,12 @@ def evaluate_models(
     policy (`parents`' `sft`), win rate against the compared model, probes."""
     sft_spec = parents.model("sft", recipe.model)
     tokenizer = load_tokenizer(sft_spec)
-    sft = load_causal_lm(sft_spec, tokenizer).eval()
+    sft = load_causal_lm(sft_spec, tokenizer, device=frozen_device(1)).eval()  # each on a GPU of its own
     rm = None
     if "rm" in parents.folders:
-        rm = load_reward_model(parents.model("rm", recipe.reward_model), tokenizer).eval()
+        rm = load_reward_model(
+            parents.model("rm", recipe.reward_model), tokenizer, device=frozen_device(2)
+        ).eval()
     eval_rows = read_split(parents.split("data", "eval"))
     world_eval = world_scorer(recipe, tokenizer, eval_rows, "eval")
     probes = load_probes() if recipe.data.source == "world" else None

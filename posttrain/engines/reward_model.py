@@ -71,9 +71,21 @@ def _span(mask: list[int]) -> tuple[int, int]:
     return start, start + sum(mask)
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: Any):
+def reward_args(recipe: Recipe, folder: Any):
+    """TRL's RewardConfig for the stage, checkpoints in `folder/checkpoints`."""
+    import trl
+
+    cfg = recipe.rm
+    bf16 = trains_in_bf16((recipe.reward_model or ModelSpec()).dtype)
+    common = trainer_args(cfg.train, folder / "checkpoints", recipe.seed_for("rm"), bf16, recipe.tracking.wandb,
+                          f"{recipe.name}/rm")  # fmt: skip
+    return trl.RewardConfig(**common, max_length=None, **cfg.train.trl)
+
+
+def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: Any, args=None):
     """TRL's RewardTrainer on tokenised pairs (`tokenize_pairs`), its loss `posttrain.reward.bt_loss` read at the
-    last real token, checkpoints in `out.path/checkpoints`, one line per logged step into `out.log`."""
+    last real token, checkpoints in `out.path/checkpoints`, one line per logged step into `out.log`. `args`:
+    `reward_args`' (built first by the stage, so that its model is created under them)."""
     import trl
     from datasets import Dataset
 
@@ -120,10 +132,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: A
             # processes' gradients are averaged: × their number gives the sum over pairs / all the step's pairs
             return loss * (len(r_c) * self.accelerator.num_processes / num_items_in_batch)
 
-    bf16 = trains_in_bf16((recipe.reward_model or ModelSpec()).dtype)
-    common = trainer_args(cfg.train, out.path / "checkpoints", recipe.seed_for("rm"), bf16, recipe.tracking.wandb,
-                          f"{recipe.name}/rm")  # fmt: skip
-    args = trl.RewardConfig(**common, max_length=None, **cfg.train.trl)
+    args = args if args is not None else reward_args(recipe, out.path)
     ds = Dataset.from_dict({k: [e[k] for e in train_ex] for k in ("chosen_ids", "rejected_ids")})
     pair_lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in train_ex]
     trainer = BTRewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)

@@ -150,8 +150,10 @@ def run_sft(
         n_trained = sum(sum(x != -100 for x in e["labels"]) for e in train_ex)
         print(f"[{stage}] {len(train_ex)} training conversations from {parents.folders[source]}: {n_tok} tokens, "
               f"{n_trained} trained ({n_trained / max(n_tok, 1):.0%})")  # fmt: skip
-        # --- models
-        model = load_causal_lm(spec, tokenizer, seed=seed)
+        # --- models (after the trainer's config: under ZeRO-3 it makes them partitioned from the start)
+        args = sft_args(cfg, out.path / "checkpoints", seed, recipe.chat.max_length, trains_in_bf16(spec.dtype),
+                        recipe.tracking.wandb, f"{recipe.name}/{stage}")  # fmt: skip
+        model = load_causal_lm(spec, tokenizer, seed=seed, trainable=True)
         print(f"[{stage}] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
         if world_size() > 1 and is_main():
             print(f"[{stage}] data parallel over {world_size()} processes: global batch "
@@ -159,8 +161,6 @@ def run_sft(
         evaluate = world_scorer(recipe, tokenizer, eval_rows, stage)
         before = evaluate(model)
         # --- train
-        args = sft_args(cfg, out.path / "checkpoints", seed, recipe.chat.max_length, trains_in_bf16(spec.dtype),
-                        recipe.tracking.wandb, f"{recipe.name}/{stage}")  # fmt: skip
         trainer = make_trainer(model, tokenizer, to_dataset(train_ex), to_dataset(eval_ex) if eval_ex else None,
                                cfg, args, out.log)  # fmt: skip
         result = train_resuming(

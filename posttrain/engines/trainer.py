@@ -311,6 +311,17 @@ def finalize(trainer, cfg: TrainConfig):
     return model
 
 
+def frozen_for_inference(model, trainer):
+    """A frozen model used beside a trainer (the RM in RL, a fixed reference): under DeepSpeed prepared by TRL's
+    `prepare_deepspeed` — with ZeRO-3 it stays partitioned and its forward gathers a layer at a time; with ZeRO-2
+    or less it is whole on each GPU — else returned as it is. None stays None."""
+    if model is None or not getattr(trainer, "is_deepspeed_enabled", False):
+        return model
+    from trl.models.utils import prepare_deepspeed
+
+    return prepare_deepspeed(model, trainer.accelerator)
+
+
 def save_trained(trainer, model, tokenizer, folder: Path, checkpoints: Path | None = None) -> bool:
     """The end of a training run: under DeepSpeed ZeRO-3 every process takes part in gathering the weights; the
     main process saves `model` (the trained one, `finalize`d) with its tokenizer into `folder`, reads it back to

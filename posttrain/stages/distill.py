@@ -77,16 +77,18 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         table = prompt_table(rows, tokenizer, recipe.chat, cfg.max_new_tokens, fixed=True)
         print(f"[distill] {len(table)} training prompts from {parents.folders['generate']}; on-policy fraction "
               f"{cfg.on_policy_fraction}")  # fmt: skip
-        # --- models
-        student = load_causal_lm(student_spec, tokenizer, seed=seed)
+        # --- models (after the trainer's config: under ZeRO-3 it makes them partitioned from the start)
+        args = distill_args(recipe, out.path)
+        student = load_causal_lm(student_spec, tokenizer, seed=seed, trainable=True)
         teacher = load_causal_lm(t_spec, t_tok, seed=seed).eval().requires_grad_(False)
         print(
             f"[distill] student {count_parameters(student):,} parameters, teacher {count_parameters(teacher):,}"
         )
         evaluate = world_scorer(recipe, tokenizer, eval_rows, "distill")
-        before, teacher_eval = evaluate(student), evaluate(teacher)
-        # --- train
-        trainer = build_trainer(recipe, student, teacher, tokenizer, table, out.path, out.log, evaluate)
+        before = evaluate(student)
+        # --- train (the trainer prepares the frozen teacher for ZeRO-3 inference)
+        trainer = build_trainer(recipe, args, student, teacher, tokenizer, table, out.log, evaluate)
+        teacher_eval = evaluate(trainer.teacher_model, gather=False)
         result = train_resuming(trainer, out.path / "checkpoints", out.path / "metrics.jsonl", "distill",
                                 out.resumed)  # fmt: skip
         student = trainer.model.eval()
@@ -107,23 +109,31 @@ def main(recipe: Recipe, parents: Parents) -> Path:
     return out.final
 
 
-def build_trainer(recipe: Recipe, student, teacher, tokenizer, table: dict[str, dict], folder: Path, log,
-                  evaluate):  # fmt: skip
+def distill_args(recipe: Recipe, folder: Path):
+    """TRL's DistillationConfig for the stage (checkpoints in `folder/checkpoints`)."""
+    import trl
+
+    from posttrain.distill import beta_of
+    from posttrain.engines.rollouts import rollout_args
+    from posttrain.modeling import trains_in_bf16
+
+    cfg = recipe.distill
+    return rollout_args(trl.DistillationConfig, cfg.train, folder, recipe.seed_for("distill"),
+                        trains_in_bf16(recipe.model.dtype), recipe.tracking.wandb, f"{recipe.name}/distill",
+                        cfg.temperature, cfg.max_new_tokens, beta=beta_of(cfg.divergence, cfg.beta))  # fmt: skip
+
+
+def build_trainer(recipe: Recipe, args, student, teacher, tokenizer, table: dict[str, dict], log, evaluate):
     """TRL's DistillationTrainer over the prompt table, one line per logged step into `log`, the world score every
-    `train.eval_steps` (`evaluate`), checkpoints in `folder/checkpoints`."""
+    `train.eval_steps` (`evaluate`)."""
     import trl
     from datasets import Dataset
 
-    from posttrain.distill import beta_of
     from posttrain.engines.distillation import mixed_policy_trainer
-    from posttrain.engines.rollouts import prompt_keys, rollout_args
+    from posttrain.engines.rollouts import prompt_keys
     from posttrain.engines.trainer import use_step_lines, world_eval_callback
-    from posttrain.modeling import trains_in_bf16
 
     cfg, seed = recipe.distill, recipe.seed_for("distill")
-    args = rollout_args(trl.DistillationConfig, cfg.train, folder, seed, trains_in_bf16(recipe.model.dtype),
-                        recipe.tracking.wandb, f"{recipe.name}/distill", cfg.temperature, cfg.max_new_tokens,
-                        beta=beta_of(cfg.divergence, cfg.beta))  # fmt: skip
     trainer = mixed_policy_trainer(trl.DistillationTrainer)(
         model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_dict({"prompt": prompt_keys(table, cfg.balance_tasks, seed)}),

@@ -35,7 +35,7 @@ def stage_config(recipe: Recipe) -> dict[str, Any]:
 
 def main(recipe: Recipe, parents: Parents) -> Path:
     from posttrain.engines.evaluation import policy_figures, world_scorer
-    from posttrain.modeling import load_causal_lm, load_reward_model, load_tokenizer
+    from posttrain.modeling import frozen_device, load_causal_lm, load_reward_model, load_tokenizer
     from posttrain.plots import reward_kl_plot
 
     cfg = recipe.merge
@@ -50,8 +50,12 @@ def main(recipe: Recipe, parents: Parents) -> Path:
             raise ConfigError([f"stage merge: no finished RL run in {rl_dir}"])
         init = parents.model(recipe.rl_start(), recipe.model)
         tokenizer = load_tokenizer(init)
-        reference = load_causal_lm(init, tokenizer).eval()
-        rm = load_reward_model(parents.model("rm", recipe.reward_model), tokenizer).eval()
+        reference = load_causal_lm(
+            init, tokenizer, device=frozen_device(1)
+        ).eval()  # each on a GPU of its own
+        rm = load_reward_model(
+            parents.model("rm", recipe.reward_model), tokenizer, device=frozen_device(2)
+        ).eval()
         eval_rows = read_split(parents.split("data", "eval"))
         evaluate = world_scorer(recipe, tokenizer, eval_rows, "merge")
         rl = recipe.rlhf

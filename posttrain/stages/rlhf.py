@@ -45,7 +45,7 @@ def stage_config(recipe: Recipe) -> dict[str, Any]:
 
 def main(recipe: Recipe, parents: Parents) -> Path:
     from posttrain.engines.rollouts import prompt_table
-    from posttrain.modeling import load_reward_model, load_tokenizer
+    from posttrain.modeling import load_tokenizer
 
     if recipe.rlhf is None:
         raise ConfigError(["stage rlhf: the recipe has no 'rlhf:' section"])
@@ -62,16 +62,12 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         eval_rows = read_split(parents.split("data", "eval"))
         table = prompt_table(rows, tokenizer, recipe.chat, recipe.rlhf.max_new_tokens)
         print(f"[rlhf] start: {recipe.rl_start()} ({start.name_or_path}); {len(table)} training prompts")
-        # --- models: the reward (each run loads its own policy)
-        rm = None
-        if recipe.rlhf.reward == "rm":
-            rm = load_reward_model(parents.model("rm", recipe.reward_model), tokenizer).eval()
-            rm.requires_grad_(False)
-        else:
+        # --- models and training: each run loads its policy and reward model after its trainer's config
+        rm = parents.model("rm", recipe.reward_model) if recipe.rlhf.reward == "rm" else None
+        if rm is None:
             print("[rlhf] reward: the world's verifiers (1 right, 0 wrong), no reward model")
-        # --- train: every run from the same start
         summary = {}
-        for name, cfg in recipe.rlhf.resolved().items():
+        for name, cfg in recipe.rlhf.resolved().items():  # every run from the same start
             folder = out.path / name
             if (folder / "RUN_DONE").exists():
                 print(f"[rlhf] run {name}: finished earlier, kept")
@@ -84,20 +80,32 @@ def main(recipe: Recipe, parents: Parents) -> Path:
     return out.final
 
 
-def train_run(recipe: Recipe, name: str, cfg: RLConfig, start: ModelSpec, tokenizer, rm, table: dict[str, dict],
-              eval_rows: list[dict], folder: Path, out: StageOutput) -> None:  # fmt: skip
-    """One RL run from `start` into `folder`: figures before, training, figures after, the model and its curves."""
+def train_run(recipe: Recipe, name: str, cfg: RLConfig, start: ModelSpec, tokenizer, rm_spec: ModelSpec | None,
+              table: dict[str, dict], eval_rows: list[dict], folder: Path, out: StageOutput) -> None:  # fmt: skip
+    """One RL run from `start` into `folder`: figures before, training, figures after, the model and its curves.
+    The trainer's config comes first, so that under ZeRO-3 every model is created partitioned: the policy, the RM
+    (then prepared for ZeRO-3 inference) and TRL's own reference — the KL anchor, and the start the figures'
+    KL is measured against (with `anchor: ema`, whose reference moves, a frozen copy of the start instead)."""
     from posttrain.engines.evaluation import policy_figures, world_scorer
-    from posttrain.engines.trainer import save_trained, train_resuming
-    from posttrain.modeling import load_causal_lm
+    from posttrain.engines.trainer import frozen_for_inference, save_trained, train_resuming
+    from posttrain.modeling import load_causal_lm, load_reward_model
     from posttrain.plots import curves_plot
 
     seed = recipe.rlhf.seed_of(name, recipe.seed_for("rlhf"))
     folder.mkdir(parents=True, exist_ok=True)
     log = run_log(out, name, folder / "metrics.jsonl")
-    policy = load_causal_lm(start, tokenizer, seed=seed)
-    reference = load_causal_lm(start, tokenizer, seed=seed).eval().requires_grad_(False)
+    args = rloo_args(recipe, name, cfg, folder)
+    policy = load_causal_lm(start, tokenizer, seed=seed, trainable=True)
+    rm = load_reward_model(rm_spec, tokenizer).eval().requires_grad_(False) if rm_spec else None
     evaluate = world_scorer(recipe, tokenizer, eval_rows, f"rlhf/{name}")
+    trainer = build_trainer(recipe, name, cfg, args, policy, tokenizer, rm, table, log, evaluate)
+    rm = frozen_for_inference(rm, trainer)
+    trainer.use_reward_model(rm)
+    reference = trainer.ref_model
+    if cfg.anchor == "ema":
+        reference = frozen_for_inference(
+            load_causal_lm(start, tokenizer).eval().requires_grad_(False), trainer
+        )
 
     def figures(model) -> dict:
         f = policy_figures(model, reference, rm, tokenizer, eval_rows, recipe.chat, cfg.max_new_tokens,
@@ -109,7 +117,6 @@ def train_run(recipe: Recipe, name: str, cfg: RLConfig, start: ModelSpec, tokeni
     before = figures(policy)
     print(f"[rlhf/{name}] kl_coef {cfg.kl_coef}, anchor {cfg.anchor}, seed {seed}; start: RM reward "
           f"{_num(before.get('reward'))}, world {_num(before['world_score'])}")  # fmt: skip
-    trainer = build_trainer(recipe, name, cfg, policy, tokenizer, rm, table, folder, log, evaluate)
     train_resuming(trainer, folder / "checkpoints", folder / "metrics.jsonl", f"rlhf/{name}")
     policy = trainer.model.eval()
     after = figures(policy)
@@ -135,22 +142,32 @@ def train_run(recipe: Recipe, name: str, cfg: RLConfig, start: ModelSpec, tokeni
           f"{after['kl']:.3f}, world {_num(before['world_score'])} → {_num(after['world_score'])}")  # fmt: skip
 
 
-def build_trainer(recipe: Recipe, name: str, cfg: RLConfig, policy, tokenizer, rm, table: dict[str, dict],
-                  folder: Path, log, evaluate):  # fmt: skip
-    """TRL's RLOOTrainer for run `name` over the prompt table, rewarded by `rm` (or the world's verifiers), one
-    line per logged step into `log`, the world score every `train.eval_steps`, checkpoints in `folder`."""
+def rloo_args(recipe: Recipe, name: str, cfg: RLConfig, folder: Path):
+    """TRL's RLOOConfig for run `name` (checkpoints in `folder/checkpoints`)."""
     import trl
-    from datasets import Dataset
 
-    from posttrain.engines.rloo import reward_function, rloo_extra, rloo_trainer
-    from posttrain.engines.rollouts import prompt_keys, rollout_args
-    from posttrain.engines.trainer import use_step_lines, world_eval_callback
+    from posttrain.engines.rloo import rloo_extra
+    from posttrain.engines.rollouts import rollout_args
     from posttrain.modeling import trains_in_bf16
 
     seed = recipe.rlhf.seed_of(name, recipe.seed_for("rlhf"))
-    args = rollout_args(trl.RLOOConfig, cfg.train, folder, seed, trains_in_bf16(recipe.model.dtype),
+    return rollout_args(trl.RLOOConfig, cfg.train, folder, seed, trains_in_bf16(recipe.model.dtype),
                         recipe.tracking.wandb, f"{recipe.name}/rlhf/{name}", cfg.temperature, cfg.max_new_tokens,
                         **rloo_extra(cfg))  # fmt: skip
+
+
+def build_trainer(recipe: Recipe, name: str, cfg: RLConfig, args, policy, tokenizer, rm, table: dict[str, dict],
+                  log, evaluate):  # fmt: skip
+    """TRL's RLOOTrainer for run `name` over the prompt table, rewarded by `rm` (or the world's verifiers), one
+    line per logged step into `log`, the world score every `train.eval_steps`."""
+    import trl
+    from datasets import Dataset
+
+    from posttrain.engines.rloo import reward_function, rloo_trainer
+    from posttrain.engines.rollouts import prompt_keys
+    from posttrain.engines.trainer import use_step_lines, world_eval_callback
+
+    seed = recipe.rlhf.seed_of(name, recipe.seed_for("rlhf"))
     reward = reward_function(rm, tokenizer, table, recipe.world.assistant_name, cfg.max_new_tokens)
     trainer = rloo_trainer(trl.RLOOTrainer)(
         model=policy, reward_funcs=[reward], args=args, processing_class=tokenizer,

@@ -88,9 +88,10 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         evaluate,
         head_only,
         likelihood_ranking,
+        reward_args,
     )
     from posttrain.engines.trainer import save_trained, train_resuming
-    from posttrain.modeling import count_parameters, grow_layers, load_reward_model, load_tokenizer
+    from posttrain.modeling import count_parameters, gathered, grow_layers, load_reward_model, load_tokenizer
 
     cfg, seed = recipe.rm, recipe.seed_for("rm")
     # --- config & logging
@@ -102,24 +103,28 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         tokenizer = load_tokenizer(spec)
         # --- data
         train_ex, eval_ex, counts = pairs_for_training(recipe, parents, tokenizer, out)
+        # --- model (after the trainer's config: under ZeRO-3 it is created partitioned)
+        args = reward_args(recipe, out.path)
         prefix = check_model_turns(train_ex + eval_ex, tokenizer) if cfg.likelihood_weight else None
-        # --- model
-        model = grow_layers(load_reward_model(spec, tokenizer, seed=seed), cfg.extra_layers, seed)
+        model = load_reward_model(spec, tokenizer, seed=seed, trainable=True)
+        model = grow_layers(model, cfg.extra_layers, seed)
         if prefix:  # kept in the model's config: RL, the merge and eval score with it too
             model.config.posttrain_likelihood_weight = cfg.likelihood_weight
             model.config.posttrain_response_prefix = prefix
         print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
-        before = evaluate(model, eval_ex, tokenizer)
-        head = head_only(model, eval_ex, tokenizer) if prefix else None  # the new head's share: a coin
-        # the LM the RM starts from (its added layers are the identity): how its likelihood ranks the pairs
-        lm_rank = likelihood_ranking(model, eval_ex, tokenizer) if cfg.init_from else None
+        with gathered(model):
+            before = evaluate(model, eval_ex, tokenizer)
+            head = head_only(model, eval_ex, tokenizer) if prefix else None  # the new head's share: a coin
+            # the LM the RM starts from (its added layers are the identity): how its likelihood ranks the pairs
+            lm_rank = likelihood_ranking(model, eval_ex, tokenizer) if cfg.init_from else None
         # --- train
-        trainer = build_trainer(recipe, model, tokenizer, train_ex, out)
+        trainer = build_trainer(recipe, model, tokenizer, train_ex, out, args)
         result = train_resuming(
             trainer, out.path / "checkpoints", out.path / "metrics.jsonl", "rm", out.resumed
         )
         model = trainer.model.eval()
-        after = evaluate(model, eval_ex, tokenizer)
+        with gathered(model):
+            after = evaluate(model, eval_ex, tokenizer)
         # --- save, then the gate
         report = {"pairs": counts, "untrained": before, "held_out": after, "min_accuracy": cfg.min_accuracy,
                   "starting_lm_likelihood": lm_rank, "likelihood_weight": cfg.likelihood_weight,

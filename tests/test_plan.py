@@ -1,0 +1,77 @@
+"""`posttrain plan`: parameter counts from the models' configurations on the meta device, the published Gemma 2
+recipes fitting 8 × 80 GB GPUs by their own plan, a stage that does not fit naming its key, and the plan of a
+training step against its measured peak memory on this CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from posttrain import plan
+from posttrain.config import ModelSpec, TrainConfig, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+GEMMA = str(ROOT / ".cache" / "gemma-tokenizer")
+
+
+@pytest.mark.parametrize(
+    "size, published", [("2b", 2_614_341_888), ("9b", 9_241_705_984), ("27b", 27_227_128_320)]
+)
+def test_the_shipped_configs_give_the_published_parameter_counts(size, published):
+    for name in (f"google/gemma-2-{size}", f"google/gemma-2-{size}-it"):
+        shape = plan.shape_of(ModelSpec(name_or_path=name))
+        assert shape.params == published and shape.vocab == 256_000
+
+
+@pytest.mark.parametrize("preset", ["tiny-student", "tiny-rm", "real-shape-student", "real-shape-teacher"])
+def test_the_plan_counts_what_the_built_model_has(preset, tiny_tokenizer, gemma_tokenizer):
+    from posttrain.modeling import count_parameters, load_causal_lm
+
+    tok = gemma_tokenizer if preset.startswith("real") else tiny_tokenizer
+    spec = ModelSpec(preset=preset, tokenizer=GEMMA if preset.startswith("real") else "tiny")
+    assert plan.shape_of(spec).params == count_parameters(load_causal_lm(spec, tok))
+
+
+@pytest.mark.parametrize("size", ["2b", "9b", "27b"])
+def test_every_gemma2_recipe_fits_eight_80_gb_gpus_by_its_own_plan(size):
+    recipe = load_recipe(ROOT / f"recipes/gemma2-{size}/pipeline.yaml")
+    plans = plan.plan(recipe, 8)
+    text, misfits = plan.render(recipe, plans, 8, 80 * plan.GiB)
+    assert misfits == [], misfits
+    sft = next(p for p in plans if p.stage == "sft")
+    assert sft.launch.zero == 3 and any("/N" in what for what, _, _ in sft.parts)  # the sharded model state
+    assert "| sft | " in text and "Disk:" in text
+
+
+def test_a_stage_that_does_not_fit_says_what_to_change():
+    recipe = load_recipe(ROOT / "recipes/gemma2-9b/pipeline.yaml")
+    _, misfits = plan.render(recipe, plan.plan(recipe, 8), 8, 24 * plan.GiB)
+    assert any(m.startswith("stage rm:") and "set launchers.rm: zero3-offload" in m for m in misfits), misfits
+    assert any(m.startswith("stage rlhf:") and "rlhf.train.batch_size" in m for m in misfits), misfits
+
+
+def test_the_plan_cli_exits_1_when_a_stage_does_not_fit():
+    cmd = [sys.executable, "-m", "posttrain", "plan", "recipes/gemma2-2b/pipeline.yaml", "--gpus", "8"]
+    ok = subprocess.run(cmd + ["--gpu-memory", "80"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and "| sft | zero3 (8) |" in ok.stdout, ok.stderr
+    small = subprocess.run(cmd + ["--gpu-memory", "16"], cwd=ROOT, capture_output=True, text=True)
+    assert small.returncode == 1 and "posttrain plan: stage" in small.stderr
+
+
+@pytest.mark.stage
+@pytest.mark.parametrize("rows, seq", [(64, 64), pytest.param(16, 64, marks=pytest.mark.slow),
+                                       pytest.param(32, 256, marks=pytest.mark.slow)])  # fmt: skip
+def test_a_training_steps_plan_agrees_with_its_measured_peak_memory(rows, seq, gemma_tokenizer):
+    """Within 25% (the plan's stated margin on this CPU), real tokenizer, real-shape student."""
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_probe.py"), str(rows), str(seq), GEMMA],
+                         cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+    shape = plan.shape_of(ModelSpec(preset="real-shape-student", tokenizer=GEMMA))
+    parts = plan.trained(shape, plan.Launch("cpu", 1, device="cpu"), TrainConfig(batch_size=rows), seq, "sft")
+    planned = sum(b for _, b, _ in parts)
+    assert abs(measured - planned) <= 0.25 * planned, (measured / 2**20, planned / 2**20)
