@@ -122,14 +122,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
+def _validated_rows(args: argparse.Namespace) -> tuple[list, list[str]]:
+    """The rows of `args.file` (a JSONL file, or with `--split` a dataset's split) and every bad row's reason."""
     from posttrain.data.formats import validate_lines
+    from posttrain.data.sources import hf_rows
 
+    if args.split:
+        return hf_rows(args.file, args.split, args.format, args.system, args.rows)
     try:
         with open(args.file, encoding="utf-8") as f:
-            rows, errors = validate_lines(f, args.file, args.format, args.system)
+            return validate_lines(f, args.file, args.format, args.system)
     except UnicodeDecodeError as e:
-        rows, errors = [], [f"{args.file}: not UTF-8 text ({e.reason} at byte {e.start})"]
+        return [], [f"{args.file}: not UTF-8 text ({e.reason} at byte {e.start})"]
+    except OSError as e:
+        return [], [f"{args.file}: cannot read it ({e.strerror}); with --split it names a dataset"]
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    rows, errors = _validated_rows(args)
     if args.tokenizer and rows:
         from posttrain.chat import ChatFormatError
         from posttrain.config import ChatConfig, ModelSpec
@@ -188,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _data_verbs(sub) -> None:
     """render, validate: what a data file becomes, and what is wrong with it."""
     from posttrain.config import ChatConfig
+    from posttrain.data.formats import FORMATS
 
     chat = ChatConfig()  # the recipe's defaults, here as on every path
     r = sub.add_parser("render", help="conversations (JSONL) → text, input_ids, loss_mask per line")
@@ -201,9 +212,16 @@ def _data_verbs(sub) -> None:
     r.add_argument("--pretty", action="store_true", help="show the text with trained tokens marked [[…]]")
     r.set_defaults(func=_cmd_render)
 
-    v = sub.add_parser("validate", help="check a data file; every bad row as file:line: reason")
-    v.add_argument("file")
-    v.add_argument("--format", choices=["conversations", "prompts", "preferences"], default="conversations")
+    v = sub.add_parser(
+        "validate", help="check a data file or dataset split; every bad row as file:line: reason"
+    )
+    v.add_argument(
+        "file", help="a JSONL file, or with --split a Hugging Face dataset (hub id or local folder)"
+    )
+    v.add_argument("--format", choices=list(FORMATS), default="conversations",
+                   help="ours or TRL's standard formats (data/README.md)")  # fmt: skip
+    v.add_argument("--split", help="FILE is a dataset: check this split (rows named dataset:split:row)")
+    v.add_argument("--rows", type=int, help="with --split: only the first ROWS rows (streamed)")
     v.add_argument("--system", choices=_choices(ChatConfig, "system"), default=chat.system)
     v.add_argument(
         "--tokenizer", help="also check lengths after rendering with this tokenizer ('tiny', folder, id)"

@@ -274,7 +274,11 @@ class DataConfig:
     """Training and evaluation data for the pipeline.
 
     source: `world` (the built-in tasks, see `world:`), `jsonl` (local files) or `hf` (a dataset name).
-    train / eval: JSONL paths or a dataset name (eval may be omitted: `eval_fraction` of train is held out).
+    train / eval: JSONL paths or a dataset name (eval may be omitted: `eval_fraction` of train is held out); rows
+    in our `conversations` format or TRL's (`messages`, or `prompt` and `completion`; data/README.md).
+    hf_train_split / hf_eval_split: the splits read from the dataset(s) with `source: hf`.
+    max_bad_fraction: bad rows (not JSON, a wrong format, broken turns) are dropped and counted while they are at
+    most this fraction of a split; above it, or with the default 0 at any bad row, the stage fails listing them.
     max_dropped_fraction: above this fraction of rows dropped for length, the data stage fails.
     """
 
@@ -284,6 +288,7 @@ class DataConfig:
     hf_train_split: str = "train"
     hf_eval_split: str = "test"
     eval_fraction: float = 0.05
+    max_bad_fraction: float = field(default=0.0, metadata=IF_SET)
     max_dropped_fraction: float = 0.05
     filters: FilterConfig = field(default_factory=FilterConfig)
 
@@ -291,8 +296,9 @@ class DataConfig:
         out = []
         if self.source != "world" and not self.train:
             out.append(f"train: source '{self.source}' needs 'train' (a JSONL path or a dataset name)")
-        if not 0.0 <= self.max_dropped_fraction <= 1.0:
-            out.append(f"max_dropped_fraction: {self.max_dropped_fraction} must be between 0 and 1")
+        for key in ("max_bad_fraction", "max_dropped_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                out.append(f"{key}: {getattr(self, key)} must be between 0 and 1")
         if not 0.0 < self.eval_fraction < 0.5:
             out.append(f"eval_fraction: {self.eval_fraction} must be between 0 and 0.5")
         return out
@@ -403,8 +409,13 @@ class RMConfig:
     """The `rm:` section.
 
     source: `policy` builds pairs by sampling `samples_per_prompt` responses per prompt from the SFT policy and
-    judging them with the world's verifiers (built-in world only); `jsonl` / `hf` read `prompt`/`chosen`/`rejected`
-    rows from `train` (and `eval`, else `eval_fraction` of train is held out).
+    judging them with the world's verifiers (built-in world only); `jsonl` / `hf` read preference rows from
+    `train_file` (and `eval_file`, else `eval_fraction` of train is held out): ours or TRL's preference format,
+    explicit or implicit prompt, conversational or plain text (data/README.md).
+    hf_train_split / hf_eval_split: (hf source) the splits read, e.g. `train_prefs` and `test_prefs`; for a held-out
+    split of the same dataset set `eval_file` to the dataset's name too.
+    max_bad_fraction: bad rows are dropped and counted while they are at most this fraction of a split (default 0:
+    any bad row stops the stage, listing them).
     include_gold: (policy source) the world's gold response is one of the candidates.
     balance_tasks: (policy source) the `prompts` training prompts are drawn with equal weight per task family (the
     rows' `task`), as the held-out pairs are; a rare family's prompts are drawn more than once.
@@ -419,6 +430,9 @@ class RMConfig:
     source: Literal["policy", "jsonl", "hf"] = "policy"
     train_file: str | None = None
     eval_file: str | None = None
+    hf_train_split: str = field(default="train", metadata=IF_SET)
+    hf_eval_split: str = field(default="test", metadata=IF_SET)
+    max_bad_fraction: float = field(default=0.0, metadata=IF_SET)
     eval_fraction: float = 0.1
     prompts: int = 2000
     samples_per_prompt: int = 4
@@ -455,6 +469,8 @@ class RMConfig:
             )
         if not 0.0 <= self.min_accuracy <= 1.0 or not 0.0 < self.eval_fraction < 1.0:
             out.append("min_accuracy must be in [0, 1] and eval_fraction in (0, 1)")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            out.append(f"max_bad_fraction: {self.max_bad_fraction} must be between 0 and 1")
         return out
 
 
