@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import TrainConfig
+from posttrain.chat import chat_template
+from posttrain.config import ChatConfig, TrainConfig
 from posttrain.dist import is_main
 from posttrain.errors import StageError, Stopped
 from posttrain.outputs import trim_metrics
@@ -311,10 +312,13 @@ def finalize(trainer, cfg: TrainConfig):
     return model
 
 
-def save_trained(trainer, model, tokenizer, folder: Path, checkpoints: Path | None = None) -> bool:
+def save_trained(
+    trainer, model, tokenizer, folder: Path, checkpoints: Path | None = None, *, chat: ChatConfig
+) -> bool:
     """The end of a training run: under DeepSpeed ZeRO-3 every process takes part in gathering the weights; the
-    main process saves `model` (the trained one, `finalize`d) with its tokenizer into `folder`, reads it back to
-    check that it holds the trained weights (ZeRO-3 can save empty ones) and deletes `checkpoints`. Models loaded
+    main process saves `model` (the trained one, `finalize`d) with its tokenizer, whose chat template renders what
+    training rendered with `chat.system` (`posttrain.chat.chat_template`), into `folder`, reads it back to check
+    that it holds the trained weights (ZeRO-3 can save empty ones) and deletes `checkpoints`. Models loaded
     afterwards load whole (`end_zero3`). Returns whether this process saved (the main one)."""
     from posttrain.modeling import save_model, verify_saved  # torch and transformers: only where a model is
 
@@ -322,7 +326,7 @@ def save_trained(trainer, model, tokenizer, folder: Path, checkpoints: Path | No
     end_zero3()
     if not is_main():
         return False
-    save_model(model, tokenizer, folder, state)
+    save_model(model, tokenizer, folder, state, chat_template(chat.system))
     verify_saved(folder, model, state)
     if checkpoints is not None:
         shutil.rmtree(checkpoints, ignore_errors=True)

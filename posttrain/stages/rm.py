@@ -124,7 +124,9 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         report = {"pairs": counts, "untrained": before, "held_out": after, "min_accuracy": cfg.min_accuracy,
                   "starting_lm_likelihood": lm_rank, "likelihood_weight": cfg.likelihood_weight,
                   "untrained_head": head}  # fmt: skip
-        if save_trained(trainer, model, tokenizer, out.path / "model", out.path / "checkpoints"):
+        if save_trained(
+            trainer, model, tokenizer, out.path / "model", out.path / "checkpoints", chat=recipe.chat
+        ):
             (out.path / "rm_report.json").write_text(json.dumps(report, indent=2) + "\n")
             (out.path / "rm_report.md").write_text(report_markdown(report))
             print(report_markdown(report))
