@@ -109,6 +109,10 @@ class TrainConfig:
     """One SFT run. The global batch is batch_size × grad_accum × number of processes.
 
     steps: optimizer steps. save_steps: checkpoint period (a killed run resumes from the last one).
+    keep_checkpoints: how many of the newest checkpoints are kept while training (`save_total_limit`); every
+    checkpoint is deleted once the model is saved. save_optimizer: checkpoints hold the optimizer, scheduler and
+    RNG states, so that a killed run resumes on the same curve; `false` keeps the weights only (Adam's state is
+    twice the fp32 weights), and a killed run then starts over.
     logging_steps: one console line and one metrics.jsonl row per this many steps. eval_steps: eval loss on the
     evaluation split every this many steps (0: at the end only). trl: extra `trl.SFTConfig` fields.
     length_buckets (SFT stages and rm): each step's batch — the same randomly drawn examples — is cut into this
@@ -130,6 +134,8 @@ class TrainConfig:
     length_buckets: int = field(default=1, metadata=IF_SET)
     gradient_checkpointing: bool = False
     save_steps: int = 200
+    keep_checkpoints: int = field(default=2, metadata=IF_SET)
+    save_optimizer: bool = field(default=True, metadata=IF_SET)
     logging_steps: int = 10
     eval_steps: int = 0
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -137,7 +143,8 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         out = []
-        for k in ("steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "length_buckets"):
+        for k in ("steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "length_buckets",
+                  "keep_checkpoints"):  # fmt: skip
             if getattr(self, k) < 1:
                 out.append(f"{k}: {getattr(self, k)} must be at least 1")
         if self.eval_steps < 0:
@@ -165,7 +172,11 @@ _OWNED = {
     "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "packing", "gradient_checkpointing",
     "activation_checkpointing",
     "save_steps", "logging_steps", "eval_steps", "seed", "bf16", "fp16", "use_cpu", "report_to", "max_length",
+    "save_total_limit", "save_only_model",
 }  # fmt: skip
+# The trainer's own hub upload pushes its checkpoint folders; `posttrain push` uploads the finished model.
+_HUB = {"push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
+        "hub_revision", "push_to_hub_model_id", "push_to_hub_organization", "push_to_hub_token"}  # fmt: skip
 
 
 def trl_key_problems(extra: dict[str, Any]) -> list[str]:
@@ -173,9 +184,15 @@ def trl_key_problems(extra: dict[str, Any]) -> list[str]:
 
     names = {f.name for f in dataclasses.fields(trl.SFTConfig)}
     out = []
+    own = {"save_total_limit": "keep_checkpoints", "save_only_model": "save_optimizer"}
     for k in extra:
-        if k in _OWNED:
-            out.append(f"trl.{k}: set by the recipe's own key; set that instead")
+        if k in _HUB:
+            out.append(f"trl.{k}: the trainer would upload its checkpoint folders while training; leave it out and "
+                       "push the finished model with `posttrain push RUN/STAGE --repo-id ID`")  # fmt: skip
+        elif k in _OWNED:
+            out.append(
+                f"trl.{k}: set by the recipe's own key{' ' + repr(own[k]) if k in own else ''}; set that instead"
+            )
         elif k not in names:
             close = difflib.get_close_matches(k, sorted(names), n=1)
             out.append(

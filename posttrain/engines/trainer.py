@@ -52,7 +52,8 @@ def trainer_args(cfg: TrainConfig, out_dir: Path, seed: int, bf16: bool, wandb: 
         activation_checkpointing=cfg.gradient_checkpointing,
         save_strategy="steps",
         save_steps=cfg.save_steps,
-        save_total_limit=2,
+        save_total_limit=cfg.keep_checkpoints,
+        save_only_model=not cfg.save_optimizer,
         logging_steps=cfg.logging_steps,
         eval_strategy="steps" if cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps or None,
@@ -185,6 +186,9 @@ def train_resuming(trainer, checkpoints: Path, metrics: Path, label: str, resume
     rows of `metrics` logged past it; on SIGTERM the step in progress ends, a checkpoint is saved and `Stopped`
     is raised. Returns the train output."""
     ckpt = last_checkpoint(checkpoints) if resume else None
+    if resume and ckpt is None and last_checkpoint(checkpoints, weights_only=True) is not None:
+        print(f"[{label}] the checkpoints in {checkpoints} hold no optimizer state (save_optimizer: false): "
+              "training starts over")  # fmt: skip
     if ckpt is not None:
         step = int(ckpt.name.split("-")[-1])
         print(f"[{label}] resuming from {ckpt} (step {step})")
@@ -268,15 +272,22 @@ def format_line(row: dict, total: int) -> str:
     return " | ".join(parts)
 
 
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete `checkpoint-N` (trainer state and weights present) under `folder`, else None."""
+def last_checkpoint(folder: Path, weights_only: bool = False) -> Path | None:
+    """The newest complete `checkpoint-N` under `folder` — trainer state, weights and the optimizer state
+    (`optimizer.pt`, or DeepSpeed's `global_step*/`) present, or without the optimizer state with `weights_only`
+    (what `save_optimizer: false` writes) — else None."""
     best = None
     for p in folder.glob("checkpoint-*"):
         try:
             n = int(p.name.split("-")[-1])
         except ValueError:
             continue
-        complete = (p / "trainer_state.json").exists() and any(p.glob("*.safetensors"))
+        optimizer = (p / "optimizer.pt").exists() or any(p.glob("global_step*"))
+        complete = (
+            (p / "trainer_state.json").exists()
+            and any(p.glob("*.safetensors"))
+            and (optimizer or weights_only)
+        )
         if complete and (best is None or n > best[0]):
             best = (n, p)
     return best[1] if best else None
