@@ -32,7 +32,16 @@ from posttrain.cards import write_cards
 from posttrain.config import ConfigError, ModelSpec, Recipe, config_hash, dump_yaml
 from posttrain.data.jsonl import split_path
 from posttrain.dist import barrier, is_main
-from posttrain.files import file_sha256, replace_folder, write_atomic
+from posttrain.errors import DiskFull
+from posttrain.files import (
+    file_sha256,
+    folder_bytes,
+    free_bytes,
+    human_bytes,
+    out_of_space,
+    replace_folder,
+    write_atomic,
+)
 
 GATE_FAILED = (
     "GATE_FAILED"  # in `<stage>.partial/`: a quality gate's message; with STAGE_HASH, the config that failed
@@ -153,10 +162,36 @@ class StageOutput:
             f.write(json.dumps(row, default=float) + "\n")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            return False  # the .partial folder stays for inspection; the last good result is untouched
+        if (
+            exc_type is not None
+        ):  # the .partial folder stays for inspection; the last good result is untouched
+            full = out_of_space(exc, self.path)
+            if full:
+                raise DiskFull(self.disk_full(full)) from exc
+            return False
         if not is_main():
             return False
+        try:
+            self.finish()
+        except Exception as e:
+            full = out_of_space(e, self.path)
+            if full:
+                raise DiskFull(self.disk_full(full)) from e
+            raise
+        return False
+
+    def disk_full(self, what: str) -> str:
+        """The error of a stage that ran out of disk space while writing."""
+        before = (f"the previous output {self.final} is untouched" if read_done(self.final)
+                  else f"there is no previous output in {self.final}")  # fmt: skip
+        return (f"stage {self.stage}: the disk holding {self.path} ran out of space ({what}); "
+                f"{human_bytes(free_bytes(self.path))} free now. Nothing was marked done: {before}. {self.path} keeps this "
+                f"attempt ({human_bytes(folder_bytes(self.path))}; a training stage's rerun resumes from its last complete checkpoint there; or delete "
+                f"it to free the space). Free space on that disk, point output_dir at a larger one, or lower the "
+                f"stage's keep_checkpoints / set save_optimizer: false; then rerun the same command")  # fmt: skip
+
+    def finish(self) -> None:
+        """The end of a successful stage: the summary row, provenance, model cards, DONE, the folder in place."""
         wall = time.time() - self.started
         self.log({"summary": True, "wall_time_s": round(wall, 3), **self.summary})
         data_files = sorted(
@@ -180,7 +215,6 @@ class StageOutput:
         )
         (self.path / "STAGE_HASH").unlink(missing_ok=True)
         replace_folder(self.path, self.final)
-        return False
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
