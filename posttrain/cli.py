@@ -60,11 +60,15 @@ def _pretty(r, tokenizer) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from posttrain.config import dump_yaml, load_recipe
+    from posttrain.config import dump_yaml, load_recipe_located
+    from posttrain.preflight import preflight, raise_if
 
-    recipe = load_recipe(args.recipe, args.set)
+    recipe, where = load_recipe_located(args.recipe, args.set)
     print(f"# {args.recipe}: valid; resolved recipe:")
     print(dump_yaml(recipe), end="")
+    pf = preflight(recipe, where, args.recipe, recipe.stages())  # every stage's inputs, models and disk
+    print("# preflight of every stage:" + "".join(f"\n#   {n}" for n in pf.notes or ["nothing to read"]))
+    raise_if(pf)
     return 0
 
 
