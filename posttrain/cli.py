@@ -183,6 +183,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from posttrain.hub import push
+
+    url = push(Path(args.stage), args.repo_id, args.private)
+    print(f"pushed {args.stage} (its model/ folder, card included) to {args.repo_id}: {url}")
+    return 0
+
+
 def _choices(cls: type, key: str) -> list[str]:
     """The values a `Literal[...]` field of a config section admits."""
     import typing
@@ -286,7 +294,7 @@ def _recipe_verbs(sub) -> None:
 
 
 def _model_verbs(sub) -> None:
-    """eval, report, merge: saved models measured, a run's report, saved models averaged."""
+    """eval, report, merge, push: saved models measured, a run's report, saved models averaged, a model uploaded."""
     from posttrain.config import MergeConfig
 
     ev = sub.add_parser(
@@ -312,6 +320,15 @@ def _model_verbs(sub) -> None:
     )
     m.add_argument("--out", required=True)
     m.set_defaults(func=_cmd_merge)
+    pu = sub.add_parser(
+        "push", help="upload a finished stage's exported model (model/ only, card included) to the hub"
+    )
+    pu.add_argument(
+        "stage", metavar="RUN/STAGE", help="e.g. runs/tiny/merge, or runs/tiny/rlhf/kl0.02 for an RL run"
+    )
+    pu.add_argument("--repo-id", required=True, help="the hub repo, owner/name (created when missing)")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
+    pu.set_defaults(func=_cmd_push)
 
 
 def main(argv: list[str] | None = None) -> int:
