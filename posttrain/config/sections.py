@@ -180,6 +180,8 @@ _HUB = {"push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private
 
 
 def trl_key_problems(extra: dict[str, Any]) -> list[str]:
+    if not extra:
+        return []  # TRL (seconds to import) is read only when a recipe sets a `trl:` key
     import trl
 
     names = {f.name for f in dataclasses.fields(trl.SFTConfig)}
