@@ -179,6 +179,40 @@ def test_the_reward_model_reads_as_a_sequence_classifier_and_its_card_says_what_
 
 
 @pytest.mark.stage
+def test_the_readme_s_push_commands_upload_the_model_folders_only(smoke_run, monkeypatch):
+    import huggingface_hub
+
+    from posttrain.cli import main
+
+    run, _ = smoke_run
+    uploads = []
+
+    class Api:  # the hub client at its API boundary
+        def __init__(self, token=None):
+            assert token == "hf_test"
+
+        def create_repo(self, repo_id, private=False, **kw):
+            uploads.append(("repo", repo_id, private))
+
+        def upload_folder(self, repo_id, folder_path, **kw):
+            uploads.append(("files", repo_id, sorted(p.name for p in Path(folder_path).rglob("*"))))
+            return "https://huggingface.co/commit"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    assert main(["push", str(run / "merge"), "--repo-id", "me/tiny-merge", "--private"]) == 0
+    assert main(["push", str(run / "rlhf" / "kl0.02"), "--repo-id", "me/tiny-rl-kl0.02"]) == 0
+    assert uploads[0] == ("repo", "me/tiny-merge", True) and uploads[2] == (
+        "repo",
+        "me/tiny-rl-kl0.02",
+        False,
+    )
+    for _, _, files in (uploads[1], uploads[3]):
+        assert {"README.md", "model.safetensors", "config.json", "chat_template.jinja"} <= set(files)
+        assert not any(f.startswith("checkpoint") or f in ("DONE", "metrics.jsonl") for f in files)
+
+
+@pytest.mark.stage
 def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(smoke_run):
     run, _ = smoke_run
     out = str(run.parent)

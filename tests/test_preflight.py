@@ -143,3 +143,16 @@ def test_real_recipes_name_the_preference_files_they_lack(size):
     assert (
         "gemma2-2b/pipeline.yaml:75: rm.train_file: data/preferences/train.jsonl: no such file" in out.stderr
     )
+
+
+def test_the_readme_s_real_model_recipe_is_checked_before_anything_runs(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in readme.split("```yaml\n")[1:] if "name: my-gemma" in b).split("```")[0]
+    p = tmp_path / "my-gemma.yaml"
+    p.write_text(block.replace("extends: ../tiny/pipeline.yaml", f"extends: {TINY}"))
+    pf = _check(p)
+    line = block.splitlines().index("  train: my_conversations.jsonl") + 1
+    assert pf.problems == [f"{p}:{line}: data.train: my_conversations.jsonl: no such file"]
+    notes = "\n".join(pf.notes)
+    assert "rm.train_file: HuggingFaceH4/ultrafeedback_binarized (split train_prefs) is a hub id" in notes
+    assert "model.name_or_path: google/gemma-2-2b is a hub id" in notes
