@@ -18,6 +18,10 @@ turn's content and on its closing `<end_of_turn>`; 0 on `<bos>`, on user turns, 
 header and on the newline after `<end_of_turn>` (generation stops at `<end_of_turn>`, so that newline is never
 generated). With `train_on="last"` only the final model turn is trained.
 
+Exported models carry `chat_template(system)` in their tokenizer: a Jinja template for transformers'
+`apply_chat_template` (and the tools that use it) that renders the same text as `render`, the system policy
+included, and refuses what `normalize` refuses (tests/test_chat.py compares the two over many conversations).
+
 The text is tokenized once, whole, without adding special tokens (it already begins with `<bos>`), so exactly
 one `<bos>` sits at position 0; the mask comes from the character spans recorded while rendering, mapped onto
 tokens through the tokenizer's offsets. Message content may not contain a control token: it would be read as
@@ -147,6 +151,71 @@ def render(
     if not ids or ids[0] != tokenizer.bos_token_id or ids.count(tokenizer.bos_token_id) != 1:
         raise ChatFormatError(f"{where}: the tokenizer did not give exactly one <bos> at position 0")
     return Rendered(text, ids, mask)
+
+
+_TEMPLATE = """{#- posttrain: Gemma turns as training rendered them; system policy: POLICY -#}
+{%- if messages is not sequence or messages is string or messages | length == 0 -%}
+    {{- raise_exception('a conversation is a non-empty list of messages') -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {%- if message is not mapping or 'role' not in message or 'content' not in message -%}
+        {{- raise_exception("turn " ~ loop.index ~ ": a message needs 'role' and 'content'") -}}
+    {%- endif -%}
+    {%- if message['content'] is not string -%}
+        {{- raise_exception('turn ' ~ loop.index ~ ': content must be a string') -}}
+    {%- endif -%}
+    {%- if message['content'] | trim == '' -%}
+        {{- raise_exception('turn ' ~ loop.index ~ ': ' ~ message['role'] ~ ' message is empty') -}}
+    {%- endif -%}
+    {%- for token in ['<bos>', '<eos>', '<pad>', '<start_of_turn>', '<end_of_turn>'] -%}
+        {%- if token in message['content'] -%}
+            {{- raise_exception('turn ' ~ loop.index ~ ': content contains the control token ' ~ token) -}}
+        {%- endif -%}
+    {%- endfor -%}
+    {%- if message['role'] == 'system' -%}
+        {%- if 'POLICY' == 'reject' -%}
+            {{- raise_exception('system messages are rejected (chat.system: reject); Gemma has none') -}}
+        {%- elif not loop.first -%}
+            {{- raise_exception('turn ' ~ loop.index ~ ': a system message may only come first') -}}
+        {%- endif -%}
+    {%- elif message['role'] not in ['user', 'assistant', 'model'] -%}
+        {{- raise_exception('turn ' ~ loop.index ~ ": unknown role; use 'user' or 'assistant' (or 'system' first)") -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = '' -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- if loop_messages | length == 0 -%}
+    {{- raise_exception('the conversation has no user turn') -}}
+{%- endif -%}
+{{- bos_token -}}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{- raise_exception('roles alternate user/assistant, starting with user') -}}
+    {%- endif -%}
+    {%- set role = 'user' if message['role'] == 'user' else 'model' -%}
+    {{- '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {%- if loop_messages[-1]['role'] != 'user' -%}
+        {{- raise_exception('a generation prompt needs the conversation to end with a user turn') -}}
+    {%- endif -%}
+    {{- '<start_of_turn>model\n' -}}
+{%- endif -%}
+"""
+
+
+def chat_template(system: SystemPolicy = "fold") -> str:
+    """The chat template every exported tokenizer carries: `apply_chat_template(messages, tokenize=False,
+    add_generation_prompt=…)` gives `render`'s text with system policy `system` (a system message folded into the
+    first user turn, or refused), and raises where `render` raises."""
+    if system not in ("fold", "reject"):
+        raise ValueError(f"system policy {system!r} is not one of fold, reject")
+    return _TEMPLATE.replace("POLICY", system)
 
 
 def tokenize_with_mask(

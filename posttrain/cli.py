@@ -60,11 +60,15 @@ def _pretty(r, tokenizer) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from posttrain.config import dump_yaml, load_recipe
+    from posttrain.config import dump_yaml, load_recipe_located
+    from posttrain.preflight import preflight, raise_if
 
-    recipe = load_recipe(args.recipe, args.set)
+    recipe, where = load_recipe_located(args.recipe, args.set)
     print(f"# {args.recipe}: valid; resolved recipe:")
     print(dump_yaml(recipe), end="")
+    pf = preflight(recipe, where, args.recipe, recipe.stages())  # every stage's inputs, models and disk
+    print("# preflight of every stage:" + "".join(f"\n#   {n}" for n in pf.notes or ["nothing to read"]))
+    raise_if(pf)
     return 0
 
 
@@ -134,14 +138,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
+def _validated_rows(args: argparse.Namespace) -> tuple[list, list[str]]:
+    """The rows of `args.file` (a JSONL file, or with `--split` a dataset's split) and every bad row's reason."""
     from posttrain.data.formats import validate_lines
+    from posttrain.data.sources import hf_rows
 
+    if args.split:
+        return hf_rows(args.file, args.split, args.format, args.system, args.rows)
     try:
         with open(args.file, encoding="utf-8") as f:
-            rows, errors = validate_lines(f, args.file, args.format, args.system)
+            return validate_lines(f, args.file, args.format, args.system)
     except UnicodeDecodeError as e:
-        rows, errors = [], [f"{args.file}: not UTF-8 text ({e.reason} at byte {e.start})"]
+        return [], [f"{args.file}: not UTF-8 text ({e.reason} at byte {e.start})"]
+    except OSError as e:
+        return [], [f"{args.file}: cannot read it ({e.strerror}); with --split it names a dataset"]
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    rows, errors = _validated_rows(args)
     if args.tokenizer and rows:
         from posttrain.chat import ChatFormatError
         from posttrain.config import ChatConfig, ModelSpec
@@ -181,6 +195,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from posttrain.hub import push
+
+    url = push(Path(args.stage), args.repo_id, args.private)
+    print(f"pushed {args.stage} (its model/ folder, card included) to {args.repo_id}: {url}")
+    return 0
+
+
 def _choices(cls: type, key: str) -> list[str]:
     """The values a `Literal[...]` field of a config section admits."""
     import typing
@@ -200,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _data_verbs(sub) -> None:
     """render, validate: what a data file becomes, and what is wrong with it."""
     from posttrain.config import ChatConfig
+    from posttrain.data.formats import FORMATS
 
     chat = ChatConfig()  # the recipe's defaults, here as on every path
     r = sub.add_parser("render", help="conversations (JSONL) → text, input_ids, loss_mask per line")
@@ -213,9 +236,16 @@ def _data_verbs(sub) -> None:
     r.add_argument("--pretty", action="store_true", help="show the text with trained tokens marked [[…]]")
     r.set_defaults(func=_cmd_render)
 
-    v = sub.add_parser("validate", help="check a data file; every bad row as file:line: reason")
-    v.add_argument("file")
-    v.add_argument("--format", choices=["conversations", "prompts", "preferences"], default="conversations")
+    v = sub.add_parser(
+        "validate", help="check a data file or dataset split; every bad row as file:line: reason"
+    )
+    v.add_argument(
+        "file", help="a JSONL file, or with --split a Hugging Face dataset (hub id or local folder)"
+    )
+    v.add_argument("--format", choices=list(FORMATS), default="conversations",
+                   help="ours or TRL's standard formats (data/README.md)")  # fmt: skip
+    v.add_argument("--split", help="FILE is a dataset: check this split (rows named dataset:split:row)")
+    v.add_argument("--rows", type=int, help="with --split: only the first ROWS rows (streamed)")
     v.add_argument("--system", choices=_choices(ChatConfig, "system"), default=chat.system)
     v.add_argument(
         "--tokenizer", help="also check lengths after rendering with this tokenizer ('tiny', folder, id)"
@@ -276,7 +306,7 @@ def _recipe_verbs(sub) -> None:
 
 
 def _model_verbs(sub) -> None:
-    """eval, report, merge: saved models measured, a run's report, saved models averaged."""
+    """eval, report, merge, push: saved models measured, a run's report, saved models averaged, a model uploaded."""
     from posttrain.config import MergeConfig
 
     ev = sub.add_parser(
@@ -311,6 +341,15 @@ def _model_verbs(sub) -> None:
     )
     m.add_argument("--out", required=True)
     m.set_defaults(func=_cmd_merge)
+    pu = sub.add_parser(
+        "push", help="upload a finished stage's exported model (model/ only, card included) to the hub"
+    )
+    pu.add_argument(
+        "stage", metavar="RUN/STAGE", help="e.g. runs/tiny/merge, or runs/tiny/rlhf/kl0.02 for an RL run"
+    )
+    pu.add_argument("--repo-id", required=True, help="the hub repo, owner/name (created when missing)")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
+    pu.set_defaults(func=_cmd_push)
 
 
 def main(argv: list[str] | None = None) -> int:

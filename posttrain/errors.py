@@ -11,3 +11,8 @@ STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on request, a checkpoint was saved; re
 
 class Stopped(StageError):
     """The stage got SIGTERM, saved a checkpoint and stopped; `posttrain` exits with STOPPED_EXIT (75)."""
+
+
+class DiskFull(StageError):
+    """A stage ran out of disk space while writing; nothing was marked done and the previous output stands. The
+    message says which disk, how much is free, what was kept and what to do."""

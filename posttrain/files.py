@@ -14,10 +14,58 @@ from pathlib import Path
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """`path` holds `text` or its previous content, never a part of it."""
+    """`path` holds `text` or its previous content, never a part of it (a failed write leaves no temporary file)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the disk that holds `path` (or its nearest existing parent)."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def human_bytes(n: float) -> str:
+    """`1.2 GB`, `31.5 MB`: sizes as the error messages and the preflight give them."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (0 when it does not exist)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).exists() else 0
+
+
+_FULL = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28", "os error 122")
+_WRITE = ("PytorchStreamWriter", "inline_container", "file write failed", "write")
+
+
+def out_of_space(exc: BaseException, path: Path) -> str | None:
+    """What ran out when `exc` was raised while writing under `path` — the disk is full (ENOSPC, EDQUOT, or a
+    library's message for it; torch's zip writer only says that its write failed, so a failed write with under
+    16 MiB free counts too) — else None."""
+    import errno
+
+    seen: BaseException | None = exc
+    chain = []
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    text = " ".join(str(e) for e in chain)
+    if any(m in text for m in _FULL):
+        return next(m for m in _FULL if m in text)
+    if any(m in text for m in _WRITE) and free_bytes(path) < 16 * 2**20:
+        return f"a write failed with {free_bytes(path)} bytes free ({text[:120]})"
+    return None
 
 
 def replace_folder(tmp: Path, final: Path) -> None:

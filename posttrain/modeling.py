@@ -362,15 +362,26 @@ def check_tied(model: PreTrainedModel) -> None:
 
 
 def save_model(
-    model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, state_dict: dict | None = None
+    model: PreTrainedModel,
+    tokenizer: Any,
+    out_dir: str | Path,
+    state_dict: dict | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """save_pretrained the model (or `state_dict`, its gathered weights under ZeRO-3), its tokenizer and
-    generation config into `out_dir`."""
+    generation config into `out_dir`; the saved tokenizer carries `chat_template` (`posttrain.chat.chat_template`:
+    what training rendered) when given."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_tied(model)
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(out)
+    previous = tokenizer.chat_template
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    try:
+        tokenizer.save_pretrained(out)
+    finally:
+        tokenizer.chat_template = previous
     return out
 
 

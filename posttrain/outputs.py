@@ -4,6 +4,7 @@
       config.yaml       the resolved config of this stage
       metrics.jsonl     one JSON object per logged step (and a final summary row)
       provenance.json   parents, config hash, data hashes, git commit, library versions, wall time
+      model/README.md   each exported model's card (`posttrain.cards`): lineage, figures, chat template
       DONE              written last; holds the config hash and the parents' hashes
 
 A stage writes into `<folder>.partial/`; only on success is `DONE` written and the folder renamed into
@@ -27,10 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from posttrain.cards import write_cards
 from posttrain.config import ConfigError, ModelSpec, Recipe, config_hash, dump_yaml
 from posttrain.data.jsonl import split_path
 from posttrain.dist import barrier, is_main
-from posttrain.files import file_sha256, replace_folder, write_atomic
+from posttrain.errors import DiskFull
+from posttrain.files import (
+    file_sha256,
+    folder_bytes,
+    free_bytes,
+    human_bytes,
+    out_of_space,
+    replace_folder,
+    write_atomic,
+)
 
 GATE_FAILED = (
     "GATE_FAILED"  # in `<stage>.partial/`: a quality gate's message; with STAGE_HASH, the config that failed
@@ -151,10 +162,36 @@ class StageOutput:
             f.write(json.dumps(row, default=float) + "\n")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            return False  # the .partial folder stays for inspection; the last good result is untouched
+        if (
+            exc_type is not None
+        ):  # the .partial folder stays for inspection; the last good result is untouched
+            full = out_of_space(exc, self.path)
+            if full:
+                raise DiskFull(self.disk_full(full)) from exc
+            return False
         if not is_main():
             return False
+        try:
+            self.finish()
+        except Exception as e:
+            full = out_of_space(e, self.path)
+            if full:
+                raise DiskFull(self.disk_full(full)) from e
+            raise
+        return False
+
+    def disk_full(self, what: str) -> str:
+        """The error of a stage that ran out of disk space while writing."""
+        before = (f"the previous output {self.final} is untouched" if read_done(self.final)
+                  else f"there is no previous output in {self.final}")  # fmt: skip
+        return (f"stage {self.stage}: the disk holding {self.path} ran out of space ({what}); "
+                f"{human_bytes(free_bytes(self.path))} free now. Nothing was marked done: {before}. {self.path} keeps this "
+                f"attempt ({human_bytes(folder_bytes(self.path))}; a training stage's rerun resumes from its last complete checkpoint there; or delete "
+                f"it to free the space). Free space on that disk, point output_dir at a larger one, or lower the "
+                f"stage's keep_checkpoints / set save_optimizer: false; then rerun the same command")  # fmt: skip
+
+    def finish(self) -> None:
+        """The end of a successful stage: the summary row, provenance, model cards, DONE, the folder in place."""
         wall = time.time() - self.started
         self.log({"summary": True, "wall_time_s": round(wall, 3), **self.summary})
         data_files = sorted(
@@ -172,12 +209,12 @@ class StageOutput:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (self.path / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        write_cards(self.path, self.final.parent.name)  # every exported model says where it came from
         write_atomic(
             self.path / "DONE", json.dumps({"config_hash": self.hash, "parents": self.parents}) + "\n"
         )
         (self.path / "STAGE_HASH").unlink(missing_ok=True)
         replace_folder(self.path, self.final)
-        return False
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -186,43 +223,59 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 def check_exported(stage_folder: Path) -> tuple[list[str], int]:
     """Every model a stage exported (`model/` folders with a config.json), read back from disk by another
-    process than the one that wrote it: each safetensors file is complete, no tensor is empty (a ZeRO-3 save
-    without the gather writes empty ones), a sharded model's index names only shards that exist. Returns
-    (problems, tensors checked)."""
+    process than the one that wrote it (`check_model_folder`). Returns (problems, tensors checked)."""
     problems, count = [], 0
     for model in sorted(
         q.parent for q in Path(stage_folder).rglob("config.json") if q.parent.name == "model"
     ):
-        files = sorted(model.glob("*.safetensors"))
-        if not files:
-            problems.append(f"{model}: no *.safetensors weights")
-        index = model / "model.safetensors.index.json"
-        if index.exists():
-            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-            problems += [f"{index}: names shard {s} that is missing" for s in sorted(shards)
-                         if not (model / s).exists()]  # fmt: skip
-        for f in files:
-            with open(f, "rb") as fh:
-                head = fh.read(8)
-                n = int.from_bytes(head, "little") if len(head) == 8 else -1
-                header = json.loads(fh.read(n)) if 0 < n < 100_000_000 else None
-            if header is None:
-                problems.append(f"{f}: not a safetensors file (truncated header)")
-                continue
-            end = 0
-            for name, t in header.items():
-                if name == "__metadata__":
-                    continue
-                count += 1
-                numel = 1
-                for d in t["shape"]:
-                    numel *= d
-                begin, stop = t["data_offsets"]
-                end = max(end, stop)
-                if numel == 0:
-                    problems.append(f"{f}: tensor {name} is empty (shape {t['shape']})")
-                elif stop - begin != numel * _DTYPE_BYTES.get(t["dtype"], 0):
-                    problems.append(f"{f}: tensor {name} has {stop - begin} bytes for shape {t['shape']}")
-            if f.stat().st_size < 8 + n + end:
-                problems.append(f"{f}: truncated ({f.stat().st_size} bytes, the header needs {8 + n + end})")
+        p, n = check_model_folder(model)
+        problems, count = problems + p, count + n
     return problems, count
+
+
+def check_model_folder(model: Path) -> tuple[list[str], int]:
+    """A saved model folder's weights read back: each safetensors file is complete, no tensor is empty (a ZeRO-3
+    save without the gather writes empty ones), a sharded model's index names only shards that exist. Returns
+    (problems, tensors checked)."""
+    problems, count = [], 0
+    files = sorted(model.glob("*.safetensors"))
+    if not files:
+        problems.append(f"{model}: no *.safetensors weights")
+    index = model / "model.safetensors.index.json"
+    if index.exists():
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        problems += [f"{index}: names shard {s} that is missing" for s in sorted(shards)
+                     if not (model / s).exists()]  # fmt: skip
+    for f in files:
+        header, n = safetensors_header(f)
+        if header is None:
+            problems.append(f"{f}: not a safetensors file (truncated header)")
+            continue
+        end = 0
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            count += 1
+            numel = 1
+            for d in t["shape"]:
+                numel *= d
+            begin, stop = t["data_offsets"]
+            end = max(end, stop)
+            if numel == 0:
+                problems.append(f"{f}: tensor {name} is empty (shape {t['shape']})")
+            elif stop - begin != numel * _DTYPE_BYTES.get(t["dtype"], 0):
+                problems.append(f"{f}: tensor {name} has {stop - begin} bytes for shape {t['shape']}")
+        if f.stat().st_size < 8 + n + end:
+            problems.append(f"{f}: truncated ({f.stat().st_size} bytes, the header needs {8 + n + end})")
+    return problems, count
+
+
+def safetensors_header(f: Path) -> tuple[dict | None, int]:
+    """(the header of safetensors file `f`, its length in bytes); (None, n) when it cannot be read."""
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            return (json.loads(fh.read(n)) if 0 < n < 100_000_000 else None), n
+    except (OSError, ValueError):
+        return None, -1

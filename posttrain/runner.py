@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 
 from posttrain import dist, recorder, registry
-from posttrain.config import ConfigError, Recipe, launcher_file, load_recipe
+from posttrain.config import ConfigError, Recipe, launcher_file, load_recipe, load_recipe_located
 from posttrain.errors import STOPPED_EXIT
 from posttrain.files import link_tree
 from posttrain.outputs import GATE_FAILED, Parents, check_exported, read_done, stage_hash
@@ -81,7 +81,8 @@ def parents_of(recipe: Recipe, name: str) -> Parents:
 
 
 def run_stage(name: str, recipe: Recipe) -> Path:
-    """Run one stage in this process (what a launched job does): its parents checked, its folder written."""
+    """Run one stage in this process (what a launched job does): the run folder's lock taken (unless the run that
+    started it holds it), its parents checked, its folder written."""
     import signal
 
     from posttrain.dist import check_process_count
@@ -91,15 +92,21 @@ def run_stage(name: str, recipe: Recipe) -> Path:
 
     # `posttrain run` starts jobs ignoring SIGTERM; a stage dies on it until its training loop catches it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from posttrain import lock as run_lock
+
     module = stage_module(name)
     check_process_count(name)
-    tracking_env(recipe.tracking, recipe.name, name, recipe.run_dir)
-    match_trl_tiles(resolve_device())  # TRL's tiled LM-head kernels at this device's width
-    parents = parents_of(recipe, name)
-    if os.environ.get(recorder.ENV):  # the largest tensor the stage forms, for the real-shape tests
-        with recorder.largest_tensors(os.environ[recorder.ENV], f"{name}:{dist.rank()}"):
-            return module.main(recipe, parents)
-    return module.main(recipe, parents)
+    held = run_lock.acquire(recipe.run_dir, command_line())  # None under the lock of the run that started it
+    try:
+        tracking_env(recipe.tracking, recipe.name, name, recipe.run_dir)
+        match_trl_tiles(resolve_device())  # TRL's tiled LM-head kernels at this device's width
+        parents = parents_of(recipe, name)
+        if os.environ.get(recorder.ENV):  # the largest tensor the stage forms, for the real-shape tests
+            with recorder.largest_tensors(os.environ[recorder.ENV], f"{name}:{dist.rank()}"):
+                return module.main(recipe, parents)
+        return module.main(recipe, parents)
+    finally:
+        run_lock.release(held)
 
 
 def launch_command(recipe: Recipe, name: str, recipe_path: str, sets: list[str]) -> list[str]:
@@ -148,25 +155,95 @@ def selected_stages(recipe: Recipe, opts: RunOptions) -> tuple[list[str], set[st
     return stages, forced
 
 
-def run(opts: RunOptions) -> int:
-    """Run the recipe's stages in order, each in its own process; skip those done with the same config. Returns
-    the exit code: 0, the failed stage's, 1 for a failed gate or a broken export, 75 when stopped by SIGTERM."""
-    recipe = load_recipe(opts.recipe_path, list(opts.sets))
+@dataclass(frozen=True)
+class Step:
+    """What a run does with one stage: `skip` it (done), `reuse` it from another run folder (`source`), stop at
+    its failed `gate`, or `launch` it (`cmd`); `why` is what the log says."""
+
+    name: str
+    action: str
+    why: str = ""
+    source: Path | None = None
+    cmd: tuple[str, ...] = ()
+
+
+def plan(recipe: Recipe, opts: RunOptions) -> tuple[list[Step], list[str]]:
+    """(what the run will do with each stage, the stages considered), decided before anything starts; a real run
+    ends at a gate that failed with the same config."""
     stages, forced = selected_stages(recipe, opts)
-    print_plan_on_gpus(recipe)
+    steps = []
     for name in stages:
         folder, want = recipe.run_dir / name, expected_hash(recipe, name)
         done = read_done(folder)
-        for source in opts.reuse:  # the first run folder holding this stage with the same hash
-            if name in forced or (done and done.get("config_hash") == want):
-                break
-            done = reuse(Path(source) / name, folder, want, opts.dry_run) or done
-        if done and done.get("config_hash") == want and name not in forced:
-            print(f"[run] skip {name}: {folder} is done with the same config and parents ({want})")
-            continue
-        failed = failed_gate(folder, want)
-        if failed and name not in forced:  # the same config fails the same way: do not retrain it
-            print(f"[run] {name}: failed its quality gate with this config earlier ({failed}); `--force` reruns it",
+        if name not in forced:
+            if done is not None and done.get("config_hash") == want:
+                steps.append(Step(name, "skip", want))
+                continue
+            # the first run folder holding this stage with the same hash
+            reusable = [
+                Path(r) / name
+                for r in opts.reuse
+                if (read_done(Path(r) / name) or {}).get("config_hash") == want
+            ]
+            if reusable:
+                steps.append(Step(name, "reuse", want, reusable[0]))
+                continue
+            failed = failed_gate(folder, want)
+            if failed:  # the same config fails the same way: do not retrain it
+                steps.append(Step(name, "gate", failed))
+                if not opts.dry_run:
+                    break
+                continue
+        why = "forced" if name in forced else ("config or parents changed" if done else "not done yet")
+        cmd = launch_command(recipe, name, opts.recipe_path, list(opts.sets))
+        steps.append(Step(name, "launch", why, cmd=tuple(cmd)))
+    return steps, stages
+
+
+def command_line() -> str:
+    """This process's command as a person typed it (`posttrain …`), for the run lock's record."""
+    return " ".join(["posttrain", *sys.argv[1:]])[:300]
+
+
+def run(opts: RunOptions) -> int:
+    """Run the recipe's stages in order, each in its own process; skip those done with the same config. Before any
+    stage starts, the run folder's lock is taken (not by a dry run) and the preflight checks the inputs, models and
+    disk of every stage that will run. Returns the exit code: 0, the failed stage's, 1 for a failed gate or a
+    broken export, 75 when stopped by SIGTERM."""
+    from posttrain import lock as run_lock
+    from posttrain.preflight import preflight, raise_if
+
+    recipe, where = load_recipe_located(opts.recipe_path, list(opts.sets))
+    held = None if opts.dry_run else run_lock.acquire(recipe.run_dir, command_line())
+    try:
+        steps, stages = plan(recipe, opts)
+        pf = preflight(recipe, where, opts.recipe_path, [s.name for s in steps if s.action == "launch"])
+        raise_if(pf)
+        for note in pf.notes:
+            print(f"[preflight] {note}")
+        if opts.dry_run and (holder := run_lock.holder(recipe.run_dir)) is not None:
+            print(
+                f"[run] note: {recipe.run_dir} is in use by {run_lock.describe(holder)}; a run now would stop"
+            )
+        if not opts.dry_run:
+            print_plan_on_gpus(recipe)
+        return execute(recipe, opts, steps, stages, held)
+    finally:
+        run_lock.release(held)
+
+
+def execute(recipe: Recipe, opts: RunOptions, steps: list[Step], stages: list[str], held) -> int:
+    """Carry out the plan: reuse and skip finished stages, stop at a failed gate, launch the others one by one."""
+    for step in steps:
+        name, folder = step.name, recipe.run_dir / step.name
+        if step.action == "reuse":
+            print(f"[run] reuse {step.source} for {folder} (same config and parents, {step.why})")
+            if not opts.dry_run:
+                link_tree(step.source, folder)
+        if step.action in ("reuse", "skip"):
+            print(f"[run] skip {name}: {folder} is done with the same config and parents ({step.why})")
+        elif step.action == "gate":
+            print(f"[run] {name}: failed its quality gate with this config earlier ({step.why}); `--force` reruns it",
                   file=sys.stderr)  # fmt: skip
             if opts.dry_run:
                 continue
@@ -175,14 +252,13 @@ def run(opts: RunOptions) -> int:
                 f"[run] stage {name} failed its quality gate; later stages were not started", file=sys.stderr
             )
             return 1
-        cmd = launch_command(recipe, name, opts.recipe_path, list(opts.sets))
-        why = "forced" if name in forced else ("config or parents changed" if done else "not done yet")
-        print(f"[run] {name} ({why}): {' '.join(cmd)}", flush=True)
-        if opts.dry_run:
-            continue
-        rc = launch(recipe, name, cmd, stages)
-        if rc != 0:
-            return rc
+        else:
+            print(f"[run] {name} ({step.why}): {' '.join(step.cmd)}", flush=True)
+            if opts.dry_run:
+                continue
+            rc = launch(recipe, name, list(step.cmd), stages, () if held is None else (held.fd,))
+            if rc != 0:
+                return rc
     if not opts.dry_run:
         print_reports(recipe.run_dir, stages)
         print(f"[run] outputs of recipe {recipe.name}: {recipe.run_dir}/")
@@ -205,11 +281,12 @@ def print_plan_on_gpus(recipe: Recipe) -> None:
         print(f"[run] warning: {m}", file=sys.stderr)
 
 
-def launch(recipe: Recipe, name: str, cmd: list[str], stages: list[str]) -> int:
-    """Start one stage's job and judge how it ended: its exit code, a failed gate, a SIGTERM, or an exported model
-    that does not read back complete (then 1). 0 when the stage may hand over to the next."""
+def launch(recipe: Recipe, name: str, cmd: list[str], stages: list[str], fds: tuple[int, ...] = ()) -> int:
+    """Start one stage's job (handing it the run lock's descriptor `fds`) and judge how it ended: its exit code, a
+    failed gate, a SIGTERM, or an exported model that does not read back complete (then 1). 0 when the stage may
+    hand over to the next."""
     folder = recipe.run_dir / name
-    rc, terminated, peak = run_stage_process(cmd)
+    rc, terminated, peak = run_stage_process(cmd, fds)
     print(f"[run] {name}: peak memory {peak / 2**30:.2f} GiB (resident, the largest process of the stage)")
     if rc != 0:
         print_reports(recipe.run_dir, stages)
@@ -228,14 +305,19 @@ def launch(recipe: Recipe, name: str, cmd: list[str], stages: list[str]) -> int:
         return 1
     if tensors:
         print(f"[run] {name}: exported models read back complete ({tensors} tensors, none empty)")
+    if terminated:  # the stage finished (a SIGTERM before it set its handler is ignored): stop after it
+        print(f"[run] stopped on SIGTERM after stage {name} finished; rerun the same command to go on",
+              file=sys.stderr)  # fmt: skip
+        return STOPPED_EXIT
     return 0
 
 
-def run_stage_process(cmd: list[str]) -> tuple[int, bool, int]:
+def run_stage_process(cmd: list[str], fds: tuple[int, ...] = ()) -> tuple[int, bool, int]:
     """Run a stage's job in its own process group and pass SIGTERM and SIGINT sent to `posttrain run` on to the
     whole group. Launchers in the group ignore SIGTERM (`accelerate launch` would die and orphan the stage); the
-    stage restores the default and, while training, saves a checkpoint and stops. Returns (exit code, whether a
-    SIGTERM was passed on, the peak resident memory in bytes of the job's largest process)."""
+    stage restores the default and, while training, saves a checkpoint and stops. The job inherits `fds` (the run
+    lock's descriptor: the lock stays held while the job runs, even if `posttrain run` is killed). Returns (exit
+    code, whether a SIGTERM was passed on, the peak resident memory in bytes of the job's largest process)."""
     import signal
     import subprocess
 
@@ -243,7 +325,7 @@ def run_stage_process(cmd: list[str]) -> tuple[int, bool, int]:
         os.setpgrp()
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-    child = subprocess.Popen(cmd, preexec_fn=start)
+    child = subprocess.Popen(cmd, preexec_fn=start, pass_fds=fds)
     terminated = False
 
     def forward(signum, frame) -> None:
@@ -256,9 +338,8 @@ def run_stage_process(cmd: list[str]) -> tuple[int, bool, int]:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        _, status, usage = os.wait4(
-            child.pid, 0
-        )  # the child's own resource use, its waited-for children's too
+        # the child's own resource use (its waited-for children's too)
+        _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
         return child.returncode, terminated, usage.ru_maxrss * 1024
     finally:

@@ -11,7 +11,7 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from posttrain.chat import ChatFormatError, normalize, render, trained_text
+from posttrain.chat import ChatFormatError, chat_template, normalize, render, trained_text
 from posttrain.tokenizer import ALPHABET, SPECIAL_TOKENS, gemma_chat_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,10 +142,78 @@ def test_system_fold_matches_gemma3_template(tiny_tokenizer):
         ([{"role": "system", "content": "only system"}], "fold", "has no user turn"),
     ],
 )
-def test_errors_name_conversation_and_turn(messages, policy, fragment):
+def test_errors_name_conversation_and_turn(messages, policy, fragment, tiny_tokenizer):
     with pytest.raises(ChatFormatError) as e:
         normalize(messages, policy, where="train.jsonl:7")
     assert "train.jsonl:7" in str(e.value) and fragment in str(e.value)
+    from jinja2 import TemplateError
+
+    with pytest.raises((TemplateError, ValueError)):  # the exported template (or transformers) refuses it too
+        tiny_tokenizer.apply_chat_template(messages, chat_template=chat_template(policy), tokenize=False)
+
+
+def random_conversations(n: int, seed: int) -> list[list[dict]]:
+    """Conversations of 1 to 7 turns, a system message first in a third of them, content drawn from words, digits,
+    whitespace at the ends and inside, Latin-1 letters and template-like braces."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["What", "is", "3", "+", "48?", "planet", "Ünï", "ça", "½", "{{ x }}", "{% raw %}", "'q'", '"d"', "\\",
+             "<b>", "a\nb", "\tx\t", "line\n\nline", "  pad  ", "end."]  # fmt: skip
+
+    def text() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) + rng.choice(["", " ", "!"])
+
+    out = []
+    for _ in range(n):
+        turns = [u(text()) if i % 2 == 0 else a(text()) for i in range(rng.randint(1, 7))]
+        if rng.random() < 0.3:
+            turns = [{"role": "system", "content": text()}] + turns
+        if rng.random() < 0.2:
+            turns = [{"role": "model", **{k: v for k, v in t.items() if k != "role"}} if t["role"] == "assistant"
+                     else t for t in turns]  # fmt: skip
+        out.append(turns)
+    return out
+
+
+CONVERSATIONS = GOLDEN + random_conversations(300, seed=11)
+
+
+@pytest.mark.parametrize("policy", ["fold", "reject"])
+def test_the_exported_template_renders_what_training_renders(policy, tiny_tokenizer, bpe_tokenizer):
+    template, checked = chat_template(policy), 0
+    for tok in (tiny_tokenizer, bpe_tokenizer):
+        for msgs in CONVERSATIONS:
+            if policy == "reject" and msgs[0]["role"] == "system":
+                continue  # refused by both: test_errors_name_conversation_and_turn
+            for gen in (False, True) if msgs[-1]["role"] == "user" else (False,):
+                r = render(msgs, tok, add_generation_prompt=gen, system=policy)
+                text = tok.apply_chat_template(
+                    msgs, chat_template=template, tokenize=False, add_generation_prompt=gen
+                )
+                assert text == r.text, (msgs, gen)
+                ids = tok.apply_chat_template(msgs, chat_template=template, add_generation_prompt=gen,
+                                              return_dict=True)["input_ids"]  # fmt: skip
+                assert list(ids) == r.input_ids, (msgs, gen)
+                checked += 1
+    assert checked > 500
+
+
+def test_the_exported_template_folds_or_refuses_a_system_message(tiny_tokenizer):
+    from jinja2 import TemplateError
+
+    msgs = [{"role": "system", "content": "Answer briefly."}, u("Who are you?"), a("Pip.")]
+    text = tiny_tokenizer.apply_chat_template(msgs, chat_template=chat_template("fold"), tokenize=False)
+    assert (
+        text
+        == "<bos><start_of_turn>user\nAnswer briefly.\n\nWho are you?<end_of_turn>\n<start_of_turn>model\nPip.<end_of_turn>\n"
+    )
+    with pytest.raises(TemplateError, match="system messages are rejected"):
+        tiny_tokenizer.apply_chat_template(msgs, chat_template=chat_template("reject"), tokenize=False)
+    with pytest.raises(TemplateError, match="end with a user turn"):
+        tiny_tokenizer.apply_chat_template(
+            msgs, chat_template=chat_template("fold"), add_generation_prompt=True
+        )
 
 
 def test_generation_prompt_needs_user_last(tiny_tokenizer):

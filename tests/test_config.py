@@ -129,13 +129,16 @@ def test_hash_is_stable_and_sensitive(tmp_path):
 
 
 def test_keys_added_later_enter_the_hash_only_when_set():
-    """length_buckets / balance_tasks at their default hash as before they existed (finished stages stay valid)."""
+    """length_buckets, keep_checkpoints, save_optimizer at their default hash as before they existed (finished
+    stages stay valid)."""
     from posttrain.config import TrainConfig
 
+    later = {"length_buckets": 2, "keep_checkpoints": 1, "save_optimizer": False}
     plain = TrainConfig()
-    before = {f.name: getattr(plain, f.name) for f in dataclasses.fields(plain) if f.name != "length_buckets"}
+    before = {f.name: getattr(plain, f.name) for f in dataclasses.fields(plain) if f.name not in later}
     assert config_hash(plain) == config_hash(before)
-    assert config_hash(dataclasses.replace(plain, length_buckets=2)) != config_hash(plain)
+    for key, value in later.items():
+        assert config_hash(dataclasses.replace(plain, **{key: value})) != config_hash(plain), key
 
 
 def test_check_cli_reports_misspelled_key(tmp_path):
@@ -184,8 +187,11 @@ def test_each_launcher_gives_an_accelerate_command(launcher):
 
 @pytest.mark.parametrize("size", ["2b", "9b", "27b"])
 def test_real_recipes_dry_run_prints_their_launch_commands(size):
-    out = subprocess.run([sys.executable, "-m", "posttrain", "run", f"recipes/gemma2-{size}/pipeline.yaml", "--dry-run"],
-                         capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    # the preference files are the user's (tests/test_preflight.py: without them the preflight stops the run)
+    prefs = ["--set=rm.train_file=data/examples/preferences_implicit.jsonl",
+             "--set=rm.eval_file=data/examples/preferences_text.jsonl"]  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "posttrain", "run", f"recipes/gemma2-{size}/pipeline.yaml", "--dry-run",
+                          *prefs], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert out.returncode == 0, out.stderr
     recipe = load_recipe(ROOT / f"recipes/gemma2-{size}/pipeline.yaml")
     assert recipe.model.name_or_path == f"google/gemma-2-{size}" and recipe.model.dtype == "auto"

@@ -119,6 +119,99 @@ def test_distill_rlhf_and_merge_hand_over(smoke_run):
     assert len(gens) == 1 and not gens[0].malformed and (len(gens[0].ids) >= 1 or not gens[0].truncated)
 
 
+EXPORTED = ["teacher", "sft", "distill", "rm", "rlhf/kl0.02", "rlhf/kl0.1", "merge"]
+
+
+@pytest.mark.stage
+def test_every_exported_model_has_training_s_chat_template_and_a_card(smoke_run):
+    from transformers import AutoTokenizer
+
+    from posttrain.chat import chat_template, render
+
+    run, _ = smoke_run
+    conversation = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 3?"},
+                    {"role": "assistant", "content": "5"}, {"role": "user", "content": "And 4 + 4?"}]  # fmt: skip
+    for label in EXPORTED:
+        model = run / label / "model"
+        tok = AutoTokenizer.from_pretrained(model)  # as any other tool reads it
+        assert tok.chat_template == chat_template("fold"), label
+        ours = render(conversation, tok, add_generation_prompt=True)
+        assert tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == ours.text
+        card = (model / "README.md").read_text()
+        done = read_done(run / label.split("/")[0])
+        assert f"# tiny-smoke/{label}" in card and f"| config hash | `{done['config_hash']}`" in card, label
+        assert all(f"`{p}` (`{h}`)" in card for p, h in done["parents"].items()), label
+        assert "system policy `fold`" in card and "## Figures" in card and "| figure | value |" in card, label
+    card = (run / "rlhf" / "kl0.02" / "model" / "README.md").read_text()
+    end = json.loads((run / "rlhf" / "kl0.02" / "figures.json").read_text())["end"]
+    assert f"| kl | {end['kl']:.4g} |" in card  # an RL run's own figures
+
+
+@pytest.mark.stage
+def test_the_reward_model_reads_as_a_sequence_classifier_and_its_card_says_what_the_score_is(smoke_run):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from posttrain.chat import render
+    from posttrain.reward import last_token_rewards
+
+    run, _ = smoke_run
+    path = run / "rm" / "model"
+    tok = AutoTokenizer.from_pretrained(path)
+    model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and model.config.num_labels == 1
+    ids = render(
+        [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}], tok
+    ).input_ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logit = model(input_ids=x).logits[0, 0].item()
+        w = model.config.posttrain_likelihood_weight
+        model.config.posttrain_likelihood_weight = 0.0  # the head's part of posttrain's reward
+        head = last_token_rewards(model, x, torch.ones_like(x)).item()
+    assert abs(logit - head) < 1e-5
+    card = (path / "README.md").read_text()
+    assert (
+        "AutoModelForSequenceClassification.from_pretrained" in card
+        and "pipeline_tag: text-classification" in card
+    )
+    assert w > 0 and f"adds {w:g} × the model's own log-likelihood" in card
+
+
+@pytest.mark.stage
+def test_the_readme_s_push_commands_upload_the_model_folders_only(smoke_run, monkeypatch):
+    import huggingface_hub
+
+    from posttrain.cli import main
+
+    run, _ = smoke_run
+    uploads = []
+
+    class Api:  # the hub client at its API boundary
+        def __init__(self, token=None):
+            assert token == "hf_test"
+
+        def create_repo(self, repo_id, private=False, **kw):
+            uploads.append(("repo", repo_id, private))
+
+        def upload_folder(self, repo_id, folder_path, **kw):
+            uploads.append(("files", repo_id, sorted(p.name for p in Path(folder_path).rglob("*"))))
+            return "https://huggingface.co/commit"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    assert main(["push", str(run / "merge"), "--repo-id", "me/tiny-merge", "--private"]) == 0
+    assert main(["push", str(run / "rlhf" / "kl0.02"), "--repo-id", "me/tiny-rl-kl0.02"]) == 0
+    assert uploads[0] == ("repo", "me/tiny-merge", True) and uploads[2] == (
+        "repo",
+        "me/tiny-rl-kl0.02",
+        False,
+    )
+    for _, _, files in (uploads[1], uploads[3]):
+        assert {"README.md", "model.safetensors", "config.json", "chat_template.jinja"} <= set(files)
+        assert not any(f.startswith("checkpoint") or f in ("DONE", "metrics.jsonl") for f in files)
+
+
 @pytest.mark.stage
 def test_rerun_skips_and_a_changed_key_reruns_only_what_depends_on_it(smoke_run):
     run, _ = smoke_run

@@ -187,6 +187,44 @@ def test_checkpoints_are_complete_and_resume_continues(tiny_tokenizer, tmp_path)
         torch.testing.assert_close(p.detach(), full[n], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.stage
+def test_checkpoint_retention_and_weights_only_checkpoints(tiny_tokenizer, tmp_path, capsys):
+    from posttrain.engines.trainer import train_resuming
+
+    trainer, _, _ = _trainer(
+        tiny_tokenizer, tmp_path, steps=6, save_steps=2
+    )  # the defaults: 2 kept, optimizer
+    trainer.train()
+    kept = sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint-*"))
+    assert (
+        kept == ["checkpoint-4", "checkpoint-6"]
+        and (tmp_path / "ckpt" / "checkpoint-6" / "optimizer.pt").exists()
+    )
+    lean, _, _ = _trainer(tiny_tokenizer, tmp_path / "lean", steps=6, save_steps=2, keep_checkpoints=1,
+                          save_optimizer=False)  # fmt: skip
+    lean.train()
+    ckpts = list((tmp_path / "lean" / "ckpt").glob("checkpoint-*"))
+    assert [p.name for p in ckpts] == ["checkpoint-6"] and not (ckpts[0] / "optimizer.pt").exists()
+    size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+    assert size(ckpts[0]) < size(tmp_path / "ckpt" / "checkpoint-6") / 2  # Adam's state: twice the weights
+    assert last_checkpoint(ckpts[0].parent) is None and last_checkpoint(ckpts[0].parent, weights_only=True)
+    again, _, _ = _trainer(tiny_tokenizer, tmp_path / "lean", steps=6, save_steps=2, keep_checkpoints=1,
+                           save_optimizer=False)  # fmt: skip
+    train_resuming(again, tmp_path / "lean" / "ckpt", tmp_path / "lean" / "metrics.jsonl", "sft")
+    assert "hold no optimizer state (save_optimizer: false): training starts over" in capsys.readouterr().out
+
+
+def test_retention_keys_and_hub_uploads_are_recipe_keys_not_trl_ones():
+    from posttrain.config import ConfigError
+
+    for key, says in (("save_total_limit", "'keep_checkpoints'"), ("save_only_model", "'save_optimizer'"),
+                      ("push_to_hub", "posttrain push RUN/STAGE --repo-id ID")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"trl.{key}: .*{says}"):
+            from_dict(TrainConfig, {"trl": {key: True}})
+    with pytest.raises(ConfigError, match="keep_checkpoints: 0 must be at least 1"):
+        from_dict(TrainConfig, {"keep_checkpoints": 0})
+
+
 def test_packing_with_eager_attention_is_refused(tmp_path):
     """Packed sequences attend across their boundaries under eager attention (measured: logits of the second
     sequence change by ~0.7), so the recipe refuses it before any model loads."""

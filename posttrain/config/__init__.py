@@ -23,7 +23,9 @@ from posttrain.config.loader import (
     from_dict,
     load_raw,
     load_recipe,
+    load_recipe_located,
     to_dict,
+    where_of,
 )
 from posttrain.config.recipe import LAUNCHERS, Recipe, launcher_file, launcher_processes
 from posttrain.config.sections import (
@@ -55,5 +57,6 @@ __all__ = [
     "IF_SET", "LAUNCHERS", "ChatConfig", "ConfigError", "DataConfig", "DefectRates", "DistillConfig", "DistillTrainConfig", "Divergence",
     "EvalConfig", "FilterConfig", "LoraSpec", "MergeConfig", "ModelSpec", "RLConfig", "RLRun", "RLTrainConfig", "RMConfig", "Recipe", "RewardTrainConfig",
     "SamplingConfig", "TrackingConfig", "TrainConfig", "WorldConfig", "apply_overrides", "config_hash", "dump_yaml",
-    "from_dict", "launcher_file", "launcher_processes", "load_raw", "load_recipe", "to_dict", "trl_key_problems",
+    "from_dict", "launcher_file", "launcher_processes", "load_raw", "load_recipe", "load_recipe_located", "to_dict",
+    "trl_key_problems", "where_of",
 ]  # fmt: skip

@@ -281,6 +281,14 @@ def from_dict(cls: type, raw: dict, where: Where | None = None, source: str = "<
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load, merge `extends`, apply `--set` overrides, validate. Raises ConfigError listing every problem."""
+    return load_recipe_located(path, overrides)[0]
+
+
+def load_recipe_located(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[Recipe, Where]:
+    """`load_recipe`, and where each key was set (`file:line`, or the `--set` item), for later checks that name
+    the key they are about (the preflight)."""
     raw, where = load_raw(path)
     here = f"{path}:"
     extends = any(not w.startswith(here) for w in where.values())  # some key came from a parent file
@@ -290,7 +298,16 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             [f"{path}: set 'name:' — a recipe that extends another would otherwise share its run folder"]
         )
     raw = apply_overrides(raw, where, list(overrides))
-    return from_dict(Recipe, raw, where, str(path))
+    return from_dict(Recipe, raw, where, str(path)), where
+
+
+def where_of(where: Where, key: str, default: str) -> str:
+    """Where key `a.b.c` (or the nearest section above it) was set; `default` (the recipe file) when nowhere."""
+    path = tuple(key.split("."))
+    for i in range(len(path), 0, -1):
+        if path[:i] in where:
+            return where[path[:i]]
+    return default
 
 
 # ------------------------------------------------------------------------------------------------- helpers

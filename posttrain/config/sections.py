@@ -111,6 +111,10 @@ class TrainConfig:
     """One SFT run. The global batch is batch_size × grad_accum × number of processes.
 
     steps: optimizer steps. save_steps: checkpoint period (a killed run resumes from the last one).
+    keep_checkpoints: how many of the newest checkpoints are kept while training (`save_total_limit`); every
+    checkpoint is deleted once the model is saved. save_optimizer: checkpoints hold the optimizer, scheduler and
+    RNG states, so that a killed run resumes on the same curve; `false` keeps the weights only (Adam's state is
+    twice the fp32 weights), and a killed run then starts over.
     logging_steps: one console line and one metrics.jsonl row per this many steps. eval_steps: eval loss on the
     evaluation split every this many steps (0: at the end only). trl: extra `trl.SFTConfig` fields.
     length_buckets (SFT stages and rm): each step's batch — the same randomly drawn examples — is cut into this
@@ -132,6 +136,8 @@ class TrainConfig:
     length_buckets: int = field(default=1, metadata=IF_SET)
     gradient_checkpointing: bool = False
     save_steps: int = 200
+    keep_checkpoints: int = field(default=2, metadata=IF_SET)
+    save_optimizer: bool = field(default=True, metadata=IF_SET)
     logging_steps: int = 10
     eval_steps: int = 0
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -144,7 +150,8 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         out = []
-        for k in ("steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "length_buckets"):
+        for k in ("steps", "batch_size", "grad_accum", "save_steps", "logging_steps", "length_buckets",
+                  "keep_checkpoints"):  # fmt: skip
             if getattr(self, k) < 1:
                 out.append(f"{k}: {getattr(self, k)} must be at least 1")
         if self.eval_steps < 0:
@@ -194,21 +201,33 @@ _OWNED = {
     "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "packing", "gradient_checkpointing",
     "activation_checkpointing",
     "save_steps", "logging_steps", "eval_steps", "seed", "bf16", "fp16", "use_cpu", "report_to", "max_length",
+    "save_total_limit", "save_only_model",
 }  # fmt: skip
+# The trainer's own hub upload pushes its checkpoint folders; `posttrain push` uploads the finished model.
+_HUB = {"push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push",
+        "hub_revision", "push_to_hub_model_id", "push_to_hub_organization", "push_to_hub_token"}  # fmt: skip
 
 
 def trl_key_problems(
     extra: dict[str, Any], config_class: str = "SFTConfig", owned: tuple[str, ...] = ()
 ) -> list[str]:
-    """Every `trl:` key that is not a field of the stage's TRL config class (with the closest field), or that the
-    stage sets from the recipe's own keys."""
+    """Every `trl:` key that is not a field of the stage's TRL config class (with the closest field), that the
+    stage sets from the recipe's own keys, or that would upload checkpoints to a hub."""
+    if not extra:
+        return []  # TRL (seconds to import) is read only when a recipe sets a `trl:` key
     import trl
 
     names = {f.name for f in dataclasses.fields(getattr(trl, config_class))}
     out = []
+    own = {"save_total_limit": "keep_checkpoints", "save_only_model": "save_optimizer"}
     for k in extra:
-        if k in _OWNED or k in owned:
-            out.append(f"trl.{k}: set by the recipe's own key; set that instead")
+        if k in _HUB:
+            out.append(f"trl.{k}: the trainer would upload its checkpoint folders while training; leave it out and "
+                       "push the finished model with `posttrain push RUN/STAGE --repo-id ID`")  # fmt: skip
+        elif k in _OWNED or k in owned:
+            out.append(
+                f"trl.{k}: set by the recipe's own key{' ' + repr(own[k]) if k in own else ''}; set that instead"
+            )
         elif k not in names:
             close = difflib.get_close_matches(k, sorted(names), n=1)
             out.append(
@@ -308,7 +327,11 @@ class DataConfig:
     """Training and evaluation data for the pipeline.
 
     source: `world` (the built-in tasks, see `world:`), `jsonl` (local files) or `hf` (a dataset name).
-    train / eval: JSONL paths or a dataset name (eval may be omitted: `eval_fraction` of train is held out).
+    train / eval: JSONL paths or a dataset name (eval may be omitted: `eval_fraction` of train is held out); rows
+    in our `conversations` format or TRL's (`messages`, or `prompt` and `completion`; data/README.md).
+    hf_train_split / hf_eval_split: the splits read from the dataset(s) with `source: hf`.
+    max_bad_fraction: bad rows (not JSON, a wrong format, broken turns) are dropped and counted while they are at
+    most this fraction of a split; above it, or with the default 0 at any bad row, the stage fails listing them.
     max_dropped_fraction: above this fraction of rows dropped for length, the data stage fails.
     """
 
@@ -318,6 +341,7 @@ class DataConfig:
     hf_train_split: str = "train"
     hf_eval_split: str = "test"
     eval_fraction: float = 0.05
+    max_bad_fraction: float = field(default=0.0, metadata=IF_SET)
     max_dropped_fraction: float = 0.05
     filters: FilterConfig = field(default_factory=FilterConfig)
 
@@ -325,8 +349,9 @@ class DataConfig:
         out = []
         if self.source != "world" and not self.train:
             out.append(f"train: source '{self.source}' needs 'train' (a JSONL path or a dataset name)")
-        if not 0.0 <= self.max_dropped_fraction <= 1.0:
-            out.append(f"max_dropped_fraction: {self.max_dropped_fraction} must be between 0 and 1")
+        for key in ("max_bad_fraction", "max_dropped_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                out.append(f"{key}: {getattr(self, key)} must be between 0 and 1")
         if not 0.0 < self.eval_fraction < 0.5:
             out.append(f"eval_fraction: {self.eval_fraction} must be between 0 and 0.5")
         return out
@@ -439,8 +464,13 @@ class RMConfig:
     """The `rm:` section.
 
     source: `policy` builds pairs by sampling `samples_per_prompt` responses per prompt from the SFT policy and
-    judging them with the world's verifiers (built-in world only); `jsonl` / `hf` read `prompt`/`chosen`/`rejected`
-    rows from `train` (and `eval`, else `eval_fraction` of train is held out).
+    judging them with the world's verifiers (built-in world only); `jsonl` / `hf` read preference rows from
+    `train_file` (and `eval_file`, else `eval_fraction` of train is held out): ours or TRL's preference format,
+    explicit or implicit prompt, conversational or plain text (data/README.md).
+    hf_train_split / hf_eval_split: (hf source) the splits read, e.g. `train_prefs` and `test_prefs`; for a held-out
+    split of the same dataset set `eval_file` to the dataset's name too.
+    max_bad_fraction: bad rows are dropped and counted while they are at most this fraction of a split (default 0:
+    any bad row stops the stage, listing them).
     include_gold: (policy source) the world's gold response is one of the candidates.
     balance_tasks: (policy source) the `prompts` training prompts are drawn with equal weight per task family (the
     rows' `task`), as the held-out pairs are; a rare family's prompts are drawn more than once.
@@ -455,6 +485,9 @@ class RMConfig:
     source: Literal["policy", "jsonl", "hf"] = "policy"
     train_file: str | None = None
     eval_file: str | None = None
+    hf_train_split: str = field(default="train", metadata=IF_SET)
+    hf_eval_split: str = field(default="test", metadata=IF_SET)
+    max_bad_fraction: float = field(default=0.0, metadata=IF_SET)
     eval_fraction: float = 0.1
     prompts: int = 2000
     samples_per_prompt: int = 4
@@ -491,6 +524,8 @@ class RMConfig:
             )
         if not 0.0 <= self.min_accuracy <= 1.0 or not 0.0 < self.eval_fraction < 1.0:
             out.append("min_accuracy must be in [0, 1] and eval_fraction in (0, 1)")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            out.append(f"max_bad_fraction: {self.max_bad_fraction} must be between 0 and 1")
         return out
 
 

@@ -1,14 +1,26 @@
 """Data formats and row validation, before any model loads.
 
-Formats (one JSON object per line; `data/README.md` shows each with an example file):
+Formats (one JSON object per line, or one row of a Hugging Face dataset; `data/README.md` shows each with an
+example file):
   conversations  {"messages": [user, assistant, ...]}           ends with an assistant turn (SFT, teacher)
   prompts        {"messages": [user, assistant, ..., user]}     ends with a user turn (generation, RL)
   preferences    {"prompt": [... user], "chosen": [assistant], "rejected": [assistant]}   (reward model)
 Extra fields (`id`, `task`, `answer`, `meta`) are kept. A `system` message first is allowed (chat policy).
 
-Every bad row is reported as `file:line: what is wrong`, all of them at once (`DataError`). Length is checked
-after rendering: prompts are cut from the left; a row whose final response cannot fit is dropped and counted,
-never truncated to nothing.
+TRL's standard dataset formats are accepted too and converted to these (`to_ours`), row by row:
+  prompt-completion   {"prompt": ..., "completion": ...}   a conversation (a prompt alone: a prompt)
+  prompt-only         {"prompt": ...}                        a prompt
+  preference          {"prompt": ..., "chosen": ..., "rejected": ...}   explicit prompt
+                      {"chosen": [...], "rejected": [...]}  implicit prompt: two whole conversations that share
+                                                            their first turns; the shared turns are the prompt
+Each field is a list of messages (conversational) or a string (plain text: a prompt string is one user turn, a
+completion, chosen or rejected string one assistant turn). A chosen or rejected conversation that repeats the
+explicit prompt's turns (as HuggingFaceH4/ultrafeedback_binarized does) has the repeat removed.
+
+Every bad row is reported as `file:line: what is wrong` (a dataset row as `dataset:split:row`), all of them at once
+(`DataError`); `bad_row_policy` drops bad rows while they are at most a recipe's `max_bad_fraction` of the rows.
+Length is checked after rendering: prompts are cut from the left; a row whose final response cannot fit is dropped
+and counted, never truncated to nothing.
 """
 
 from __future__ import annotations
@@ -19,27 +31,97 @@ from typing import Any
 from posttrain.chat import ChatFormatError, Rendered, normalize, render
 from posttrain.data.jsonl import DataError, read_jsonl
 
+FORMATS = ("conversations", "prompts", "preferences")
 
-def check_row(row: Any, fmt: str, where: str, system: str = "fold") -> dict[str, Any]:
-    """Raise ChatFormatError naming `where` when `row` is not a valid `fmt` row; return the row."""
+
+def to_ours(row: Any, fmt: str, where: str) -> dict[str, Any]:
+    """A row in our format or one of TRL's standard formats → our format for `fmt` (other fields kept); raise
+    ChatFormatError naming `where` when the row has the fields of neither."""
     if not isinstance(row, dict):
         raise ChatFormatError(f"{where}: a row is a JSON object, got {type(row).__name__}")
     if fmt == "preferences":
-        for key in ("prompt", "chosen", "rejected"):
-            if key not in row:
-                raise ChatFormatError(
-                    f"{where}: missing field '{key}' (preferences need prompt, chosen, rejected)"
-                )
+        return _preference(row, where)
+    if "messages" in row:
+        return row
+    if "prompt" in row and (fmt == "prompts" or "completion" in row):
+        msgs = _turns(row["prompt"], "user", where, "prompt")
+        if fmt == "conversations":
+            msgs = msgs + _turns(row["completion"], "assistant", where, "completion")
+        return {**{k: v for k, v in row.items() if k not in ("prompt", "completion")}, "messages": msgs}
+    if "text" in row:
+        raise ChatFormatError(f"{where}: missing field 'messages' — a 'text' row is language-modelling data "
+                              "without turns; give 'messages', or 'prompt' and 'completion' (data/README.md)")  # fmt: skip
+    other = "'prompt'" if fmt == "prompts" else "'prompt' and 'completion'"
+    raise ChatFormatError(f"{where}: missing field 'messages' (or TRL's {other})")
+
+
+def _turns(x: Any, role: str, where: str, field: str) -> list:
+    """A field as a list of messages: a string is one `role` turn."""
+    if isinstance(x, str):
+        return [{"role": role, "content": x}]
+    if isinstance(x, list):
+        return list(x)
+    raise ChatFormatError(f"{where}: {field} must be a string or a list of messages, got {type(x).__name__}")
+
+
+def _key(m: Any) -> Any:
+    return (m.get("role"), m.get("content")) if isinstance(m, dict) else m
+
+
+def _preference(row: dict, where: str) -> dict[str, Any]:
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise ChatFormatError(
+                f"{where}: missing field '{key}' (preferences need chosen and rejected, and a prompt unless "
+                "chosen and rejected are whole conversations)"
+            )
+    rest = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+    if "prompt" not in row:
+        prompt, chosen, rejected = _split_shared(row["chosen"], row["rejected"], where)
+        return {**rest, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+    prompt = _turns(row["prompt"], "user", where, "prompt")
+    sides = [_turns(row[k], "assistant", where, k) for k in ("chosen", "rejected")]
+    head = [_key(m) for m in prompt]
+    sides = [s[len(prompt) :] if [_key(m) for m in s[: len(prompt)]] == head and len(s) > len(prompt) else s
+             for s in sides]  # fmt: skip
+    return {**rest, "prompt": prompt, "chosen": sides[0], "rejected": sides[1]}
+
+
+def _split_shared(chosen: Any, rejected: Any, where: str) -> tuple[list, list, list]:
+    """Implicit prompt: the turns both conversations share, up to the last shared user turn, are the prompt."""
+    if not isinstance(chosen, list) or not isinstance(rejected, list):
+        raise ChatFormatError(
+            f"{where}: without a 'prompt' field, chosen and rejected must be whole conversations (lists of "
+            "messages) that share their prompt turns; plain text has no user turn to split off — add a 'prompt'"
+        )
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and _key(chosen[shared]) == _key(rejected[shared]):
+        shared += 1
+    users = [i for i in range(shared) if isinstance(chosen[i], dict) and chosen[i].get("role") == "user"]
+    if not users:
+        raise ChatFormatError(f"{where}: chosen and rejected share no user turn (an implicit prompt is the turns "
+                              "both conversations start with)")  # fmt: skip
+    n = users[-1] + 1
+    if n == len(chosen) or n == len(rejected):
+        raise ChatFormatError(f"{where}: chosen or rejected has no response after the shared prompt turns")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def check_row(row: Any, fmt: str, where: str, system: str = "fold") -> dict[str, Any]:
+    """Raise ChatFormatError naming `where` when `row` is not a valid `fmt` row (ours or TRL's); return it in our
+    format."""
+    row = to_ours(row, fmt, where)
+    if fmt == "preferences":
         prompt = normalize(row["prompt"], system, f"{where} (prompt)")
         if prompt[-1]["role"] != "user":
             raise ChatFormatError(f"{where}: the prompt must end with a user turn")
         for key in ("chosen", "rejected"):
-            normalize(list(row["prompt"]) + _as_turns(row[key]), system, f"{where} ({key})")
-        if _as_turns(row["chosen"]) == _as_turns(row["rejected"]):
+            side = normalize(list(row["prompt"]) + row[key], system, f"{where} ({key})")
+            if side[-1]["role"] != "assistant":
+                raise ChatFormatError(f"{where}: {key} must end with an assistant turn")
+        if [_key(m) for m in row["chosen"]] == [_key(m) for m in row["rejected"]]:
             raise ChatFormatError(f"{where}: chosen and rejected are identical")
         return row
-    if "messages" not in row:
-        raise ChatFormatError(f"{where}: missing field 'messages'")
     msgs = normalize(row["messages"], system, where)
     last = msgs[-1]["role"]
     if fmt == "conversations" and last != "assistant":
@@ -60,33 +142,44 @@ def _as_turns(x: Any) -> list:
 def validate_lines(
     lines: Iterable[str], source: str, fmt: str, system: str = "fold"
 ) -> tuple[list, list[str]]:
-    """Parse and check every line. Returns (rows with `_where` set, errors); nothing is raised."""
+    """Parse and check every line. Returns (rows in our format with `_where` set, errors); nothing is raised."""
     errors: list[str] = []
     rows = []
     for where, row in read_jsonl(lines, source, errors):
         try:
-            check_row(row, fmt, where, system)
+            rows.append({**check_row(row, fmt, where, system), "_where": where})
         except ChatFormatError as e:
             errors.append(str(e))
-            continue
-        rows.append({**row, "_where": where})
     return rows, errors
 
 
-def read_rows(path: str, fmt: str, system: str = "fold") -> list[dict[str, Any]]:
-    """Read and validate a JSONL file; raise DataError listing every bad row."""
+def bad_row_policy(errors: list[str], total: int, limit: float, key: str, source: str) -> None:
+    """Bad rows are dropped while they are at most `limit` of the `total` rows read; past it, DataError lists
+    every one of them and says the limit."""
+    if errors and not (total and len(errors) / total <= limit):
+        raise DataError(errors, source, f"{len(errors)} of {total} rows of {source} are bad "
+                        f"({len(errors) / max(total, 1):.1%}); limit {key} {limit} — fix them, or raise {key} "
+                        "to drop up to that share")  # fmt: skip
+
+
+def read_rows(
+    path: str, fmt: str, system: str = "fold", max_bad: float = 0.0, key: str = "max_bad_fraction"
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Read and validate a JSONL file: (rows in our format, the bad rows dropped as `file:line: reason`); raise
+    DataError when the file cannot be read, holds no rows, or more than `max_bad` of its rows are bad."""
     try:
         with open(path, encoding="utf-8") as f:
             rows, errors = validate_lines(f, path, fmt, system)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise DataError([f"{path}: no such file"], path) from None
+    except PermissionError:
+        raise DataError([f"{path}: not readable (permission denied)"], path) from None
     except UnicodeDecodeError as e:
         raise DataError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"], path) from None
-    if errors:
-        raise DataError(errors, path)
+    bad_row_policy(errors, len(rows) + len(errors), max_bad, key, path)
     if not rows:
         raise DataError([f"{path}: no rows"], path)
-    return rows
+    return rows, errors
 
 
 # ------------------------------------------------------------------------------------------------- length

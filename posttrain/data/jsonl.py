@@ -23,12 +23,15 @@ def read_jsonl(lines: Iterable[str], source: str, errors: list[str]) -> Iterator
 
 
 class DataError(ValueError):
-    """Bad data rows; `errors` holds one `file:line: reason` per row."""
+    """Bad data rows; `errors` holds one `file:line: reason` per row; `note`, when given, ends the message (what
+    limit was passed, what to do)."""
 
-    def __init__(self, errors: list[str], source: str = "data"):
+    def __init__(self, errors: list[str], source: str = "data", note: str = ""):
         self.errors = errors
         shown = errors[:200] + ([f"... and {len(errors) - 200} more"] if len(errors) > 200 else [])
-        super().__init__(f"{len(errors)} bad row(s) in {source}:\n" + "\n".join(shown))
+        super().__init__(
+            f"{len(errors)} bad row(s) in {source}:\n" + "\n".join(shown) + (f"\n{note}" if note else "")
+        )
 
 
 def read_split(path: Path) -> list[dict]:

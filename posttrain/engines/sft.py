@@ -172,7 +172,7 @@ def run_sft(
         model = finalize(trainer, cfg)
         after = evaluate(model)
         # --- save (by the main process; under ZeRO-3 every process first helps gather the weights)
-        if save_trained(trainer, model, tokenizer, out.path / "model", out.path / "checkpoints"):
+        if save_trained(trainer, model, tokenizer, out.path / "model", out.path / "checkpoints", chat=recipe.chat):  # fmt: skip
             report = {"before": before, "after": after, "eval_loss": eval_loss}
             (out.path / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         out.summary = {

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import TrainConfig
+from posttrain.chat import chat_template
+from posttrain.config import ChatConfig, TrainConfig
 from posttrain.dist import is_main
 from posttrain.errors import StageError, Stopped
 from posttrain.outputs import trim_metrics
@@ -51,7 +52,8 @@ def trainer_args(cfg: TrainConfig, out_dir: Path, seed: int, bf16: bool, wandb: 
         activation_checkpointing=cfg.gradient_checkpointing,
         save_strategy="steps",
         save_steps=cfg.save_steps,
-        save_total_limit=2,
+        save_total_limit=cfg.keep_checkpoints,
+        save_only_model=not cfg.save_optimizer,
         logging_steps=cfg.logging_steps,
         eval_strategy="steps" if cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps or None,
@@ -184,6 +186,9 @@ def train_resuming(trainer, checkpoints: Path, metrics: Path, label: str, resume
     rows of `metrics` logged past it; on SIGTERM the step in progress ends, a checkpoint is saved and `Stopped`
     is raised. Returns the train output."""
     ckpt = last_checkpoint(checkpoints) if resume else None
+    if resume and ckpt is None and last_checkpoint(checkpoints, weights_only=True) is not None:
+        print(f"[{label}] the checkpoints in {checkpoints} hold no optimizer state (save_optimizer: false): "
+              "training starts over")  # fmt: skip
     if ckpt is not None:
         step = int(ckpt.name.split("-")[-1])
         print(f"[{label}] resuming from {ckpt} (step {step})")
@@ -267,15 +272,22 @@ def format_line(row: dict, total: int) -> str:
     return " | ".join(parts)
 
 
-def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete `checkpoint-N` (trainer state and weights present) under `folder`, else None."""
+def last_checkpoint(folder: Path, weights_only: bool = False) -> Path | None:
+    """The newest complete `checkpoint-N` under `folder` — trainer state, weights and the optimizer state
+    (`optimizer.pt`, or DeepSpeed's `global_step*/`) present, or without the optimizer state with `weights_only`
+    (what `save_optimizer: false` writes) — else None."""
     best = None
     for p in folder.glob("checkpoint-*"):
         try:
             n = int(p.name.split("-")[-1])
         except ValueError:
             continue
-        complete = (p / "trainer_state.json").exists() and any(p.glob("*.safetensors"))
+        optimizer = (p / "optimizer.pt").exists() or any(p.glob("global_step*"))
+        complete = (
+            (p / "trainer_state.json").exists()
+            and any(p.glob("*.safetensors"))
+            and (optimizer or weights_only)
+        )
         if complete and (best is None or n > best[0]):
             best = (n, p)
     return best[1] if best else None
@@ -322,10 +334,13 @@ def frozen_for_inference(model, trainer):
     return prepare_deepspeed(model, trainer.accelerator)
 
 
-def save_trained(trainer, model, tokenizer, folder: Path, checkpoints: Path | None = None) -> bool:
+def save_trained(
+    trainer, model, tokenizer, folder: Path, checkpoints: Path | None = None, *, chat: ChatConfig
+) -> bool:
     """The end of a training run: under DeepSpeed ZeRO-3 every process takes part in gathering the weights; the
-    main process saves `model` (the trained one, `finalize`d) with its tokenizer into `folder`, reads it back to
-    check that it holds the trained weights (ZeRO-3 can save empty ones) and deletes `checkpoints`. Models loaded
+    main process saves `model` (the trained one, `finalize`d) with its tokenizer, whose chat template renders what
+    training rendered with `chat.system` (`posttrain.chat.chat_template`), into `folder`, reads it back to check
+    that it holds the trained weights (ZeRO-3 can save empty ones) and deletes `checkpoints`. Models loaded
     afterwards load whole (`end_zero3`). Returns whether this process saved (the main one)."""
     from posttrain.modeling import save_model, verify_saved  # torch and transformers: only where a model is
 
@@ -333,7 +348,7 @@ def save_trained(trainer, model, tokenizer, folder: Path, checkpoints: Path | No
     end_zero3()
     if not is_main():
         return False
-    save_model(model, tokenizer, folder, state)
+    save_model(model, tokenizer, folder, state, chat_template(chat.system))
     verify_saved(folder, model, state)
     if checkpoints is not None:
         shutil.rmtree(checkpoints, ignore_errors=True)

@@ -44,8 +44,9 @@ def stage_config(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def load_rows(recipe: Recipe) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) from the configured source, every row validated."""
+def load_rows(recipe: Recipe) -> tuple[list[dict], list[dict], dict[str, list[str]]]:
+    """(train rows, eval rows, {split: the bad rows dropped}) from the configured source, every row validated
+    (bad rows dropped up to `data.max_bad_fraction`)."""
     cfg, system = recipe.data, recipe.chat.system
     if cfg.source == "world":
         ev = world.eval_split(recipe.world, recipe.seed_for("data"))
@@ -54,13 +55,18 @@ def load_rows(recipe: Recipe) -> tuple[list[dict], list[dict]]:
             tr = world.raw_dataset(recipe.world, recipe.world.n_train, recipe.seed_for("data"), ev)
         else:
             tr = world.train_split(recipe.world, recipe.seed_for("data"), eval_rows=ev)
-        return tr, ev
-    train = load_split(cfg, "train", "conversations", system)
-    ev = load_split(cfg, "eval", "conversations", system)
-    if ev is None:
+        return tr, ev, {}
+    train, bad_train = load_split(cfg, "train", "conversations", system)
+    held = load_split(cfg, "eval", "conversations", system)
+    if held is None:
         n_eval = max(1, round(cfg.eval_fraction * len(train)))
-        train, ev = train[n_eval:], train[:n_eval]
-    return train, ev
+        train, held = train[n_eval:], (train[:n_eval], [])
+    bad = {"train": bad_train, "eval": held[1]}
+    for split, errors in bad.items():
+        if errors:
+            print(f"[data] {split}: dropped {len(errors)} bad row(s) (data.max_bad_fraction "
+                  f"{cfg.max_bad_fraction}): " + "; ".join(errors[:3]))  # fmt: skip
+    return train, held[0], bad
 
 
 def main(recipe: Recipe, parents: Parents) -> Path:
@@ -71,9 +77,11 @@ def main(recipe: Recipe, parents: Parents) -> Path:
     with StageOutput(recipe.run_dir / "data", "data", cfg, parents.hashes) as out:
         print(f"[data] recipe {recipe.name}: source={recipe.data.source}, config {out.hash}")
         # --- data
-        train, ev = load_rows(recipe)
+        train, ev, bad = load_rows(recipe)
         tokenizer = load_tokenizer(recipe.model)
         report: dict[str, Any] = {"source": recipe.data.source, "max_length": recipe.chat.max_length}
+        if bad:
+            report["bad_rows"] = {k: {"count": len(v), "examples": v[:5]} for k, v in bad.items()}
         splits = {}
         for name, rows in (("train", train), ("eval", ev)):
             kept, dropped, truncated = length_check(rows, "conversations", tokenizer, recipe.chat)
@@ -128,6 +136,10 @@ def report_markdown(report: dict, rows_in: int, rows_out: int, n_eval: int) -> s
     lines = [
         "## Data", "", "| | rows |", "|---|---:|", f"| training rows in | {rows_in} |",
     ]  # fmt: skip
+    if report.get("bad_rows", {}).get("train", {}).get("count"):
+        lines.append(
+            f"| dropped: bad rows (data.max_bad_fraction) | {report['bad_rows']['train']['count']} |"
+        )
     for k, v in report["train_length"]["dropped"].items():
         lines.append(f"| dropped: {k} | {v['count']} |")
     for k, v in report["filters"]["removed"].items():

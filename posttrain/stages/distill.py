@@ -95,7 +95,9 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         after = evaluate(student)
         # --- save (by the main process; under ZeRO-3 every process first helps gather the weights)
         report = gap_report(before, after, teacher_eval)
-        if save_trained(trainer, student, tokenizer, out.path / "model", out.path / "checkpoints"):
+        if save_trained(
+            trainer, student, tokenizer, out.path / "model", out.path / "checkpoints", chat=recipe.chat
+        ):
             (out.path / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
         out.summary = {
             "train_loss": result.training_loss, "world_score_before": before and before["score"],

@@ -121,7 +121,9 @@ def train_run(recipe: Recipe, name: str, cfg: RLConfig, start: ModelSpec, tokeni
     policy = trainer.model.eval()
     after = figures(policy)
     # under ZeRO-3 every process helps gather the weights; the main one writes
-    if not save_trained(trainer, policy, tokenizer, folder / "model", folder / "checkpoints"):
+    if not save_trained(
+        trainer, policy, tokenizer, folder / "model", folder / "checkpoints", chat=recipe.chat
+    ):
         return
     result = {
         "run": name,

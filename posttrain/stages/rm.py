@@ -38,11 +38,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import ConfigError, DataConfig, ModelSpec, Recipe, SamplingConfig, to_dict
+from posttrain.config import ConfigError, ModelSpec, Recipe, SamplingConfig, to_dict
 from posttrain.data.formats import DataError, check_dropped
 from posttrain.data.jsonl import read_split, write_splits
 from posttrain.data.pairs import draw_prompts, world_pairs
-from posttrain.data.sources import load_split
+from posttrain.data.sources import read_source
 from posttrain.dist import is_main, merge_parts, part
 from posttrain.errors import StageError
 from posttrain.files import file_sha256, write_atomic
@@ -129,7 +129,9 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         report = {"pairs": counts, "untrained": before, "held_out": after, "min_accuracy": cfg.min_accuracy,
                   "starting_lm_likelihood": lm_rank, "likelihood_weight": cfg.likelihood_weight,
                   "untrained_head": head}  # fmt: skip
-        if save_trained(trainer, model, tokenizer, out.path / "model", out.path / "checkpoints"):
+        if save_trained(
+            trainer, model, tokenizer, out.path / "model", out.path / "checkpoints", chat=recipe.chat
+        ):
             (out.path / "rm_report.json").write_text(json.dumps(report, indent=2) + "\n")
             (out.path / "rm_report.md").write_text(report_markdown(report))
             print(report_markdown(report))
@@ -195,13 +197,7 @@ def load_pairs(recipe: Recipe, parents: Parents, tokenizer) -> tuple[list[dict],
     by the world's verifiers (`source: policy`)."""
     cfg = recipe.rm
     if cfg.source != "policy":
-        dc = DataConfig(source=cfg.source, train=cfg.train_file, eval=cfg.eval_file)
-        train = load_split(dc, "train", "preferences", recipe.chat.system)
-        ev = load_split(dc, "eval", "preferences", recipe.chat.system)
-        if ev is None:
-            n = max(1, round(cfg.eval_fraction * len(train)))
-            train, ev = train[n:], train[:n]
-        return train, ev, {"source": cfg.source, "train_pairs": len(train), "eval_pairs": len(ev)}
+        return read_pairs(cfg, recipe.chat.system)
     from posttrain.modeling import load_causal_lm
 
     rows, eval_rows = read_split(parents.split("data", "train")), read_split(parents.split("data", "eval"))
@@ -218,6 +214,29 @@ def load_pairs(recipe: Recipe, parents: Parents, tokenizer) -> tuple[list[dict],
         out.append(pairs)
         counts[name] = c
     return out[0], out[1], counts
+
+
+def read_pairs(cfg, system: str) -> tuple[list[dict], list[dict], dict]:
+    """Preference rows from `rm.train_file` (and `rm.eval_file`, else `rm.eval_fraction` of train held out):
+    JSONL files or datasets' splits (`rm.hf_train_split`, `rm.hf_eval_split`), bad rows dropped up to
+    `rm.max_bad_fraction`."""
+    read = {name: read_source(cfg.source, f, split, "preferences", system, cfg.max_bad_fraction, "rm.max_bad_fraction")
+            for name, f, split in (("train", cfg.train_file, cfg.hf_train_split),
+                                   ("eval", cfg.eval_file, cfg.hf_eval_split)) if f}  # fmt: skip
+    train, bad = read["train"][0], list(read["train"][1])
+    if "eval" in read:
+        ev, bad = read["eval"][0], bad + read["eval"][1]
+    else:
+        n = max(1, round(cfg.eval_fraction * len(train)))
+        train, ev = train[n:], train[:n]
+    if bad:
+        print(f"[rm] dropped {len(bad)} bad preference row(s) (rm.max_bad_fraction {cfg.max_bad_fraction}): "
+              + "; ".join(bad[:3]))  # fmt: skip
+    return (
+        train,
+        ev,
+        {"source": cfg.source, "train_pairs": len(train), "eval_pairs": len(ev), "bad_rows": len(bad)},
+    )
 
 
 def sample_candidates(recipe: Recipe, policy, tokenizer, rows: list[dict], name: str) -> list[list[str]]:
