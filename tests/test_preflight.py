@@ -137,12 +137,14 @@ def test_a_disk_too_small_for_the_run_stops_it_before_any_stage(small_disk):
 
 
 @pytest.mark.parametrize("size", ["2b", "9b", "27b"])
-def test_real_recipes_name_the_preference_files_they_lack(size):
-    out = _posttrain("run", f"recipes/gemma2-{size}/pipeline.yaml", "--dry-run")
+def test_a_real_recipe_whose_preference_file_is_missing_is_stopped_naming_it(size):
+    out = _posttrain("run", f"recipes/gemma2-{size}/pipeline.yaml", "--dry-run", "--set=rm.source=jsonl",
+                     "--set=rm.train_file=data/preferences/train.jsonl", "--set=rm.eval_file=data/examples/preferences.jsonl")  # fmt: skip
     assert out.returncode == 2
     assert (
-        "gemma2-2b/pipeline.yaml:75: rm.train_file: data/preferences/train.jsonl: no such file" in out.stderr
-    )
+        "--set rm.train_file=data/preferences/train.jsonl: rm.train_file: data/preferences/train.jsonl: no such file"
+        in out.stderr
+    ), out.stderr
 
 
 def test_the_readme_s_real_model_recipe_is_checked_before_anything_runs(tmp_path):
