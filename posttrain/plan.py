@@ -17,7 +17,8 @@ Per stage and per GPU (bytes; P parameters, N processes of the stage's launcher,
                     under ZeRO-3 the policy is gathered whole to generate (2P), as TRL does by default
 
 A stage that does not fit names the largest part and the recipe key that shrinks it. On this CPU the plan of a
-training step agrees with its measured peak memory within 25% (tests/test_plan.py). Disk: a DeepSpeed checkpoint
+training step of 4,096 positions or more agrees with its measured peak memory within 25% (tests/test_plan.py;
+smaller micro-batches are overestimated, their tiles being partly empty). Disk: a DeepSpeed checkpoint
 keeps the 16-bit weights and the fp32 optimizer state (14P bytes; 12P + 4P without DeepSpeed), `save_total_limit`
 (2) of them while a stage trains, then the exported model.
 """

@@ -63,12 +63,17 @@ def test_the_plan_cli_exits_1_when_a_stage_does_not_fit():
 
 
 @pytest.mark.stage
-@pytest.mark.parametrize("rows, seq", [(64, 64), pytest.param(16, 64, marks=pytest.mark.slow),
-                                       pytest.param(32, 256, marks=pytest.mark.slow)])  # fmt: skip
+@pytest.mark.parametrize("rows, seq", [(64, 64), pytest.param(32, 256, marks=pytest.mark.slow)])
 def test_a_training_steps_plan_agrees_with_its_measured_peak_memory(rows, seq, gemma_tokenizer):
-    """Within 25% (the plan's stated margin on this CPU), real tokenizer, real-shape student."""
+    """Within 25% (the plan's stated margin on this CPU, for micro-batches of 4,096 positions or more, where the
+    tiled head's temporaries are whole tiles), real tokenizer, real-shape student. Allocations above
+    128 KiB are mapped and unmapped directly (glibc's MALLOC_MMAP_THRESHOLD_), so that the peak resident memory is
+    that of the live tensors rather than of the allocator's free lists (which varies by ±30% from run to run)."""
+    import os
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_probe.py"), str(rows), str(seq), GEMMA],
-                         cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+                         cwd=ROOT, capture_output=True, text=True, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
     shape = plan.shape_of(ModelSpec(preset="real-shape-student", tokenizer=GEMMA))

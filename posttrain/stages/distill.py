@@ -67,13 +67,7 @@ def main(recipe: Recipe, parents: Parents) -> Path:
             tokenizer, t_tok, str(student_spec.name_or_path), str(t_spec.name_or_path or t_spec.preset)
         )
         # --- data
-        rows = [
-            r
-            for r in read_split(parents.split("generate", "train"))
-            if r["messages"][-1]["role"] == "assistant"
-        ]
-        rows = rows[: cfg.prompts] if cfg.prompts else rows
-        eval_rows = read_split(parents.split("generate", "eval"))  # the data stage's, handed on by generate
+        rows, eval_rows = distill_rows(recipe, parents)
         table = prompt_table(rows, tokenizer, recipe.chat, cfg.max_new_tokens, fixed=True)
         print(f"[distill] {len(table)} training prompts from {parents.folders['generate']}; on-policy fraction "
               f"{cfg.on_policy_fraction}")  # fmt: skip
@@ -81,9 +75,7 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         args = distill_args(recipe, out.path)
         student = load_causal_lm(student_spec, tokenizer, seed=seed, trainable=True)
         teacher = load_causal_lm(t_spec, t_tok, seed=seed).eval().requires_grad_(False)
-        print(
-            f"[distill] student {count_parameters(student):,} parameters, teacher {count_parameters(teacher):,}"
-        )
+        print(f"[distill] student {count_parameters(student):,} parameters, teacher {count_parameters(teacher):,}")  # fmt: skip
         evaluate = world_scorer(recipe, tokenizer, eval_rows, "distill")
         before = evaluate(student)
         # --- train (the trainer prepares the frozen teacher for ZeRO-3 inference)
@@ -109,6 +101,16 @@ def main(recipe: Recipe, parents: Parents) -> Path:
                   f"{after['score']:.3f}, teacher {teacher_eval['score']:.3f}: "
                   f"{report['gap_closed']:.0%} of the gap closed")  # fmt: skip
     return out.final
+
+
+def distill_rows(recipe: Recipe, parents: Parents) -> tuple[list[dict], list[dict]]:
+    """The training prompts (the generate stage's conversations, at most `distill.prompts`) and the evaluation
+    rows (the data stage's, handed on by generate)."""
+    rows = [
+        r for r in read_split(parents.split("generate", "train")) if r["messages"][-1]["role"] == "assistant"
+    ]
+    rows = rows[: recipe.distill.prompts] if recipe.distill.prompts else rows
+    return rows, read_split(parents.split("generate", "eval"))
 
 
 def distill_args(recipe: Recipe, folder: Path):

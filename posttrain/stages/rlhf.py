@@ -121,9 +121,7 @@ def train_run(recipe: Recipe, name: str, cfg: RLConfig, start: ModelSpec, tokeni
     policy = trainer.model.eval()
     after = figures(policy)
     # under ZeRO-3 every process helps gather the weights; the main one writes
-    if not save_trained(
-        trainer, policy, tokenizer, folder / "model", folder / "checkpoints", chat=recipe.chat
-    ):
+    if not save_trained(trainer, policy, tokenizer, folder / "model", folder / "checkpoints", chat=recipe.chat):  # fmt: skip
         return
     result = {
         "run": name,
