@@ -57,7 +57,7 @@ data teacher generate sft distill rm rlhf merge eval: setup
 	$(PT) run $(RECIPE) --only $@
 
 # Speed figures as ratios against a baseline measured side by side.
-bench: setup
+bench: setup gemma-tokenizer
 	$(BIN)/python -m posttrain.bench --recipe $(RECIPE)
 
 # Every stage built so far, through the runner (finished stages are skipped); ends with the reports.

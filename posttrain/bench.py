@@ -202,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="recipes/tiny/pipeline.yaml")
     p.add_argument("--prompts", type=int, default=128)
     p.add_argument("--sft-steps", type=int, default=40)
+    p.add_argument(
+        "--real-shape",
+        default="recipes/tiny/real-shape.yaml",
+        help="the real-shape recipe for the real-vocabulary rows ('' to leave them out)",
+    )
+    p.add_argument("--real-shape-steps", type=int, default=4)
     p.add_argument("--startup-probe", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.startup_probe:  # what a stage imports before it does anything
@@ -215,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         m = merge_memory(tmp)
+    real = real_shape_rows(args.real_shape, args.real_shape_steps) if args.real_shape else []
     g = bench_generation(recipe, args.prompts)
     sft = bench_sft(recipe, args.sft_steps)
     peak = matmul_flops()
@@ -245,8 +252,128 @@ def main(argv: list[str] | None = None) -> int:
           f"one model: {m['model_bytes'] / mb:.0f} MB; largest tensor {m['tensor_bytes'] / mb:.0f} MB | "
           f"peak growth {m['peak_growth'] / mb:.0f} MB | **{m['vs_model']:.2f}×** one model, "
           f"{m['vs_tensor']:.1f}× the largest tensor |")  # fmt: skip
+    for row in real:
+        print(row)
     return 0
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --------------------------------------------------------------------------------------------- real shapes
+
+
+def bench_real_shape_sft(recipe, steps: int, batch: int = 32, n_rows: int = 512) -> dict:
+    """The sft stage's trainer against TRL's SFTTrainer on the same real-shape model (the real 256k vocabulary),
+    the same conversations as prompt/completion pairs (TRL trains the completion only, as the stage trains the
+    model turns) and the same batch: trained tokens per second of each."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    import trl
+    from datasets import Dataset
+
+    from posttrain import world
+    from posttrain.chat import prompt_messages
+    from posttrain.engines.sft import make_trainer, sft_args, to_dataset, tokenize_rows
+    from posttrain.modeling import load_causal_lm, load_tokenizer
+
+    rows = [r for r in world.train_split(recipe.world, recipe.seed, n=n_rows) if len(r["messages"]) == 2]
+    tok = load_tokenizer(recipe.model)
+    cfg = dataclasses.replace(recipe.sft, steps=steps, batch_size=batch, length_buckets=1, save_steps=10**9,
+                              logging_steps=steps, eval_steps=0)  # fmt: skip
+    out: dict = {"steps": steps, "batch_size": batch, "vocab": len(tok)}
+    with tempfile.TemporaryDirectory() as tmp:
+        args = sft_args(cfg, Path(tmp) / "ours", recipe.seed, recipe.chat.max_length, False, False, "bench")
+        args.disable_tqdm, args.include_num_input_tokens_seen = True, "non_padding"
+        examples = tokenize_rows(rows, tok, recipe.chat)
+        trained = sum(sum(x != -100 for x in e["labels"]) for e in examples) / len(examples)
+        t = make_trainer(load_causal_lm(recipe.model, tok, seed=recipe.seed, trainable=True), tok,
+                         to_dataset(examples), None, cfg, args, lambda row: None).train().metrics  # fmt: skip
+        out["ours"] = {
+            "seconds": t["train_runtime"],
+            "trained_per_s": steps * batch * trained / t["train_runtime"],
+        }
+        ds = Dataset.from_list([{"prompt": prompt_messages(r["messages"]), "completion": r["messages"][-1:]}
+                                for r in rows])  # fmt: skip
+        targs = trl.SFTConfig(output_dir=str(Path(tmp) / "trl"), max_steps=steps, per_device_train_batch_size=batch,
+                              learning_rate=cfg.learning_rate, report_to=[], use_cpu=True, save_strategy="no",
+                              logging_steps=steps, disable_tqdm=True, dataset_num_proc=None)  # fmt: skip
+        trainer = trl.SFTTrainer(model=load_causal_lm(recipe.model, tok, seed=recipe.seed, trainable=True),
+                                 args=targs, train_dataset=ds, processing_class=tok)  # fmt: skip
+        t = trainer.train().metrics
+        ttrained = sum(sum(x != -100 for x in e["labels"]) for e in trainer.train_dataset) / len(
+            trainer.train_dataset
+        )
+        out["trl"] = {
+            "seconds": t["train_runtime"],
+            "trained_per_s": steps * batch * ttrained / t["train_runtime"],
+        }
+    return out
+
+
+_LOGPS_SCRIPT = r"""
+import gc, json, re, sys, torch
+from posttrain.config import ModelSpec
+from posttrain.modeling import load_causal_lm, load_tokenizer
+from posttrain.logits import match_trl_tiles
+from posttrain.rl import sequence_logps
+spec = ModelSpec(preset="real-shape-student", tokenizer=sys.argv[2])
+tok = load_tokenizer(spec); model = load_causal_lm(spec, tok).eval(); match_trl_tiles("cpu")
+g = torch.Generator().manual_seed(0)
+prompts = [torch.randint(3, len(tok), (32,), generator=g).tolist() for _ in range(32)]
+responses = [torch.randint(3, len(tok), (96,), generator=g).tolist() for _ in range(32)]
+def status(key):
+    return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+gc.collect(); base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the high-water mark from here on
+if sys.argv[1] == "chunked":
+    sequence_logps(model, prompts, responses, 1.0, tok.pad_token_id, batch_size=32)
+else:  # the full (positions × vocabulary) log-softmax it replaces
+    with torch.no_grad():
+        ids = torch.tensor([p + r for p, r in zip(prompts, responses)])
+        torch.log_softmax(model(input_ids=ids).logits.float(), -1)[:, 31:-1].gather(-1, ids[:, 32:, None])
+print(json.dumps({"growth": status("VmHWM") - base}))
+"""
+
+
+def bench_logps_memory(tokenizer: str) -> dict:
+    """Peak memory growth of the sampled responses' log-probabilities (32 sequences × 128 positions, 4,096 in all,
+    the real vocabulary) the project's way (`posttrain.rl.sequence_logps`: tiles) and the full way, each in a
+    fresh process, large allocations mapped directly so that the peak is that of the live tensors."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = {}
+    for way in ("chunked", "full"):
+        done = subprocess.run([sys.executable, "-c", _LOGPS_SCRIPT, way, tokenizer], capture_output=True, text=True,
+                              env=env, check=True)  # fmt: skip
+        out[way] = json.loads(done.stdout.strip().splitlines()[-1])["growth"]
+    return out
+
+
+def real_shape_rows(recipe_path: str, steps: int) -> list[str]:
+    """The real-shape benchmark rows (the SFT trainers, the log-probabilities' memory)."""
+    from posttrain.config import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    s = bench_real_shape_sft(recipe, steps)
+    m = bench_logps_memory(recipe.model.tokenizer)
+    ours, trl_ = s["ours"], s["trl"]
+    return [
+        f"| sft at real shape ({recipe.model.preset}, vocabulary {s['vocab']:,}, batch {s['batch_size']}, {steps} steps, "
+        f"the same sequences) | TRL SFTTrainer: {trl_['seconds'] / steps:.1f} s/step, {trl_['trained_per_s']:,.1f} trained "
+        f"tok/s (the completion and the newline after its end_of_turn) | the sft stage's trainer: "
+        f"{ours['seconds'] / steps:.1f} s/step, {ours['trained_per_s']:,.1f} trained tok/s (model turns up to end_of_turn) "
+        f"| **{trl_['seconds'] / ours['seconds']:.2f}×** steps/s, {ours['trained_per_s'] / trl_['trained_per_s']:.2f}× "
+        f"trained tok/s |",
+        f"| log-probabilities of 32 × 128 positions, vocabulary {s['vocab']:,} | full log-softmax: "
+        f"{m['full'] / 2**20:,.0f} MB peak growth | tiled (`posttrain.logits`): {m['chunked'] / 2**20:,.0f} MB | "
+        f"**{m['full'] / max(m['chunked'], 1):.1f}×** less memory |",
+    ]  # fmt: skip

@@ -55,7 +55,8 @@ def test_a_stage_that_does_not_fit_says_what_to_change():
 
 
 def test_the_plan_cli_exits_1_when_a_stage_does_not_fit():
-    cmd = [sys.executable, "-m", "posttrain", "plan", "recipes/gemma2-2b/pipeline.yaml", "--gpus", "8"]
+    """The README's command, and the same with GPUs too small."""
+    cmd = [sys.executable, "-m", "posttrain", "plan", "recipes/gemma2-9b/pipeline.yaml", "--gpus", "8"]
     ok = subprocess.run(cmd + ["--gpu-memory", "80"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0 and "| sft | zero3 (8) |" in ok.stdout, ok.stderr
     small = subprocess.run(cmd + ["--gpu-memory", "16"], cwd=ROOT, capture_output=True, text=True)

@@ -118,7 +118,9 @@ def _saved_student(tok, folder):
     return load_causal_lm(ModelSpec(name_or_path=str(folder)), tok)
 
 
-def _trainer(tok, out_dir, model=None, temperature=1.0, kl_coef=0.1, anchor="init", steps=2, lr=1e-3):
+def _trainer(
+    tok, out_dir, model=None, temperature=1.0, kl_coef=0.1, anchor="init", steps=2, lr=1e-3, **extra
+):
     import trl
     from datasets import Dataset
 
@@ -138,7 +140,7 @@ def _trainer(tok, out_dir, model=None, temperature=1.0, kl_coef=0.1, anchor="ini
         num_generations=4, beta=kl_coef, temperature=temperature, top_k=0, top_p=1.0, max_completion_length=8,
         use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", seed=0,
         sync_ref_model=anchor == "ema", ref_model_mixup_alpha=0.5, ref_model_sync_steps=1,
-        gradient_checkpointing=False,
+        gradient_checkpointing=False, **extra,
     )  # fmt: skip
     trainer = rloo_trainer(trl.RLOOTrainer)(
         model=model, reward_funcs=[length_reward], args=args, processing_class=tok,
@@ -194,6 +196,36 @@ def test_ema_anchor_moves_toward_the_policy_by_mu(tiny_tokenizer, tmp_path):
     assert torch.allclose(trainer.ref_model.state_dict()[name], ema(ref0[name], policy[name], 0.5), atol=1e-6)
 
 
+@pytest.mark.stage
+def test_an_ema_reference_of_a_bf16_policy_is_kept_and_moved_in_fp32(tiny_tokenizer, tmp_path):
+    """rlhf.ema_dtype: fp32 (the default): TRL's reference is built in fp32 from the bf16 policy's folder, and a
+    step moves it by exactly μ of the way to the policy; a bf16 reference would round most of a small move away."""
+    from posttrain.config import RLConfig
+    from posttrain.engines.rloo import rloo_extra
+    from posttrain.modeling import save_model
+
+    folder = tmp_path / "init"
+    save_model(
+        load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=0), tiny_tokenizer, folder
+    )
+    policy = load_causal_lm(ModelSpec(name_or_path=str(folder)), tiny_tokenizer).to(torch.bfloat16)
+    extra = rloo_extra(RLConfig(anchor="ema", ema_rate=0.5))
+    assert extra["model_init_kwargs"] == {"dtype": "float32"}
+    trainer = _trainer(tiny_tokenizer, tmp_path, model=policy, lr=1e-4, steps=1, bf16=True,
+                       model_init_kwargs=extra["model_init_kwargs"], **{"anchor": "ema"})  # fmt: skip
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert trainer.ref_model.state_dict()[name].dtype == torch.float32
+    ref0 = trainer.ref_model.state_dict()[name].clone()
+    trainer.train()
+    theta = trainer.model.state_dict()[name].float()
+    moved = trainer.ref_model.state_dict()[name]
+    assert torch.allclose(moved, ema(ref0, theta, 0.5), atol=1e-7)
+    # the same move kept in bf16 loses most of it: the fraction of the fp32 move that survives rounding
+    step = moved - ref0
+    in_bf16 = ema(ref0.bfloat16(), theta.bfloat16(), 0.5).float() - ref0.bfloat16().float()
+    assert step.abs().sum() > 0 and (in_bf16 - step).abs().sum() > 0.1 * step.abs().sum()
+
+
 def test_scored_sequence_is_the_rendered_conversation(tiny_tokenizer):
     from posttrain.chat import render
 
@@ -205,6 +237,21 @@ def test_scored_sequence_is_the_rendered_conversation(tiny_tokenizer):
     end = tok.convert_tokens_to_ids("<end_of_turn>")
     assert scored_sequence(prompt, tok.encode("yo there", add_special_tokens=False) + [end], tok) == full
     assert full.count(tok.bos_token_id) == 1
+
+
+def test_a_truncated_response_is_scored_as_it_was_cut_off_not_as_a_finished_turn(tiny_tokenizer):
+    """No stop token within the budget: the RM sees the unfinished turn (no closing `<end_of_turn>`), as the
+    evaluation's figures do when they are told the response was truncated."""
+    from posttrain.chat import render
+
+    tok = tiny_tokenizer
+    prompt = render([{"role": "user", "content": "hi"}], tok, add_generation_prompt=True).input_ids
+    cut = tok.encode("yo the", add_special_tokens=False)
+    assert scored_sequence(prompt, cut, tok) == prompt + cut
+    assert scored_sequence(prompt, cut, tok, finished=False) == prompt + cut
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    closed = scored_sequence(prompt, cut, tok, finished=True)
+    assert closed[: len(prompt) + len(cut)] == prompt + cut and end in closed[len(prompt) + len(cut) :]
 
 
 def test_world_reward_scores_responses_with_the_verifiers(tiny_tokenizer, tmp_path):
