@@ -92,12 +92,20 @@ def sequence_logps(
     return out, mask
 
 
-def scored_sequence(prompt: list[int], response: list[int], tokenizer: Any) -> list[int]:
-    """What the reward model scores: the rendered prompt, the response's own tokens (stop tokens removed) and the
-    turn's closing `<end_of_turn>\n` — the conversation as `posttrain.chat` renders it for RM training, built from
-    the sampled ids so that a malformed response is scored as it was sampled rather than refused."""
-    stops = set(stop_ids(tokenizer)) | {tokenizer.pad_token_id}
-    tail = tokenizer.encode("<end_of_turn>\n", add_special_tokens=False)
+def scored_sequence(
+    prompt: list[int], response: list[int], tokenizer: Any, finished: bool | None = None
+) -> list[int]:
+    """What the reward model scores: the rendered prompt, the response's own tokens (stop tokens removed) and, when
+    the response ended its turn, the turn's closing `<end_of_turn>\n` — the conversation as `posttrain.chat` renders
+    it for RM training, built from the sampled ids so that a malformed response is scored as it was sampled rather
+    than refused. A response that did not end its turn (truncated: no stop token within the budget) is scored as it
+    was cut off, never as a finished turn. `finished` says which; by default a stop token among `response`'s ids
+    (TRL's completions keep the one that ended them)."""
+    ends = set(stop_ids(tokenizer))
+    stops = ends | {tokenizer.pad_token_id}
+    if finished is None:
+        finished = any(t in ends for t in response)
+    tail = tokenizer.encode("<end_of_turn>\n", add_special_tokens=False) if finished else []
     return list(prompt) + [t for t in response if t not in stops] + tail
 
 

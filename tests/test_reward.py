@@ -354,3 +354,18 @@ def test_the_likelihood_term_trains_and_needs_a_model_turn(tiny_tokenizer, tmp_p
     bad = [dict(ex[1], chosen_ids=lost, span_chosen=(a - 1, b - 1))]
     with pytest.raises(DataError, match="pair 1: the chosen response does not follow the model-turn header"):
         check_model_turns(bad, tiny_tokenizer)
+
+
+@pytest.mark.parametrize("distils", [True, False])
+def test_the_rm_learns_from_the_policy_that_rl_starts_from(distils):
+    """The RM judges the responses RL will make it score: its pairs are sampled from RL's start (the distilled
+    student when the recipe distils), not from another stage's policy."""
+    from pathlib import Path
+
+    from posttrain.config import load_recipe
+    from posttrain.stages import rm
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "pipeline.yaml"
+    recipe = load_recipe(path, () if distils else ("distill=null",))
+    assert recipe.rl_start() == ("distill" if distils else "sft")
+    assert recipe.rm_policy() == recipe.rl_start() and recipe.rl_start() in rm.parents(recipe)

@@ -174,6 +174,11 @@ class Recipe:
             return self.rlhf.init_from
         return "distill" if self.has_stage("distill") else "sft"
 
+    def rm_policy(self) -> str:
+        """The stage whose policy samples the RM's pairs (`rm.source: policy`): the one RL starts from, so that
+        the RM learns to judge the responses RL will make it score; without RL, the SFT one."""
+        return self.rl_start() if self.rlhf is not None else "sft"
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name

@@ -4,7 +4,8 @@ Objective (`posttrain.reward.bt_loss`), r = the scalar head at the last real tok
 
     L = −log σ(r(chosen) − r(rejected) − m) + c · mean((r_c + r_r)²)          (m = rm.margin, c = centring)
 
-Preference pairs: with `rm.source: policy` (built-in world), the SFT policy samples `samples_per_prompt`
+Preference pairs: with `rm.source: policy` (built-in world), the policy RL starts from (`Recipe.rm_policy`: the
+distilled student when the recipe distils, else the SFT one) samples `samples_per_prompt`
 responses per training prompt at `rm.temperature`; with the gold response (`include_gold`) they are judged by the
 world's verifiers — correct over incorrect, a refusal over compliance for unsafe prompts, the right name over a
 wrong one, multi-turn follow-ups included; pairs whose sides score the same are not formed and are counted.
@@ -57,7 +58,7 @@ PAIR_COUNTS = "pair_counts.json"  # beside the pairs in data/: what was drawn, k
 
 
 def parents(recipe: Recipe) -> list[str]:
-    out = ["data", "sft"] if recipe.rm.source == "policy" else []
+    out = ["data", recipe.rm_policy()] if recipe.rm.source == "policy" else []
     if recipe.rm.init_from and recipe.rm.init_from not in out:
         out.append(recipe.rm.init_from)
     return out
@@ -202,7 +203,7 @@ def load_pairs(recipe: Recipe, parents: Parents, tokenizer) -> tuple[list[dict],
 
     rows, eval_rows = read_split(parents.split("data", "train")), read_split(parents.split("data", "eval"))
     rows = draw_prompts(rows, cfg.prompts, recipe.seed_for("rm"), cfg.balance_tasks)
-    policy_spec = parents.model("sft", recipe.model)
+    policy_spec = parents.model(recipe.rm_policy(), recipe.model)
     policy = load_causal_lm(policy_spec, tokenizer, seed=recipe.seed_for("rm"))
     out, counts = [], {"source": "policy", "policy": policy_spec.name_or_path}
     for name, split_rows in (("train", rows), ("eval", eval_rows)):
