@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 
-from posttrain import dist, recorder, registry
+from posttrain import dist, multinode, recorder, registry
 from posttrain.config import ConfigError, Recipe, launcher_file, load_recipe, load_recipe_located
 from posttrain.errors import STOPPED_EXIT
 from posttrain.files import link_tree
@@ -111,7 +111,8 @@ def run_stage(name: str, recipe: Recipe) -> Path:
 
 def launch_command(recipe: Recipe, name: str, recipe_path: str, sets: list[str]) -> list[str]:
     """The command that runs stage `name` as its own job: `accelerate launch --config_file <launcher> -m posttrain
-    stage …`, or a plain process with the `local` launcher."""
+    stage …`, or a plain process with the `local` launcher; a launcher spanning several machines runs through
+    Slurm's `srun` on each node (`posttrain.multinode`)."""
     launcher = recipe.launcher_for(name)
     stage = ["-m", "posttrain", "stage", name, recipe_path] + [f"--set={s}" for s in sets]
     if launcher == "local":
@@ -119,7 +120,9 @@ def launch_command(recipe: Recipe, name: str, recipe_path: str, sets: list[str])
     path = launcher_file(launcher)
     if path is None:
         raise ConfigError([f"launcher {launcher!r} for stage {name}: no such accelerate config"])
-    return [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(path), *stage]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(path), *stage]
+    n = multinode.machines(launcher)
+    return multinode.srun_command(cmd, n) if n > 1 else cmd
 
 
 # ------------------------------------------------------------------------------------------------- a whole run
@@ -225,7 +228,11 @@ def run(opts: RunOptions) -> int:
             print(
                 f"[run] note: {recipe.run_dir} is in use by {run_lock.describe(holder)}; a run now would stop"
             )
+        if recipe.eval.max_prompts is not None:
+            print(f"[run] evaluation: the first {recipe.eval.max_prompts} prompts of the evaluation split "
+                  f"(eval.max_prompts)")  # fmt: skip
         if not opts.dry_run:
+            check_machines(recipe, steps)
             print_plan_on_gpus(recipe)
         return execute(recipe, opts, steps, stages, held)
     finally:
@@ -263,6 +270,21 @@ def execute(recipe: Recipe, opts: RunOptions, steps: list[Step], stages: list[st
         print_reports(recipe.run_dir, stages)
         print(f"[run] outputs of recipe {recipe.name}: {recipe.run_dir}/")
     return 0
+
+
+def check_machines(recipe: Recipe, steps: list[Step]) -> None:
+    """Before any stage starts: every stage spanning several machines can start (a Slurm allocation of as many
+    nodes, the run folder on shared storage), else a ConfigError saying what to do (`posttrain.multinode`)."""
+    problems = []
+    for step in steps:
+        if step.action == "launch" and step.cmd[0] == "srun":
+            try:
+                n = multinode.machines(recipe.launcher_for(step.name))
+                multinode.check_can_start(step.name, n, recipe.run_dir)
+            except ConfigError as e:
+                problems += e.problems
+    if problems:
+        raise ConfigError(problems)
 
 
 def print_plan_on_gpus(recipe: Recipe) -> None:

@@ -315,3 +315,38 @@ def test_negative_rm_extra_layers_or_likelihood_weight_is_refused_by_key():
         load_recipe("recipes/tiny/pipeline.yaml", ["rm.extra_layers=-1"])
     with pytest.raises(ConfigError, match=r"rm: likelihood_weight: -0.5 is negative"):
         load_recipe("recipes/tiny/pipeline.yaml", ["rm.likelihood_weight=-0.5"])
+
+
+def test_eval_max_prompts_caps_every_evaluation_and_reruns_only_what_evaluates_when_set():
+    from posttrain.stages import generate, rlhf, sft
+
+    tiny = load_recipe(ROOT / "recipes/tiny/pipeline.yaml")
+    capped = load_recipe(ROOT / "recipes/tiny/pipeline.yaml", ["eval.max_prompts=3"])
+    rows = [{"id": i} for i in range(10)]
+    assert tiny.eval.capped(rows) == rows and capped.eval.capped(rows) == rows[:3]
+    # unset, it is not part of any hash (finished runs stay finished); set, the evaluating stages rerun
+    assert config_hash(sft.stage_config(tiny)) == config_hash(
+        sft.stage_config(load_recipe(ROOT / "recipes/tiny/pipeline.yaml", ["seed=" + str(tiny.seed)]))
+    )
+    for stage in (sft, rlhf):
+        assert config_hash(stage.stage_config(capped)) != config_hash(stage.stage_config(tiny)), stage
+    assert config_hash(generate.stage_config(capped)) == config_hash(generate.stage_config(tiny))
+    with pytest.raises(ConfigError, match="max_prompts: 0 must be at least 1"):
+        load_recipe(ROOT / "recipes/tiny/pipeline.yaml", ["eval.max_prompts=0"])
+
+
+def test_the_real_recipes_cap_their_evaluation_and_the_dry_run_says_so():
+    out = subprocess.run([sys.executable, "-m", "posttrain", "run", "recipes/gemma2-9b/pipeline.yaml", "--dry-run"],
+                         capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "[run] evaluation: the first 512 prompts of the evaluation split (eval.max_prompts)" in out.stdout
+
+
+def test_trl_s_vllm_keys_are_accepted_where_trl_has_them_and_refused_for_sft_naming_the_key():
+    """rlhf and distill hand `trl:` to RLOOConfig and the distillation config, which have TRL's vLLM switches;
+    SFTConfig has none (the sft stage does not generate)."""
+    rl = load_recipe(ROOT / "recipes/tiny/smoke.yaml", ["rlhf.train.trl={use_vllm: true, vllm_mode: colocate}"])
+    assert rl.rlhf.train.trl == {"use_vllm": True, "vllm_mode": "colocate"}
+    load_recipe(ROOT / "recipes/tiny/smoke.yaml", ["distill.train.trl={use_vllm: true}"])
+    with pytest.raises(ConfigError, match=r"sft: trl.use_vllm: not a trl.SFTConfig field"):
+        load_recipe(ROOT / "recipes/tiny/smoke.yaml", ["sft.trl={use_vllm: true}"])

@@ -66,7 +66,7 @@ def test_every_stage_runs_and_hands_over(smoke_run):
     for stage in ("teacher", "sft", "distill", "rm", "rlhf", "merge"):  # read back by the runner
         assert f"[run] {stage}: exported models read back complete (" in log, stage
     assert "## World evaluation" in log and "| sft: trained | **" in log and "| teacher: untrained |" in log
-    assert set(read_done(run / "rm")["parents"]) == {"data", "sft", "teacher"}
+    assert set(read_done(run / "rm")["parents"]) == {"data", "distill", "teacher"}  # pairs from RL's start
     gate = json.loads((run / "rm" / "rm_report.json").read_text())
     assert gate["held_out"]["pairs"] > 0 and 0 <= gate["held_out"]["accuracy"] <= 1
     assert (run / "rm" / "model" / "model.safetensors").exists()
@@ -297,7 +297,7 @@ def test_rm_below_the_gate_fails_with_its_figures_and_keeps_the_last_good_rm(smo
 def test_bench_prints_the_generation_ratio(capsys):
     from posttrain import bench
 
-    assert bench.main(["--recipe", SMOKE, "--prompts", "3"]) == 0
+    assert bench.main(["--recipe", SMOKE, "--prompts", "3", "--real-shape", ""]) == 0
     out = capsys.readouterr().out
     assert "| generation, 3 prompts" in out and "faster (outputs identical: 3/3)" in out
 
@@ -416,7 +416,7 @@ def test_sigterm_and_kill_9_resume_to_the_same_weights_as_an_uninterrupted_run(s
 
 @pytest.mark.stage
 def test_the_reward_model_resumes_after_sigterm_and_kill_9_to_the_same_weights(smoke_run, tmp_path):
-    _resumes_to_the_same_weights("rm", "sft", smoke_run, tmp_path)
+    _resumes_to_the_same_weights("rm", "distill", smoke_run, tmp_path)
 
 
 def _sft_8_steps(run: Path, out: Path, *extra: str) -> tuple[list[float], dict, str]:
@@ -476,15 +476,51 @@ def _zero3_launcher(folder: Path, port: int) -> Path:
 
 
 @pytest.mark.dist
-def test_zero3_over_two_gloo_processes_trains_and_saves_like_one(smoke_run, one_process_sft, tmp_path):
-    """DeepSpeed ZeRO-3 with every tensor sharded (persistence threshold 0): evaluation generates from the sharded
-    model and the saved model holds the gathered weights."""
+def test_zero3_over_two_gloo_processes_trains_and_saves_like_one(
+    smoke_run, one_process_sft, tmp_path, monkeypatch
+):
+    """DeepSpeed ZeRO-3 with every tensor sharded (persistence threshold 0): the policy is created partitioned (in
+    no process is it ever whole), evaluation generates from the sharded model and the saved model holds the
+    gathered weights."""
     launcher = _zero3_launcher(tmp_path, 29513)
+    monkeypatch.setenv("POSTTRAIN_RECORD_LOADS", str(tmp_path / "loads.jsonl"))
     two = _sft_8_steps(
         smoke_run[0], tmp_path / "out", "--set=sft.batch_size=4", f"--set=launchers.sft={launcher}"
     )
     assert "[sft] data parallel over 2 processes: global batch 8" in two[2], two[2][-3000:]
     _same_training(one_process_sft, two)
+    loads = _loads(tmp_path / "loads.jsonl")
+    assert sorted(r["rank"] for r in loads) == [0, 1] and all(
+        r["zero3"] and r["partitioned"] for r in loads
+    ), loads
+
+
+def _loads(path: Path) -> list[dict]:
+    """The models the stages created (`POSTTRAIN_RECORD_LOADS`): kind, rank, under ZeRO-3, partitioned."""
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+@pytest.mark.dist
+def test_under_zero3_the_distill_and_rm_stages_create_every_model_partitioned(
+    smoke_run, tmp_path, monkeypatch
+):
+    """distill (student and teacher) and rm (the reward model) under ZeRO-3 over 2 gloo processes: every model
+    they train or score with is created partitioned. (The RM's likelihood term reads the embeddings outside their
+    module, which ZeRO-3 refuses: it is off here.)"""
+    run, _ = smoke_run
+    zero3 = _zero3_launcher(tmp_path, 29515)
+    monkeypatch.setenv("POSTTRAIN_RECORD_LOADS", str(tmp_path / "loads.jsonl"))
+    sets = [f"--set=output_dir={tmp_path}"] + [
+        f"--set={k}" for k in (f"launchers.rm={zero3}", f"launchers.distill={zero3}", "rm.likelihood_weight=0",
+                               "rm.train.batch_size=4", "distill.train.batch_size=4")
+    ]  # fmt: skip
+    _run("run", SMOKE, *sets, "--only", "rm,distill", "--force", "--reuse", str(run))
+    sharded = [r for r in _loads(tmp_path / "loads.jsonl") if r["zero3"]]
+    assert all(r["partitioned"] for r in sharded), sharded
+    kinds = sorted((r["kind"], r["rank"]) for r in sharded)
+    # distill: the student and the teacher in each process; rm: the reward model in each process
+    assert kinds == [("causal_lm", 0), ("causal_lm", 0), ("causal_lm", 1), ("causal_lm", 1),
+                     ("reward_model", 0), ("reward_model", 1)], kinds  # fmt: skip
 
 
 @pytest.mark.stage
@@ -533,7 +569,7 @@ def test_generate_in_two_processes_writes_what_one_process_wrote(smoke_run, tmp_
 
 
 @pytest.mark.dist
-def test_rm_distill_and_rlhf_in_two_gloo_processes(smoke_run, tmp_path):
+def test_rm_distill_and_rlhf_in_two_gloo_processes(smoke_run, tmp_path, monkeypatch):
     """rm and distill with the ddp-cpu launcher, rlhf (two runs, one after the other) under ZeRO-3, each in 2
     processes × batch 4 (the smoke run's global batch 8): the RM's pairs are the one-process run's (sampling split
     by batch) and so are its first steps; distill and rlhf train, save and log once."""
@@ -543,7 +579,14 @@ def test_rm_distill_and_rlhf_in_two_gloo_processes(smoke_run, tmp_path):
         f"--set={k}" for k in ("launchers.rm=ddp-cpu", "launchers.distill=ddp-cpu", f"launchers.rlhf={zero3}",
                                "rm.train.batch_size=4", "distill.train.batch_size=4", "rlhf.train.batch_size=4")
     ]  # fmt: skip
+    monkeypatch.setenv("POSTTRAIN_RECORD_LOADS", str(tmp_path / "loads.jsonl"))
     log = _run("run", SMOKE, *sets, "--only", "distill,rlhf", "--reuse", str(run))
+    sharded = [
+        r for r in _loads(tmp_path / "loads.jsonl") if r["zero3"]
+    ]  # rlhf's: a policy and the RM per run
+    assert all(r["partitioned"] for r in sharded) and len(sharded) == 2 * 2 * len(
+        load_recipe(SMOKE).rlhf.resolved()
+    )
     ddp = f"--config_file {ROOT / 'recipes' / 'accelerate' / 'ddp-cpu.yaml'} -m posttrain stage"
     assert log.count(ddp) == 2 and log.count(f"--config_file {zero3} -m posttrain stage rlhf") == 1, log[
         -3000:

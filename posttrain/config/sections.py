@@ -274,15 +274,27 @@ class EvalConfig:
 
     sliding_window: the `eval` stage only — the window of the models' sliding-attention layers at inference
     (None: the window they were trained with), as in the Gemma 2 report's study of shrinking the local-attention
-    window at inference; it changes the `eval` stage alone, so a sweep over it retrains nothing."""
+    window at inference; it changes the `eval` stage alone, so a sweep over it retrains nothing.
+    max_prompts: the first this many prompts of the evaluation split are what every evaluation reads — the
+    training stages' figures (world score, KL, RM reward, held-out loss), the merge's sweep and the `eval` stage —
+    (None: the whole split). A real dataset's split can hold tens of thousands of prompts; each figure samples
+    a response to every prompt it reads."""
 
     max_new_tokens: int = 128
     batch_size: int = 64
     sliding_window: int | None = None
+    max_prompts: int | None = field(default=None, metadata=IF_SET)
 
     def during_training(self) -> dict[str, int]:
         """What the evaluation at the end of a training stage uses (its part of that stage's config)."""
-        return {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
+        out = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
+        if self.max_prompts is not None:
+            out["max_prompts"] = self.max_prompts
+        return out
+
+    def capped(self, rows: list[dict]) -> list[dict]:
+        """The evaluation rows an evaluation reads: the first `max_prompts` of the split."""
+        return rows if self.max_prompts is None else rows[: self.max_prompts]
 
     def problems(self) -> list[str]:
         out = (
@@ -290,6 +302,8 @@ class EvalConfig:
             if self.max_new_tokens >= 1 and self.batch_size >= 1
             else ["max_new_tokens and batch_size: at least 1"]
         )
+        if self.max_prompts is not None and self.max_prompts < 1:
+            out.append(f"max_prompts: {self.max_prompts} must be at least 1 (or unset: the whole split)")
         if self.sliding_window is not None and self.sliding_window < 1:
             out.append(
                 f"sliding_window: {self.sliding_window} must be at least 1 (or unset: the trained window)"
@@ -463,7 +477,7 @@ class DistillConfig:
 class RMConfig:
     """The `rm:` section.
 
-    source: `policy` builds pairs by sampling `samples_per_prompt` responses per prompt from the SFT policy and
+    source: `policy` builds pairs by sampling `samples_per_prompt` responses per prompt from RL's start policy and
     judging them with the world's verifiers (built-in world only); `jsonl` / `hf` read preference rows from
     `train_file` (and `eval_file`, else `eval_fraction` of train is held out): ours or TRL's preference format,
     explicit or implicit prompt, conversational or plain text (data/README.md).

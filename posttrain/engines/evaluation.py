@@ -83,7 +83,7 @@ def policy_figures(
            "length": sum(len(g.ids) for g in gens) / max(len(gens), 1),
            "truncation_rate": sum(g.truncated for g in gens) / max(len(gens), 1)}  # fmt: skip
     if reward_model is not None:
-        seqs = [scored_sequence(p, g.ids, tokenizer) for p, g in zip(prompts, gens)]
+        seqs = [scored_sequence(p, g.ids, tokenizer, not g.truncated) for p, g in zip(prompts, gens)]
         rewards = score_ids(reward_model, seqs, tokenizer.pad_token_id, batch_size)
         out["reward"] = sum(rewards) / max(len(rewards), 1)
         if keep_rewards:
@@ -105,7 +105,7 @@ def evaluate_models(
         rm = load_reward_model(
             parents.model("rm", recipe.reward_model), tokenizer, device=frozen_device(2)
         ).eval()
-    eval_rows = read_split(parents.split("data", "eval"))
+    eval_rows = recipe.eval.capped(read_split(parents.split("data", "eval")))
     world_eval = world_scorer(recipe, tokenizer, eval_rows, "eval")
     probes = load_probes() if recipe.data.source == "world" else None
     temperature = recipe.rlhf.temperature if recipe.rlhf else 1.0

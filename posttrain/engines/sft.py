@@ -140,7 +140,7 @@ def run_sft(
         # --- data
         train_rows, eval_rows = (
             read_split(parents.split(source, "train")),
-            read_split(parents.split(source, "eval")),
+            recipe.eval.capped(read_split(parents.split(source, "eval"))),
         )
         tokenizer = load_tokenizer(spec)
         train_ex = tokenize_rows(train_rows, tokenizer, recipe.chat)

@@ -110,7 +110,7 @@ def distill_rows(recipe: Recipe, parents: Parents) -> tuple[list[dict], list[dic
         r for r in read_split(parents.split("generate", "train")) if r["messages"][-1]["role"] == "assistant"
     ]
     rows = rows[: recipe.distill.prompts] if recipe.distill.prompts else rows
-    return rows, read_split(parents.split("generate", "eval"))
+    return rows, recipe.eval.capped(read_split(parents.split("generate", "eval")))
 
 
 def distill_args(recipe: Recipe, folder: Path):

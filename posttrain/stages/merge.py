@@ -56,7 +56,7 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         rm = load_reward_model(
             parents.model("rm", recipe.reward_model), tokenizer, device=frozen_device(2)
         ).eval()
-        eval_rows = read_split(parents.split("data", "eval"))
+        eval_rows = recipe.eval.capped(read_split(parents.split("data", "eval")))
         evaluate = world_scorer(recipe, tokenizer, eval_rows, "merge")
         rl = recipe.rlhf
 

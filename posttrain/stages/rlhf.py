@@ -59,7 +59,7 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         # --- data
         rows = read_split(parents.split("data", "train"))
         rows = rows[: recipe.rlhf.prompts] if recipe.rlhf.prompts else rows
-        eval_rows = read_split(parents.split("data", "eval"))
+        eval_rows = recipe.eval.capped(read_split(parents.split("data", "eval")))
         table = prompt_table(rows, tokenizer, recipe.chat, recipe.rlhf.max_new_tokens)
         print(f"[rlhf] start: {recipe.rl_start()} ({start.name_or_path}); {len(table)} training prompts")
         # --- models and training: each run loads its policy and reward model after its trainer's config
