@@ -1,7 +1,9 @@
 """The largest tensor a process forms, for checking that no stage materialises a (positions × vocabulary) block.
 
 `largest_tensors(path)` records, while it is active, every tensor an operator returns (allocations included:
-`empty`, `zeros`, the outputs of matmuls, softmaxes …) and keeps the largest by element count, and the most
+`empty`, `zeros`, the outputs of matmuls, softmaxes …) and keeps the largest by the elements its memory holds (a
+view — `expand`, `view`, a slice — counts the storage it reads, not the shape it shows: a broadcast over the
+vocabulary allocates nothing), and the most
 token positions one embedding lookup read (a micro-batch's batch × length); on exit it appends one JSON line to
 `path`: {"label", "numel", "shape", "dtype", "op", "positions"}. `posttrain stage` turns it on when the
 environment sets `POSTTRAIN_RECORD_TENSORS=<file>` (the real-shape tests do); it slows a stage, so it is off
@@ -15,6 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ENV = "POSTTRAIN_RECORD_TENSORS"
+
+
+def held(t) -> int:
+    """The elements of `t`'s dtype that its memory (its storage, shared with any view of it) holds."""
+    try:
+        return min(t.numel(), t.untyped_storage().nbytes() // max(t.element_size(), 1))
+    except (RuntimeError, NotImplementedError):  # a tensor without storage (sparse, nested)
+        return t.numel()
 
 
 @contextmanager
@@ -32,8 +42,8 @@ def largest_tensors(path: str | Path, label: str):
             if func is embedding:
                 best["positions"] = max(best["positions"], args[1].numel())
             for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.numel() > best["numel"]:
-                    best.update(numel=t.numel(), shape=list(t.shape), dtype=str(t.dtype), op=str(func))
+                if isinstance(t, torch.Tensor) and (n := held(t)) > best["numel"]:
+                    best.update(numel=n, shape=list(t.shape), dtype=str(t.dtype), op=str(func))
             return out
 
     try:

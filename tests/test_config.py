@@ -345,7 +345,9 @@ def test_the_real_recipes_cap_their_evaluation_and_the_dry_run_says_so():
 def test_trl_s_vllm_keys_are_accepted_where_trl_has_them_and_refused_for_sft_naming_the_key():
     """rlhf and distill hand `trl:` to RLOOConfig and the distillation config, which have TRL's vLLM switches;
     SFTConfig has none (the sft stage does not generate)."""
-    rl = load_recipe(ROOT / "recipes/tiny/smoke.yaml", ["rlhf.train.trl={use_vllm: true, vllm_mode: colocate}"])
+    rl = load_recipe(
+        ROOT / "recipes/tiny/smoke.yaml", ["rlhf.train.trl={use_vllm: true, vllm_mode: colocate}"]
+    )
     assert rl.rlhf.train.trl == {"use_vllm": True, "vllm_mode": "colocate"}
     load_recipe(ROOT / "recipes/tiny/smoke.yaml", ["distill.train.trl={use_vllm: true}"])
     with pytest.raises(ConfigError, match=r"sft: trl.use_vllm: not a trl.SFTConfig field"):

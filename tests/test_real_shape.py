@@ -51,8 +51,14 @@ def test_every_real_shape_stage_finishes_in_a_few_gib_without_a_full_vocabulary_
         f"--set=output_dir={tmp_path}",
     ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (tmp_path / "run.log").write_text(done.stdout + done.stderr)  # kept for a failure's whole story
     peaks = {m[1]: float(m[2]) for m in re.finditer(r"\[run\] (\w+): peak memory ([\d.]+) GiB", done.stdout)}
+    trace = (
+        done.stderr[done.stderr.find("Traceback") :][-4000:]
+        if "Traceback" in done.stderr
+        else done.stderr[-4000:]
+    )
+    assert done.returncode == 0, (peaks, trace)
     assert set(TRAINED) <= set(peaks) and all(p < 3.5 for p in peaks.values()), peaks
     rows = [json.loads(x) for x in tensors.read_text().splitlines()]
     assert {r["label"].split(":")[0] for r in rows} >= set(peaks) - {"data"}, rows
@@ -60,3 +66,13 @@ def test_every_real_shape_stage_finishes_in_a_few_gib_without_a_full_vocabulary_
     for r in rows:
         if r["label"].split(":")[0] in TRAINED:
             assert r["positions"] >= 4096, r
+
+
+def test_a_broadcast_view_counts_the_memory_it_reads_not_the_shape_it_shows(tmp_path):
+    path = tmp_path / "t.jsonl"
+    with recorder.largest_tensors(path, "x"):
+        row = torch.zeros(1, 1, 1000)  # 1,000 elements
+        row.expand(70, 64, 1000)  # a view of 4,480,000 elements: no memory of its own
+        torch.ones(2000)
+    (out,) = [json.loads(x) for x in path.read_text().splitlines()]
+    assert out["numel"] == 2000 and out["shape"] == [2000]
