@@ -211,8 +211,8 @@ def test_an_ema_reference_of_a_bf16_policy_is_kept_and_moved_in_fp32(tiny_tokeni
     policy = load_causal_lm(ModelSpec(name_or_path=str(folder)), tiny_tokenizer).to(torch.bfloat16)
     extra = rloo_extra(RLConfig(anchor="ema", ema_rate=0.5))
     assert extra["model_init_kwargs"] == {"dtype": "float32"}
-    trainer = _trainer(tiny_tokenizer, tmp_path, model=policy, lr=1e-4, steps=1, bf16=True,
-                       model_init_kwargs=extra["model_init_kwargs"], **{"anchor": "ema"})  # fmt: skip
+    trainer = _trainer(tiny_tokenizer, tmp_path, model=policy, lr=1e-4, steps=1, anchor="ema",
+                       model_init_kwargs=extra["model_init_kwargs"])  # fmt: skip
     name = "model.layers.0.mlp.up_proj.weight"
     assert trainer.ref_model.state_dict()[name].dtype == torch.float32
     ref0 = trainer.ref_model.state_dict()[name].clone()
