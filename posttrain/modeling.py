@@ -238,6 +238,8 @@ def _load(spec: ModelSpec, tokenizer: Any, preset_class: type, auto_class: type,
         torch.manual_seed(seed)
         if spec.preset:
             model = preset_class._from_config(config, dtype=dtype)
+            if sharded:  # the partitions hold the seeded weights one process would have drawn
+                copy_into_partitions(model, preset_class, config, dtype, seed)
         else:
             model = auto_class.from_pretrained(
                 spec.name_or_path, revision=spec.revision, dtype=dtype,
@@ -247,6 +249,21 @@ def _load(spec: ModelSpec, tokenizer: Any, preset_class: type, auto_class: type,
         model = model.to(dev)
     record_load(kind, spec, model, sharded)
     return model
+
+
+def copy_into_partitions(model, preset_class: type, config, dtype, seed: int) -> None:
+    """Under ZeRO-3 a preset's random weights are drawn on partitioned parameters, in another order than one
+    process draws them: draw them as one process does (presets are test-sized: the whole copy is a few MB) and
+    copy them into the partitions, so that a run's weights do not depend on how it is launched."""
+    import deepspeed
+
+    torch.manual_seed(seed)
+    whole = preset_class(config).to(dtype)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized() or tdist.get_rank() == 0:
+            model.load_state_dict(whole.state_dict(), strict=False)
 
 
 def zero3() -> bool:
@@ -295,7 +312,12 @@ def gathered(*models):
     if not params:
         return nullcontext()
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import DS_Z3_GATHERED_PARAM_CONTEXT_DEPTH_ATTR as DEPTH
 
+    # parameters a caller has gathered already stay as they are (gatherings may not nest over one parameter)
+    params = [p for p in params if not getattr(p, DEPTH, 0)]
+    if not params:
+        return nullcontext()
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 

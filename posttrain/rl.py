@@ -85,7 +85,7 @@ def sequence_logps(
             pos = [torch.arange(len(ps[i]) - 1, len(ps[i]) + len(rs[i]) - 1) for i in rows]
             picked = torch.cat([hidden[i, p.to(device)] for i, p in zip(rows, pos)])
             targets = torch.tensor([t for i in rows for t in rs[i]], device=device)
-            with maybe_gather_lm_head_ctx(weight):
+            with maybe_gather_lm_head_ctx(weight):  # a no-op where the head is whole already
                 lp = token_logps(picked, weight, targets, cap, temperature).cpu()
             for i, chunk in zip(rows, lp.split([len(rs[i]) for i in rows])):
                 out[b + i, : len(chunk)], mask[b + i, : len(chunk)] = chunk, 1

@@ -21,7 +21,10 @@ SMOKE = str(ROOT / "recipes" / "tiny" / "smoke.yaml")
 
 def _run(*args: str) -> str:
     p = subprocess.run([sys.executable, "-m", "posttrain", *args], capture_output=True, text=True, cwd=ROOT)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    first = p.stderr.find("Traceback")  # the first failure's own trace, before the launcher's summary
+    assert p.returncode == 0, (
+        p.stdout[-3000:] + (p.stderr[first : first + 4000] if first >= 0 else "") + p.stderr[-3000:]
+    )
     return p.stdout
 
 

@@ -64,17 +64,20 @@ def policy_figures(
     """On `rows`' prompts, the policy samples one response each (plain temperature): the mean RM reward of those
     responses, KL(π ‖ π_ref) estimated on them (k1 and k3, per sequence), their length and truncation rate
     (and each response's reward under "rewards" with `keep_rewards`). Under ZeRO-3 the policy is gathered
-    whole while it samples; the reference and the RM score through their DeepSpeed engines."""
+    whole while it samples and scores its samples; the reference and the RM score through their DeepSpeed
+    engines."""
     prompts = [
         prompt_ids(r["messages"], tokenizer, chat, max_new_tokens, str(r.get("id", "?"))) for r in rows
     ]
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0,
                          batch_size=batch_size, engine="hf")  # fmt: skip
-    with gathered(policy):
-        gens = generate(policy, tokenizer, prompts, cfg, seed=seed)
     end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    responses = [g.ids + ([] if g.truncated else [end]) for g in gens]
-    logp, mask = sequence_logps(policy, prompts, responses, temperature, tokenizer.pad_token_id, batch_size)
+    with gathered(policy):  # a policy not yet inside its trainer's engine has no hooks that would gather it
+        gens = generate(policy, tokenizer, prompts, cfg, seed=seed)
+        responses = [g.ids + ([] if g.truncated else [end]) for g in gens]
+        logp, mask = sequence_logps(
+            policy, prompts, responses, temperature, tokenizer.pad_token_id, batch_size
+        )
     ref_logp, _ = sequence_logps(
         reference, prompts, responses, temperature, tokenizer.pad_token_id, batch_size
     )

@@ -86,6 +86,8 @@ def train_run(recipe: Recipe, name: str, cfg: RLConfig, start: ModelSpec, tokeni
     The trainer's config comes first, so that under ZeRO-3 every model is created partitioned: the policy, the RM
     (then prepared for ZeRO-3 inference) and TRL's own reference — the KL anchor, and the start the figures'
     KL is measured against (with `anchor: ema`, whose reference moves, a frozen copy of the start instead)."""
+    from trl.models.utils import unwrap_model_for_generation
+
     from posttrain.engines.evaluation import policy_figures, world_scorer
     from posttrain.engines.trainer import frozen_for_inference, save_trained, train_resuming
     from posttrain.modeling import load_causal_lm, load_reward_model
@@ -119,7 +121,10 @@ def train_run(recipe: Recipe, name: str, cfg: RLConfig, start: ModelSpec, tokeni
           f"{_num(before.get('reward'))}, world {_num(before['world_score'])}")  # fmt: skip
     train_resuming(trainer, folder / "checkpoints", folder / "metrics.jsonl", f"rlhf/{name}")
     policy = trainer.model.eval()
-    after = figures(policy)
+    # TRL's unwrapping for generation: under ZeRO-3 the policy gathered whole with the engine's hooks lifted, so
+    # that no hook releases a layer while the figures read the LM head directly
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as whole:
+        after = figures(whole)
     # under ZeRO-3 every process helps gather the weights; the main one writes
     if not save_trained(trainer, policy, tokenizer, folder / "model", folder / "checkpoints", chat=recipe.chat):  # fmt: skip
         return
