@@ -53,20 +53,26 @@ def decode(ids: list[int], tokenizer: Any, stops: list[int], max_new: int) -> Ge
     )  # fmt: skip
 
 
-def use_vllm(cfg: SamplingConfig) -> bool:
-    if cfg.engine == "hf":
+def use_vllm(engine: str, key: str = "generate.engine") -> bool:
+    """Whether a stage generates with vLLM: `vllm` (refused where vllm is not installed, naming `key`), `hf`, or
+    `auto` = vLLM where it is installed and a GPU is present."""
+    if engine == "hf":
         return False
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        if cfg.engine == "vllm":
+    if not vllm_installed():
+        if engine == "vllm":
             raise RuntimeError(
-                "generate.engine is 'vllm' but vllm is not installed; pip install vllm, or use 'hf'"
-            ) from None
+                f"{key} is 'vllm' but vllm is not installed here; pip install vllm, or set 'hf'"
+            )
         return False
     import torch
 
-    return torch.cuda.is_available()
+    return engine == "vllm" or torch.cuda.is_available()
+
+
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 def generate(
@@ -136,19 +142,79 @@ def _generate(model, tokenizer, prompts, cfg, seed, progress, part=(0, 1)):
     return out  # type: ignore[return-value]
 
 
-def generate_vllm(
-    model_dir: str, tokenizer: Any, prompts: list[list[int]], cfg: SamplingConfig, seed: int = 0
-):
-    """The same contract as `generate`, with vLLM (GPU). Gemma 2 soft-capping is kept by vLLM's Gemma 2 model."""
-    from vllm import LLM, SamplingParams, TokensPrompt
+def engine_group(rank: int, world: int, tensor_parallel: int) -> tuple[int, int, bool]:
+    """Processes sharing one vLLM engine: `tensor_parallel` consecutive ranks form a group (as TRL's colocate mode
+    groups them). Returns (this process's group, the number of groups, whether it writes its group's output)."""
+    if tensor_parallel < 1 or world % tensor_parallel:
+        raise ValueError(
+            f"generate.tensor_parallel_size: {tensor_parallel} must divide the {world} processes of the stage"
+        )
+    return rank // tensor_parallel, world // tensor_parallel, rank % tensor_parallel == 0
+
+
+def vllm_engine(model_dir: str, cfg: SamplingConfig, seed: int, max_model_len: int | None = None):
+    """One vLLM engine for the whole stage in this process. In several processes (`accelerate launch`) each group
+    of `cfg.tensor_parallel_size` consecutive ranks shares one engine on its GPUs through vLLM's
+    `external_launcher` (as TRL's colocate mode builds it), each group answering its own prompts. The engine's
+    model config is checked against the checkpoint's: Gemma 2's soft-caps and sliding window kept
+    (`check_engine_config`)."""
+    from transformers import AutoConfig
+    from vllm import LLM
+
+    from posttrain.dist import rank, world_size
+
+    group, _, _ = engine_group(rank(), world_size(), cfg.tensor_parallel_size)
+    extra = {"distributed_executor_backend": "external_launcher"} if world_size() > 1 else {}
+    llm = LLM(
+        model=model_dir, dtype="bfloat16", seed=seed + group, tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=max_model_len, **extra,
+    )  # fmt: skip
+    check_engine_config(llm.llm_engine.model_config.hf_config, AutoConfig.from_pretrained(model_dir))
+    return llm
+
+
+SOFTCAP_KEYS = (
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "sliding_window",
+    "query_pre_attn_scalar",
+)
+
+
+def check_engine_config(engine_config: Any, model_config: Any) -> None:
+    """A generation engine must compute what the checkpoint computes: for Gemma 2 the attention and final-logit
+    soft-caps, the sliding window and the query scale as the checkpoint's config has them (an engine that drops a
+    soft-cap samples from another distribution than the one trained and scored). A mismatch is refused."""
+    if getattr(model_config, "model_type", None) != "gemma2":
+        return
+    wrong = [
+        f"{k}: engine {getattr(engine_config, k, None)!r}, checkpoint {getattr(model_config, k, None)!r}"
+        for k in SOFTCAP_KEYS
+        if getattr(engine_config, k, None) != getattr(model_config, k, None)
+    ]
+    if wrong:
+        raise RuntimeError(
+            "the generation engine's Gemma 2 config differs from the checkpoint's ("
+            + "; ".join(wrong)
+            + "): it would not sample from the trained model; use engine 'hf' or a vLLM "
+            "version that keeps Gemma 2's soft-capping and sliding window"
+        )
+
+
+def generate_vllm(llm, tokenizer: Any, prompts: list[list[int]], cfg: SamplingConfig, seed: int = 0):
+    """The same contract as `generate`, on a vLLM engine built once for the stage (`vllm_engine`): the same
+    prompt ids, stop ids and sampling settings (top-k 0 = off), each prompt seeded by `seed` + its position."""
+    from vllm import SamplingParams, TokensPrompt
 
     stops = stop_ids(tokenizer)
-    llm = LLM(model=model_dir, dtype="bfloat16", seed=seed)
-    params = SamplingParams(
-        n=1, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or -1, max_tokens=cfg.max_new_tokens,
-        stop_token_ids=stops, seed=seed,
-    )  # fmt: skip
-    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    params = [
+        SamplingParams(
+            n=1, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or -1,
+            max_tokens=cfg.max_new_tokens, stop_token_ids=stops, seed=seed + i,
+        )
+        for i in range(len(prompts))
+    ]  # fmt: skip
+    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     return [decode(list(r.outputs[0].token_ids), tokenizer, stops, cfg.max_new_tokens) for r in results]
 
 

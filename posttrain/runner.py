@@ -231,7 +231,11 @@ def run(opts: RunOptions) -> int:
         if recipe.eval.max_prompts is not None:
             print(f"[run] evaluation: the first {recipe.eval.max_prompts} prompts of the evaluation split "
                   f"(eval.max_prompts)")  # fmt: skip
+        launched = [s.name for s in steps if s.action == "launch"]
+        for line in engine_lines(recipe, launched):
+            print(f"[run] generation engine of {line}")
         if not opts.dry_run:
+            check_engines(recipe, launched, where, opts.recipe_path)
             check_machines(recipe, steps)
             print_plan_on_gpus(recipe)
         return execute(recipe, opts, steps, stages, held)
@@ -270,6 +274,58 @@ def execute(recipe: Recipe, opts: RunOptions, steps: list[Step], stages: list[st
         print_reports(recipe.run_dir, stages)
         print(f"[run] outputs of recipe {recipe.name}: {recipe.run_dir}/")
     return 0
+
+
+def engine_keys(recipe: Recipe, stages: list[str]) -> list[tuple[str, str, str]]:
+    """(stage, recipe key, value) of the generation engine of every stage in `stages` that generates."""
+    sections = {"generate": recipe.generate, "distill": recipe.distill, "rlhf": recipe.rlhf}
+    return [(n, f"{n}.engine", sections[n].engine) for n in stages if sections.get(n) is not None]
+
+
+def engine_lines(recipe: Recipe, stages: list[str]) -> list[str]:
+    """What each generating stage of `stages` samples with, as its process will decide it (`auto`: vLLM where
+    vllm is installed and a GPU is present); the evaluations generate with HF."""
+    from posttrain.generation import use_vllm, vllm_installed
+
+    here, keys = vllm_installed(), engine_keys(recipe, stages)
+    auto = "vllm" if any(e == "auto" for *_, e in keys) and use_vllm("auto") else "hf"
+    names = {
+        "hf": "hf",
+        "vllm": "vllm",
+        "auto": f"auto: vllm on a GPU where vllm is installed, else hf (here: {auto})",
+    }
+    out = []
+    for name, key, engine in keys:
+        how = names[engine]
+        if name in ("distill", "rlhf") and engine != "hf":
+            how += f" (TRL's vLLM integration, {getattr(recipe, name).vllm_mode})"
+        elif name == "generate" and engine != "hf":
+            tp = recipe.generate.tensor_parallel_size
+            how += f" (one engine per {'GPU' if tp == 1 else f'{tp} GPUs'}, for the whole stage)"
+        if engine == "vllm" and not here:
+            how += "; vllm is not installed here: a run here would stop before its first stage"
+        out.append(f"{name}: {how} ({key})")
+    if any(n in stages for n in ("sft", "distill", "rlhf", "merge", "eval")):
+        out.append("evaluations: hf")
+    return out
+
+
+def check_engines(recipe: Recipe, stages: list[str], where: dict, source: str) -> None:
+    """Before any stage starts: a stage set to `engine: vllm` where vllm is not installed stops the run, naming
+    its key."""
+    from posttrain.config import where_of
+    from posttrain.generation import vllm_installed
+
+    if vllm_installed():
+        return
+    problems = [
+        f"{where_of(where, key, source)}: {key}: 'vllm', but vllm is not installed here; install it "
+        f"(pip install vllm) or set {key}: auto (vLLM where installed, else HF generate) or hf"
+        for _, key, engine in engine_keys(recipe, stages)
+        if engine == "vllm"
+    ]
+    if problems:
+        raise ConfigError(problems)
 
 
 def check_machines(recipe: Recipe, steps: list[Step]) -> None:

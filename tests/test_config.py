@@ -344,20 +344,30 @@ def test_eval_max_prompts_caps_every_evaluation_and_reruns_only_what_evaluates_w
         load_recipe(ROOT / "recipes/tiny/pipeline.yaml", ["eval.max_prompts=0"])
 
 
-def test_the_real_recipes_cap_their_evaluation_and_the_dry_run_says_so():
+def test_the_real_recipes_cap_their_evaluation_and_the_dry_run_names_every_generation_engine():
     out = subprocess.run([sys.executable, "-m", "posttrain", "run", "recipes/gemma2-9b/pipeline.yaml", "--dry-run"],
                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "[run] evaluation: the first 512 prompts of the evaluation split (eval.max_prompts)" in out.stdout
+    assert "[run] generation engine of generate: vllm (one engine per GPU, for the whole stage)" in out.stdout
+    for stage in ("distill", "rlhf"):
+        assert f"[run] generation engine of {stage}: vllm (TRL's vLLM integration, colocate)" in out.stdout
 
 
 def test_trl_s_vllm_keys_are_accepted_where_trl_has_them_and_refused_for_sft_naming_the_key():
-    """rlhf and distill hand `trl:` to RLOOConfig and the distillation config, which have TRL's vLLM switches;
-    SFTConfig has none (the sft stage does not generate)."""
-    rl = load_recipe(
-        ROOT / "recipes/tiny/smoke.yaml", ["rlhf.train.trl={use_vllm: true, vllm_mode: colocate}"]
-    )
-    assert rl.rlhf.train.trl == {"use_vllm": True, "vllm_mode": "colocate"}
-    load_recipe(ROOT / "recipes/tiny/smoke.yaml", ["distill.train.trl={use_vllm: true}"])
+    """rlhf and distill hand `trl:` to RLOOConfig and the distillation config, which have TRL's vLLM keys; whether
+    they use vLLM is the sections' own `engine` and `vllm_mode` (one name per quantity); SFTConfig has none (the
+    sft stage does not generate)."""
+    rl = load_recipe(ROOT / "recipes/tiny/smoke.yaml", ["rlhf.engine=vllm", "rlhf.vllm_mode=server",
+                     "rlhf.train.trl={vllm_server_port: 8001, ds3_gather_for_generation: false}"])  # fmt: skip
+    assert (rl.rlhf.engine, rl.rlhf.vllm_mode) == ("vllm", "server")
+    assert rl.rlhf.train.trl == {"vllm_server_port": 8001, "ds3_gather_for_generation": False}
+    load_recipe(ROOT / "recipes/tiny/smoke.yaml", ["distill.engine=vllm", "distill.train.trl={vllm_gpu_memory_utilization: 0.3}"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"trl.use_vllm: set by the recipe's own key 'engine'"):
+        load_recipe(ROOT / "recipes/tiny/smoke.yaml", ["rlhf.train.trl={use_vllm: true}"])
+    with pytest.raises(ConfigError, match=r"trl.vllm_mode: set by the recipe's own key 'vllm_mode'"):
+        load_recipe(ROOT / "recipes/tiny/smoke.yaml", ["distill.train.trl={vllm_mode: colocate}"])
     with pytest.raises(ConfigError, match=r"sft: trl.use_vllm: not a trl.SFTConfig field"):
         load_recipe(ROOT / "recipes/tiny/smoke.yaml", ["sft.trl={use_vllm: true}"])
+    with pytest.raises(ConfigError, match=r"vllm_mode"):
+        load_recipe(ROOT / "recipes/tiny/smoke.yaml", ["rlhf.vllm_mode=remote"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -114,3 +117,66 @@ def test_trained_model_stops_at_end_of_turn(tiny_tokenizer, tmp_path):
     rows_eval = [{"id": "e", "task": "add", "answer": "ok", "messages": rows[0]["messages"]}]
     res = world_eval(model, tiny_tokenizer, rows_eval, CHAT, "Pip", 20)
     assert res["score"] == 1.0 and res["per_task"] == {"add": 1.0} and res["truncation_rate"] == 0.0
+
+
+# ------------------------------------------------------------------------------------ the vLLM engine (stub)
+STUBS = str(Path(__file__).parent / "stubs")  # tests/stubs/vllm: a stand-in for vllm, which needs a GPU
+
+
+def test_engine_groups_split_the_processes_by_tensor_parallel_size():
+    from posttrain.generation import engine_group
+
+    assert [engine_group(r, 8, 1) for r in (0, 3, 7)] == [(0, 8, True), (3, 8, True), (7, 8, True)]
+    # 2 GPUs an engine: ranks 0,1 share engine 0 (rank 0 writes), 6,7 engine 3
+    assert [engine_group(r, 8, 2) for r in (0, 1, 6, 7)] == [
+        (0, 4, True),
+        (0, 4, False),
+        (3, 4, True),
+        (3, 4, False),
+    ]
+    with pytest.raises(ValueError, match="tensor_parallel_size: 3 must divide the 8 processes"):
+        engine_group(0, 8, 3)
+
+
+def test_an_engine_that_drops_gemma_2_s_soft_caps_or_window_is_refused(tiny_tokenizer):
+    from posttrain.generation import check_engine_config
+    from posttrain.modeling import preset_config
+
+    model = preset_config("tiny-teacher", tiny_tokenizer)
+    check_engine_config(copy.deepcopy(model), model)  # the same config: accepted
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window"):
+        engine = copy.deepcopy(model)
+        setattr(engine, key, None)
+        with pytest.raises(RuntimeError, match=rf"{key}: engine None, checkpoint {getattr(model, key)!r}"):
+            check_engine_config(engine, model)
+
+
+def test_engine_choice_vllm_needs_vllm_and_auto_needs_a_gpu_too(monkeypatch):
+    from posttrain.engines.rollouts import engine_fields
+    from posttrain.generation import use_vllm, vllm_installed
+
+    assert not vllm_installed()  # this environment has none: the stub comes onto the path below
+    assert use_vllm("hf") is False and use_vllm("auto") is False
+    assert engine_fields("auto", "colocate", "rlhf") == {"use_vllm": False}
+    with pytest.raises(RuntimeError, match="rlhf.engine is 'vllm' but vllm is not installed here"):
+        engine_fields("vllm", "colocate", "rlhf")
+    monkeypatch.syspath_prepend(STUBS)
+    assert use_vllm("vllm") is True and use_vllm("auto") is torch.cuda.is_available()
+    assert engine_fields("vllm", "server", "distill") == {"use_vllm": True, "vllm_mode": "server"}
+
+
+def test_the_rlhf_stage_hands_its_engine_to_trl_s_config(monkeypatch, tmp_path):
+    """`rlhf.engine: vllm` becomes RLOOConfig's use_vllm with the section's vllm_mode; TRL's other vLLM keys pass
+    through `train.trl`."""
+    from posttrain.config import load_recipe
+    from posttrain.stages.rlhf import rloo_args
+
+    monkeypatch.syspath_prepend(STUBS)
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(root / "recipes/tiny/smoke.yaml", ["rlhf.engine=vllm",
+                         "rlhf.train.trl={vllm_gpu_memory_utilization: 0.25}"])  # fmt: skip
+    name, cfg = next(iter(recipe.rlhf.resolved().items()))
+    args = rloo_args(recipe, name, cfg, tmp_path)
+    assert (args.use_vllm, args.vllm_mode, args.vllm_gpu_memory_utilization) == (True, "colocate", 0.25)
+    hf = load_recipe(root / "recipes/tiny/smoke.yaml", ["rlhf.engine=hf"])
+    assert rloo_args(hf, name, hf.rlhf.resolved()[name], tmp_path).use_vllm is False

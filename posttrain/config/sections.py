@@ -183,7 +183,7 @@ class DistillTrainConfig(TrainConfig):
     """`distill.train`: its `trl:` keys are `trl.DistillationConfig` fields."""
 
     TRL_CONFIG = "DistillationConfig"
-    TRL_OWNED = ("temperature", "top_p", "top_k", "max_completion_length", "beta")
+    TRL_OWNED = ("temperature", "top_p", "top_k", "max_completion_length", "beta", "use_vllm", "vllm_mode")
 
 
 class RLTrainConfig(TrainConfig):
@@ -192,7 +192,8 @@ class RLTrainConfig(TrainConfig):
 
     TRL_CONFIG = "RLOOConfig"
     TRL_OWNED = ("temperature", "top_p", "top_k", "max_completion_length", "beta", "num_generations",
-                 "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "model_init_kwargs")  # fmt: skip
+                 "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "model_init_kwargs",
+                 "use_vllm", "vllm_mode")  # fmt: skip
 
 
 # Fields the stage sets itself; setting them under `trl:` would silently fight the recipe's own keys.
@@ -219,7 +220,8 @@ def trl_key_problems(
 
     names = {f.name for f in dataclasses.fields(getattr(trl, config_class))}
     out = []
-    own = {"save_total_limit": "keep_checkpoints", "save_only_model": "save_optimizer"}
+    own = {"save_total_limit": "keep_checkpoints", "save_only_model": "save_optimizer", "use_vllm": "engine",
+           "vllm_mode": "vllm_mode"}  # fmt: skip
     for k in extra:
         if k in _HUB:
             out.append(f"trl.{k}: the trainer would upload its checkpoint folders while training; leave it out and "
@@ -243,6 +245,8 @@ class SamplingConfig:
 
     batch_size: prompts per `generate` call. shard_size: prompts per output shard; a rerun of a killed stage
     continues from the last finished shard. engine: `auto` = vLLM on a GPU when installed, else HF generate.
+    With vLLM the stage builds one engine per process (or per `tensor_parallel_size` processes, for a teacher
+    that does not fit one GPU), which takes `gpu_memory_utilization` of each GPU's memory.
     """
 
     max_new_tokens: int = 256
@@ -252,9 +256,15 @@ class SamplingConfig:
     batch_size: int = 32
     shard_size: int = 512
     engine: Literal["auto", "hf", "vllm"] = "auto"
+    tensor_parallel_size: int = field(default=1, metadata=IF_SET)
+    gpu_memory_utilization: float = field(default=0.9, metadata=IF_SET)
 
     def problems(self) -> list[str]:
         out = []
+        if self.tensor_parallel_size < 1:
+            out.append(f"tensor_parallel_size: {self.tensor_parallel_size} must be at least 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            out.append(f"gpu_memory_utilization: {self.gpu_memory_utilization} must be in (0, 1]")
         if self.max_new_tokens < 1:
             out.append(f"max_new_tokens: {self.max_new_tokens} must be at least 1")
         if self.temperature < 0:
@@ -444,6 +454,7 @@ class DistillConfig:
     max_new_tokens: the longest sampled response. prompts: how many training prompts to use (0: all).
     balance_tasks: draw the prompts with equal weight per task family (the rows' `task` field), the rarer families
     repeated, so that a family with few prompts is not forgotten.
+    engine, vllm_mode: how the student samples, as in the `rlhf:` section.
     train: steps, batch size, learning rate …; `eval_steps` also sets how often the world score is measured.
     """
 
@@ -454,6 +465,8 @@ class DistillConfig:
     max_new_tokens: int = 64
     prompts: int = 0
     balance_tasks: bool = field(default=False, metadata=IF_SET)
+    engine: Literal["auto", "hf", "vllm"] = field(default="auto", metadata=IF_SET)
+    vllm_mode: Literal["colocate", "server"] = field(default="colocate", metadata=IF_SET)
     train: DistillTrainConfig = field(
         default_factory=lambda: DistillTrainConfig(steps=200, learning_rate=1e-6)
     )
@@ -568,6 +581,14 @@ class RLConfig:
     written to `rlhf/<run>/` (default: one run, `main`). reward: `rm` (the `rm` stage's model, Gemma 2's RLHF) or
     `world` (the built-in world's verifiers: 1 for a right response, else 0 — the true reward that the RM
     approximates; with it the stage needs no RM, which separates what RL does from what the RM knows).
+    engine: how the policy samples — `hf` (HF generate inside TRL's trainer), `vllm` (TRL's vLLM integration,
+    TRL `use_vllm`), or `auto` = vLLM where it is installed and a GPU is present. vllm_mode (TRL `vllm_mode`):
+    `colocate` (the default) builds a vLLM engine inside each training process, sharing its GPU
+    (`train.trl.vllm_gpu_memory_utilization`, TRL's default 0.3 of it), the policy's weights pushed into it after
+    each optimizer step; `server` sends the prompts to a
+    `trl vllm-serve` server on GPUs of its own (its address: `train.trl: {vllm_server_host, vllm_server_port}`).
+    TRL's other vLLM keys (`vllm_gpu_memory_utilization`, `vllm_tensor_parallel_size`, `vllm_enable_sleep_mode`,
+    `ds3_gather_for_generation`, …) pass through `train.trl:`.
     """
 
     init_from: Literal["auto", "sft", "distill"] = "auto"
@@ -582,6 +603,8 @@ class RLConfig:
     max_new_tokens: int = 64
     prompts: int = 0
     balance_tasks: bool = field(default=False, metadata=IF_SET)
+    engine: Literal["auto", "hf", "vllm"] = field(default="auto", metadata=IF_SET)
+    vllm_mode: Literal["colocate", "server"] = field(default="colocate", metadata=IF_SET)
     train: RLTrainConfig = field(default_factory=lambda: RLTrainConfig(steps=100, learning_rate=1e-6))
     runs: dict[str, RLRun] = field(default_factory=dict)
 

@@ -64,6 +64,21 @@ def rollout_args(config_class: type, train: TrainConfig, folder: Path, seed: int
     return args
 
 
+def engine_fields(engine: str, vllm_mode: str, stage: str) -> dict[str, Any]:
+    """TRL's names for how a rollout trainer samples: `use_vllm` (the stage's `engine`, `auto` resolved here, in
+    the stage's process) and `vllm_mode`; the stage log says which."""
+    from posttrain.dist import is_main
+    from posttrain.generation import use_vllm
+
+    vllm = use_vllm(engine, f"{stage}.engine")
+    if is_main():
+        how = (
+            f"vllm (TRL's vLLM integration, {vllm_mode})" if vllm else "hf (HF generate inside TRL's trainer)"
+        )
+        print(f"[{stage}] sampling engine: {how}; {stage}.engine: {engine}", flush=True)
+    return {"use_vllm": True, "vllm_mode": vllm_mode} if vllm else {"use_vllm": False}
+
+
 class RenderedPrompts:
     """Mixed into a TRL rollout trainer: the dataset's `prompt` column holds row ids, each tokenised as the
     prompt table rendered it (`prompt_table`), set with `use_table` before training."""

@@ -118,13 +118,14 @@ def distill_args(recipe: Recipe, folder: Path):
     import trl
 
     from posttrain.distill import beta_of
-    from posttrain.engines.rollouts import rollout_args
+    from posttrain.engines.rollouts import engine_fields, rollout_args
     from posttrain.modeling import trains_in_bf16
 
     cfg = recipe.distill
     return rollout_args(trl.DistillationConfig, cfg.train, folder, recipe.seed_for("distill"),
                         trains_in_bf16(recipe.model.dtype), recipe.tracking.wandb, f"{recipe.name}/distill",
-                        cfg.temperature, cfg.max_new_tokens, beta=beta_of(cfg.divergence, cfg.beta))  # fmt: skip
+                        cfg.temperature, cfg.max_new_tokens, beta=beta_of(cfg.divergence, cfg.beta),
+                        **engine_fields(cfg.engine, cfg.vllm_mode, "distill"))  # fmt: skip
 
 
 def build_trainer(recipe: Recipe, args, student, teacher, tokenizer, table: dict[str, dict], log, evaluate):

@@ -111,15 +111,28 @@ def write_shards(recipe: Recipe, spec: ModelSpec, tokenizer, rows: list[dict], p
     change it. Returns the engine used (`hf` or `vllm`) and the time generation started (the model loaded)."""
     from tqdm.auto import tqdm
 
-    from posttrain.generation import generate, generate_vllm, use_vllm
+    from posttrain.generation import engine_group, generate, generate_vllm, use_vllm, vllm_engine
     from posttrain.modeling import load_causal_lm
 
     cfg, seed = recipe.generate, recipe.seed_for("generate")
-    mine = todo[rank() :: world_size()]
-    vllm = use_vllm(cfg) and world_size() == 1  # vLLM brings its own parallelism: one process
-    model = None if vllm or not mine else load_causal_lm(spec, tokenizer, seed=seed)
-    if world_size() > 1 and is_main():
-        print(f"[generate] {world_size()} processes: process r writes shards r, r + {world_size()}, …")
+    vllm = use_vllm(cfg.engine)
+    # HF: every process its own copy of the teacher; vLLM: groups of tensor_parallel_size processes share one
+    # engine, every process of a group generates the group's prompts, its first process writes them
+    group, groups, writer = engine_group(rank(), world_size(), cfg.tensor_parallel_size if vllm else 1)
+    mine = todo[group::groups]
+    if vllm and mine:
+        engine = vllm_engine(spec.name_or_path, cfg, seed, recipe.chat.max_length)
+    else:
+        model = load_causal_lm(spec, tokenizer, seed=seed) if mine else None
+    if is_main():
+        print(f"[generate] engine: {'vllm' if vllm else 'hf'} (generate.engine: {cfg.engine})")
+        if groups > 1:
+            what = (
+                f"vLLM engines of {cfg.tensor_parallel_size} processes: engine"
+                if vllm
+                else "processes: process"
+            )
+            print(f"[generate] {groups} {what} r writes shards r, r + {groups}, …")
 
     def size(start: int) -> int:
         return min(cfg.shard_size, len(rows) - start)
@@ -132,10 +145,12 @@ def write_shards(recipe: Recipe, spec: ModelSpec, tokenizer, rows: list[dict], p
     for s in mine:
         batch = prompts[s : s + cfg.shard_size]
         if vllm:
-            gens = generate_vllm(spec.name_or_path, tokenizer, batch, cfg, seed=seed + s)
+            gens = generate_vllm(engine, tokenizer, batch, cfg, seed=seed + s)
             bar.update(len(batch))
         else:
             gens = generate(model, tokenizer, batch, cfg, seed=seed + s, progress=bar)
+        if not writer:
+            continue
         lines = [json.dumps({"id": rows[s + i].get("id"), "response": g.text, "truncated": g.truncated,
                              "malformed": g.malformed, "tokens": len(g.ids)}, ensure_ascii=False)
                  for i, g in enumerate(gens)]  # fmt: skip

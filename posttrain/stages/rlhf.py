@@ -91,7 +91,6 @@ def train_run(recipe: Recipe, name: str, cfg: RLConfig, start: ModelSpec, tokeni
     from posttrain.engines.evaluation import policy_figures, world_scorer
     from posttrain.engines.trainer import frozen_for_inference, save_trained, train_resuming
     from posttrain.modeling import load_causal_lm, load_reward_model
-    from posttrain.plots import curves_plot
 
     seed = recipe.rlhf.seed_of(name, recipe.seed_for("rlhf"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -128,20 +127,18 @@ def train_run(recipe: Recipe, name: str, cfg: RLConfig, start: ModelSpec, tokeni
     # under ZeRO-3 every process helps gather the weights; the main one writes
     if not save_trained(trainer, policy, tokenizer, folder / "model", folder / "checkpoints", chat=recipe.chat):  # fmt: skip
         return
-    result = {
-        "run": name,
-        "kl_coef": cfg.kl_coef,
-        "anchor": cfg.anchor,
-        "seed": seed,
-        "start": before,
-        "end": after,
-    }
+    write_run(folder, name, cfg, seed, before, after)
+
+
+def write_run(folder: Path, name: str, cfg: RLConfig, seed: int, before: dict, after: dict) -> None:
+    """A finished run's figures (start and end), its curves, and its completion marker, written last."""
+    from posttrain.plots import curves_plot
+
+    result = {"run": name, "kl_coef": cfg.kl_coef, "anchor": cfg.anchor, "seed": seed, "start": before,
+              "end": after}  # fmt: skip
     (folder / "figures.json").write_text(json.dumps(result, indent=2) + "\n")
-    curves_plot(
-        folder / "metrics.jsonl",
-        folder / "curves.png",
-        f"rlhf/{name} (kl_coef {cfg.kl_coef}, anchor {cfg.anchor})",
-    )
+    curves_plot(folder / "metrics.jsonl", folder / "curves.png",
+                f"rlhf/{name} (kl_coef {cfg.kl_coef}, anchor {cfg.anchor})")  # fmt: skip
     (folder / "RUN_DONE").write_text("")
     print(f"[rlhf/{name}] RM reward {_num(before.get('reward'))} → {_num(after.get('reward'))}, KL to start "
           f"{after['kl']:.3f}, world {_num(before['world_score'])} → {_num(after['world_score'])}")  # fmt: skip
@@ -152,13 +149,13 @@ def rloo_args(recipe: Recipe, name: str, cfg: RLConfig, folder: Path):
     import trl
 
     from posttrain.engines.rloo import rloo_extra
-    from posttrain.engines.rollouts import rollout_args
+    from posttrain.engines.rollouts import engine_fields, rollout_args
     from posttrain.modeling import trains_in_bf16
 
     seed = recipe.rlhf.seed_of(name, recipe.seed_for("rlhf"))
     return rollout_args(trl.RLOOConfig, cfg.train, folder, seed, trains_in_bf16(recipe.model.dtype),
                         recipe.tracking.wandb, f"{recipe.name}/rlhf/{name}", cfg.temperature, cfg.max_new_tokens,
-                        **rloo_extra(cfg))  # fmt: skip
+                        **rloo_extra(cfg), **engine_fields(cfg.engine, cfg.vllm_mode, "rlhf"))  # fmt: skip
 
 
 def build_trainer(recipe: Recipe, name: str, cfg: RLConfig, args, policy, tokenizer, rm, table: dict[str, dict],
