@@ -118,7 +118,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from posttrain.plan import GiB, plan, render
 
     recipe = load_recipe(args.recipe, args.set)
-    text, misfits = render(recipe, plan(recipe, args.gpus, args.device), args.gpus, args.gpu_memory * GiB)
+    memory = args.gpu_memory * GiB
+    text, misfits = render(recipe, plan(recipe, args.gpus, memory, args.device), args.gpus, memory)
     print(text)
     for m in misfits:
         print(f"posttrain plan: {m}", file=sys.stderr)

@@ -13,8 +13,13 @@ Per stage and per GPU (bytes; P parameters, N processes of the stage's launcher,
     logits tile     TRL's tiled LM head: 4,096 positions × the vocabulary tile, fp32, and its backward's copy — no
                     (positions × vocabulary) tensor is formed (`posttrain.logits`)
     frozen models   ZeRO-3: 2P/N each (prepared for ZeRO-3 inference); otherwise whole, 2P
-    generation      the KV cache, 2 · layers · kv_heads · head_dim · 2 bytes a position, for the batch sampled at once;
-                    under ZeRO-3 the policy is gathered whole to generate (2P), as TRL does by default
+    generation      HF: the KV cache, 2 · layers · kv_heads · head_dim · 2 bytes a position, for the batch sampled at
+                    once; under ZeRO-3 the policy is gathered whole to generate (2P), as TRL does by default.
+                    vLLM (a stage's `engine: vllm`): the engine takes its share of each GPU — its weights and KV cache
+                    inside it — `generate.gpu_memory_utilization` for `generate`, and for `distill` and `rlhf`
+                    colocated `train.trl.vllm_gpu_memory_utilization` (TRL's default 0.3) beside the training state
+                    (`vllm_mode: server`: nothing on the training GPUs). `auto` is planned as HF (whether vllm is
+                    installed on the GPU nodes is not known here).
 
 A stage that does not fit names the largest part and the recipe key that shrinks it. On this CPU the plan of a
 training step of 4,096 positions or more agrees with its measured peak memory within 25% (tests/test_plan.py;
@@ -208,6 +213,24 @@ def generation(
     return parts
 
 
+def rollouts(
+    shape: Shape, launch: Launch, batch: int, seq: int, key: str, section: str, cfg, gpu_memory: float
+):
+    """How a training stage's rollouts take memory (`cfg`: the `distill` or `rlhf` section): HF generation, or a
+    vLLM engine colocated with training (its share of the GPU), or none here with a vLLM server."""
+    if cfg.engine != "vllm":
+        gathered = cfg.train.trl.get("ds3_gather_for_generation", True)  # TRL gathers the policy to generate
+        return generation(shape, launch, batch, seq, key, gathered, section)
+    if cfg.vllm_mode == "server":
+        return []
+    share, tp = (cfg.train.trl.get(k, d) for k, d in (("vllm_gpu_memory_utilization", 0.3),
+                                                       ("vllm_tensor_parallel_size", 1)))  # fmt: skip
+    weights = 2 * shape.params / tp  # an engine's share of the policy must hold its weights
+    key = "vllm_tensor_parallel_size" if weights > share * gpu_memory else "vllm_gpu_memory_utilization"
+    return [(f"vLLM engine, colocated ({share:.0%} of the GPU: {shape.name} bf16 / {tp} and its KV cache)",
+             max(share * gpu_memory, weights), f"{section}.trl.{key}")]  # fmt: skip
+
+
 def checkpoint_disk(shape: Shape, launch: Launch) -> float:
     per = 14 * shape.params if launch.zero else 16 * shape.params
     return CHECKPOINTS_KEPT * per + (2 if launch.zero else 4) * shape.params
@@ -229,11 +252,19 @@ def shapes_of(recipe: Recipe) -> dict[str, Shape]:
     return out
 
 
-def stage_parts(recipe: Recipe, stage: str, launch: Launch, shapes: dict[str, Shape]) -> list:
+def stage_parts(
+    recipe: Recipe, stage: str, launch: Launch, shapes: dict[str, Shape], gpu_memory: float
+) -> list:
     seq = recipe.chat.max_length
     policy, teacher, rm = shapes["policy"], shapes.get("teacher"), shapes.get("rm")
     if stage == "teacher":
         return trained(teacher, launch, recipe.teacher_train, seq, "teacher_train")
+    if stage == "generate" and recipe.generate.engine == "vllm":  # one engine per tensor_parallel_size GPUs
+        g = recipe.generate
+        weights = 2 * teacher.params / g.tensor_parallel_size
+        return [(f"vLLM engine ({g.gpu_memory_utilization:.0%} of the GPU: {teacher.name} bf16 / "
+                 f"{g.tensor_parallel_size} and its KV cache)", max(g.gpu_memory_utilization * gpu_memory, weights),
+                 "generate.tensor_parallel_size" if weights > g.gpu_memory_utilization * gpu_memory else "")]  # fmt: skip
     if stage == "generate":  # data-parallel generation: the teacher whole in every process
         return [(f"{teacher.name} (teacher, bf16)", 2 * teacher.params, "")] + generation(
             teacher, launch, recipe.generate.batch_size, seq, "generate.batch_size", False)  # fmt: skip
@@ -241,9 +272,9 @@ def stage_parts(recipe: Recipe, stage: str, launch: Launch, shapes: dict[str, Sh
         return trained(policy, launch, recipe.sft, seq, "sft")
     if stage == "distill":
         t = recipe.distill.train
-        gathered = t.trl.get("ds3_gather_for_generation", True)
-        return trained(policy, launch, t, seq, "distill.train") + [frozen(teacher, launch, "teacher")] + generation(
-            policy, launch, t.batch_size * t.grad_accum, seq, "distill.train.batch_size", gathered, "distill.train")  # fmt: skip
+        return trained(policy, launch, t, seq, "distill.train") + [frozen(teacher, launch, "teacher")] + rollouts(
+            policy, launch, t.batch_size * t.grad_accum, seq, "distill.train.batch_size", "distill.train",
+            recipe.distill, gpu_memory)  # fmt: skip
     if stage == "rm":
         t = recipe.rm.train
         training = trained(rm, launch, t, seq, "rm.train", rows=2 * (t.batch_size // t.length_buckets))
@@ -259,10 +290,8 @@ def stage_parts(recipe: Recipe, stage: str, launch: Launch, shapes: dict[str, Sh
             parts[-1] = (parts[-1][0].replace("bf16", "fp32"), 2 * parts[-1][1], "rlhf.ema_dtype: policy")
         if rm is not None and rl.reward == "rm":
             parts.append(frozen(rm, launch, "reward model"))
-        gathered = t.trl.get("ds3_gather_for_generation", True)  # TRL gathers the policy whole to generate
-        return parts + generation(
-            policy, launch, t.batch_size * t.grad_accum, seq, "rlhf.train.batch_size", gathered, "rlhf.train"
-        )
+        return parts + rollouts(policy, launch, t.batch_size * t.grad_accum, seq, "rlhf.train.batch_size",
+                                "rlhf.train", rl, gpu_memory)  # fmt: skip
     if stage in (
         "merge",
         "eval",
@@ -278,13 +307,14 @@ def stage_parts(recipe: Recipe, stage: str, launch: Launch, shapes: dict[str, Sh
 TRAINED = {"teacher": "teacher", "sft": "policy", "distill": "policy", "rm": "rm", "rlhf": "policy"}
 
 
-def plan(recipe: Recipe, gpus: int, device: str = "cuda") -> list[StagePlan]:
-    """Every stage of the recipe, planned for `gpus` GPUs per node (`device` cpu: the CPU tile widths)."""
+def plan(recipe: Recipe, gpus: int, gpu_memory: float, device: str = "cuda") -> list[StagePlan]:
+    """Every stage of the recipe, planned for `gpus` GPUs of `gpu_memory` bytes per node (`device` cpu: the CPU
+    tile widths)."""
     shapes = shapes_of(recipe)
     out = []
     for stage in recipe.stages():
         launch = launch_of(recipe, stage, gpus, device)
-        sp = StagePlan(stage, launch, stage_parts(recipe, stage, launch, shapes))
+        sp = StagePlan(stage, launch, stage_parts(recipe, stage, launch, shapes, gpu_memory))
         if stage in TRAINED:
             runs = len(recipe.rlhf.resolved()) if stage == "rlhf" else 1
             sp.disk = (

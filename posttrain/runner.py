@@ -353,7 +353,7 @@ def print_plan_on_gpus(recipe: Recipe) -> None:
     from posttrain.plan import plan, render
 
     gpus, memory = torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory
-    text, misfits = render(recipe, plan(recipe, gpus), gpus, memory)
+    text, misfits = render(recipe, plan(recipe, gpus, memory), gpus, memory)
     print(text, flush=True)
     for m in misfits:
         print(f"[run] warning: {m}", file=sys.stderr)

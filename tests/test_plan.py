@@ -39,7 +39,7 @@ def test_the_plan_counts_what_the_built_model_has(preset, tiny_tokenizer, gemma_
 @pytest.mark.parametrize("size", ["2b", "9b", "27b"])
 def test_every_gemma2_recipe_fits_eight_80_gb_gpus_by_its_own_plan(size):
     recipe = load_recipe(ROOT / f"recipes/gemma2-{size}/pipeline.yaml")
-    plans = plan.plan(recipe, 8)
+    plans = plan.plan(recipe, 8, 80 * plan.GiB)
     text, misfits = plan.render(recipe, plans, 8, 80 * plan.GiB)
     assert misfits == [], misfits
     sft = next(p for p in plans if p.stage == "sft")
@@ -48,10 +48,38 @@ def test_every_gemma2_recipe_fits_eight_80_gb_gpus_by_its_own_plan(size):
 
 
 def test_a_stage_that_does_not_fit_says_what_to_change():
-    recipe = load_recipe(ROOT / "recipes/gemma2-9b/pipeline.yaml")
-    _, misfits = plan.render(recipe, plan.plan(recipe, 8), 8, 24 * plan.GiB)
+    recipe = load_recipe(
+        ROOT / "recipes/gemma2-9b/pipeline.yaml", ["rlhf.engine=hf"]
+    )  # HF generation's KV cache
+    _, misfits = plan.render(recipe, plan.plan(recipe, 8, 24 * plan.GiB), 8, 24 * plan.GiB)
     assert any(m.startswith("stage rm:") and "set launchers.rm: zero3-offload" in m for m in misfits), misfits
     assert any(m.startswith("stage rlhf:") and "rlhf.train.batch_size" in m for m in misfits), misfits
+
+
+def test_a_vllm_engine_takes_its_share_of_the_gpu_and_must_hold_its_weights():
+    """The recipes' vLLM engines: generate's takes generate.gpu_memory_utilization of each GPU; a colocated one
+    takes train.trl.vllm_gpu_memory_utilization (TRL's 0.3) beside the training state, and where its share cannot
+    hold the policy's weights the plan says to split the engine over more GPUs."""
+    gib = plan.GiB
+    recipe = load_recipe(ROOT / "recipes/gemma2-9b/pipeline.yaml")
+    plans = {p.stage: p for p in plan.plan(recipe, 8, 80 * gib)}
+    assert [b for _, b, _ in plans["generate"].parts] == [0.9 * 80 * gib]
+    engine = [b for w, b, _ in plans["rlhf"].parts if w.startswith("vLLM engine, colocated (30%")]
+    assert engine == [0.3 * 80 * gib] and not any(w.startswith("KV cache") for w, _, _ in plans["rlhf"].parts)
+    hf = {p.stage: p for p in plan.plan(load_recipe(ROOT / "recipes/gemma2-9b/pipeline.yaml", ["rlhf.engine=hf"]),
+                                        8, 80 * gib)}  # fmt: skip
+    assert hf["rlhf"].total == pytest.approx(
+        plans["rlhf"].total
+        - 0.3 * 80 * gib
+        + sum(b for w, b, _ in hf["rlhf"].parts if w.startswith(("KV cache", "google/gemma-2-9b gathered")))
+    )
+    big = load_recipe(
+        ROOT / "recipes/gemma2-27b/pipeline.yaml", ["rlhf.train.trl.vllm_tensor_parallel_size=1"]
+    )
+    _, misfits = plan.render(big, plan.plan(big, 8, 80 * gib), 8, 80 * gib)
+    assert any(
+        m.startswith("stage rlhf:") and "rlhf.train.trl.vllm_tensor_parallel_size" in m for m in misfits
+    )
 
 
 def test_the_plan_cli_exits_1_when_a_stage_does_not_fit():
