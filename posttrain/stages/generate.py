@@ -127,8 +127,9 @@ def write_shards(recipe: Recipe, spec: ModelSpec, tokenizer, rows: list[dict], p
     if is_main():
         print(f"[generate] engine: {'vllm' if vllm else 'hf'} (generate.engine: {cfg.engine})")
         if groups > 1:
+            tp = cfg.tensor_parallel_size
             what = (
-                f"vLLM engines of {cfg.tensor_parallel_size} processes: engine"
+                f"vLLM engines ({tp} GPU{'s' if tp > 1 else ''} each): engine"
                 if vllm
                 else "processes: process"
             )
