@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,46 @@ def test_the_rlhf_stage_hands_its_engine_to_trl_s_config(monkeypatch, tmp_path):
     assert (args.use_vllm, args.vllm_mode, args.vllm_gpu_memory_utilization) == (True, "colocate", 0.25)
     hf = load_recipe(root / "recipes/tiny/smoke.yaml", ["rlhf.engine=hf"])
     assert rloo_args(hf, name, hf.rlhf.resolved()[name], tmp_path).use_vllm is False
+
+
+EOT_SCALE = 10.0  # 2 of the 28 greedy responses below end their turn (after 7 tokens), 26 are cut off
+
+
+@pytest.mark.stage
+def test_the_vllm_engine_s_shards_hold_what_hf_generate_writes(tiny_tokenizer, tmp_path, monkeypatch):
+    """The generate stage's shards from a vLLM engine (the stand-in: HF greedy decoding, a prompt at a time, the stop
+    token kept in the ids as vLLM keeps it) equal HF generate's at batch 1, both greedy, on a random teacher made
+    to end its turn now and then (its `<end_of_turn>` embedding enlarged): some responses end, some are cut off."""
+    import json
+
+    from posttrain.config import load_recipe
+    from posttrain.stages.generate import write_shards
+
+    teacher = tmp_path / "teacher"
+    model = load_causal_lm(ModelSpec(preset="tiny-teacher"), tiny_tokenizer, seed=5)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tiny_tokenizer.convert_tokens_to_ids("<end_of_turn>")] *= (
+            EOT_SCALE
+        )
+    model.save_pretrained(teacher)
+    tiny_tokenizer.save_pretrained(teacher)
+    spec = ModelSpec(name_or_path=str(teacher))
+    rows = [{"id": str(i), "messages": [{"role": "user", "content": q * (1 + i % 3)}]}
+            for i, q in enumerate(QUESTIONS * 4)]  # fmt: skip
+    prompts = [prompt_ids(r["messages"], tiny_tokenizer, CHAT, 16) for r in rows]
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(STUBS)
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    shards = {}
+    for engine in ("hf", "vllm"):
+        recipe = load_recipe(root / "recipes/tiny/smoke.yaml", [f"generate.engine={engine}", "generate.temperature=0",
+                             "generate.batch_size=1", "generate.max_new_tokens=16", "generate.shard_size=8"])  # fmt: skip
+        (tmp_path / engine).mkdir()
+        used, _ = write_shards(recipe, spec, tiny_tokenizer, rows, prompts, list(range(0, len(rows), 8)),
+                               tmp_path / engine)  # fmt: skip
+        assert used == engine
+        shards[engine] = {f.name: f.read_text() for f in sorted((tmp_path / engine).iterdir())}
+    sys.modules.pop("vllm", None)
+    assert shards["vllm"] == shards["hf"] and len(shards["hf"]) == 4
+    gens = [json.loads(x) for text in shards["hf"].values() for x in text.splitlines()]
+    assert 0 < sum(g["truncated"] for g in gens) < len(gens) and any(g["response"] for g in gens)
