@@ -224,3 +224,17 @@ def test_the_vllm_engine_s_shards_hold_what_hf_generate_writes(tiny_tokenizer, t
     assert shards["vllm"] == shards["hf"] and len(shards["hf"]) == 4
     gens = [json.loads(x) for text in shards["hf"].values() for x in text.splitlines()]
     assert 0 < sum(g["truncated"] for g in gens) < len(gens) and any(g["response"] for g in gens)
+
+
+def test_generation_leaves_the_caller_s_random_sequence_as_it_was(tiny_tokenizer):
+    """An evaluation in the middle of training samples with seeds of its own on a copy of the random state: the
+    training's sampling sequence goes on as if it had not run (a global reseed made runs share their noise)."""
+    model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=1)
+    cfg = SamplingConfig(max_new_tokens=4, temperature=1.0, batch_size=4, engine="hf")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = generate(model, tiny_tokenizer, _prompts(tiny_tokenizer), cfg, seed=0)
+    assert torch.equal(torch.rand(3), expected)
+    again = generate(model, tiny_tokenizer, _prompts(tiny_tokenizer), cfg, seed=0)
+    assert [g.ids for g in again] == [g.ids for g in first]  # its own seeds: the same samples
