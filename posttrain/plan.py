@@ -225,10 +225,19 @@ def rollouts(
         return []
     share, tp = (cfg.train.trl.get(k, d) for k, d in (("vllm_gpu_memory_utilization", 0.3),
                                                        ("vllm_tensor_parallel_size", 1)))  # fmt: skip
-    weights = 2 * shape.params / tp  # an engine's share of the policy must hold its weights
-    key = "vllm_tensor_parallel_size" if weights > share * gpu_memory else "vllm_gpu_memory_utilization"
-    return [(f"vLLM engine, colocated ({share:.0%} of the GPU: {shape.name} bf16 / {tp} and its KV cache)",
-             max(share * gpu_memory, weights), f"{section}.trl.{key}")]  # fmt: skip
+    return [engine_part(shape, "vLLM engine, colocated", share, tp, gpu_memory,
+                        f"{section}.trl.vllm_gpu_memory_utilization", f"{section}.trl.vllm_tensor_parallel_size")]  # fmt: skip
+
+
+def engine_part(
+    shape: Shape, what: str, share: float, tp: int, gpu_memory: float, share_key: str, tp_key: str
+):
+    """A vLLM engine's part of each GPU: its `share` of the memory, which must hold its 1/`tp` of the model's bf16
+    weights (else the part is those weights, and the key to change is the tensor-parallel size)."""
+    weights = 2 * shape.params / tp
+    fits = weights <= share * gpu_memory
+    return (f"{what} ({share:.0%} of the GPU: {shape.name} bf16 / {tp} and its KV cache)",
+            max(share * gpu_memory, weights), share_key if fits else tp_key)  # fmt: skip
 
 
 def checkpoint_disk(shape: Shape, launch: Launch) -> float:
@@ -261,10 +270,8 @@ def stage_parts(
         return trained(teacher, launch, recipe.teacher_train, seq, "teacher_train")
     if stage == "generate" and recipe.generate.engine == "vllm":  # one engine per tensor_parallel_size GPUs
         g = recipe.generate
-        weights = 2 * teacher.params / g.tensor_parallel_size
-        return [(f"vLLM engine ({g.gpu_memory_utilization:.0%} of the GPU: {teacher.name} bf16 / "
-                 f"{g.tensor_parallel_size} and its KV cache)", max(g.gpu_memory_utilization * gpu_memory, weights),
-                 "generate.tensor_parallel_size" if weights > g.gpu_memory_utilization * gpu_memory else "")]  # fmt: skip
+        return [engine_part(teacher, "vLLM engine", g.gpu_memory_utilization, g.tensor_parallel_size, gpu_memory,
+                            "generate.gpu_memory_utilization", "generate.tensor_parallel_size")]  # fmt: skip
     if stage == "generate":  # data-parallel generation: the teacher whole in every process
         return [(f"{teacher.name} (teacher, bf16)", 2 * teacher.params, "")] + generation(
             teacher, launch, recipe.generate.batch_size, seq, "generate.batch_size", False)  # fmt: skip
