@@ -100,3 +100,30 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# A local model folder pinned by content (`revision: sha256:<hex>` in a recipe's model spec): the digest of its one
+# weights file, so that a stage's config hash changes when the weights do and a damaged or replaced copy (a Git LFS
+# pointer, a half-copied file) is refused before anything trains on it.
+PIN = "sha256:"
+WEIGHTS = "model.safetensors"
+
+
+def is_pin(revision: str | None) -> bool:
+    return bool(revision) and revision.startswith(PIN)
+
+
+def pin_problem(folder: str | Path, revision: str) -> str | None:
+    """Why the folder does not hold the pinned weights, or None when it does."""
+    weights = Path(folder).expanduser() / WEIGHTS
+    want = revision[len(PIN) :]
+    if not weights.is_file():
+        return f"{weights} does not exist; a `revision: {PIN}…` pin is the sha256 of a folder's {WEIGHTS}"
+    got = file_sha256(weights)
+    if got != want:
+        return (
+            f"{weights} has sha256 {got[:16]}…, but the recipe pins {want[:16]}…: the folder holds other weights "
+            "than the recipe was written for (rebuild shipped models with `make tiny-models`, which re-pins the "
+            "recipes, or restore the file)"
+        )
+    return None

@@ -34,6 +34,7 @@ from transformers import (
 
 from posttrain.chat import stop_ids
 from posttrain.config import ModelSpec
+from posttrain.files import is_pin, pin_problem
 from posttrain.tokenizer import build_tiny_tokenizer
 
 
@@ -158,7 +159,20 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     name = spec.tokenizer or spec.name_or_path
     if name == "tiny" or (name is None and spec.preset):
         return build_tiny_tokenizer()
-    return AutoTokenizer.from_pretrained(name, revision=spec.revision)
+    return AutoTokenizer.from_pretrained(name, revision=hub_revision(spec))
+
+
+def hub_revision(spec: ModelSpec) -> str | None:
+    """The revision to hand to `from_pretrained`: none for a local folder pinned by its weights' sha256."""
+    return None if is_pin(spec.revision) else spec.revision
+
+
+def check_pin(spec: ModelSpec) -> None:
+    """A local folder pinned by `revision: sha256:…` holds exactly those weights (else ModelError saying what to do)."""
+    if is_pin(spec.revision):
+        problem = pin_problem(spec.name_or_path, spec.revision)
+        if problem:
+            raise ModelError(problem)
 
 
 def preset_config(preset: str, tokenizer: Any, max_positions: int = 1024) -> Gemma2Config:
@@ -227,7 +241,8 @@ def _load(spec: ModelSpec, tokenizer: Any, preset_class: type, auto_class: type,
         config.update(extra)
         config._attn_implementation = resolve_attention(config, spec.attn_implementation)
     else:
-        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.revision)
+        check_pin(spec)
+        config = AutoConfig.from_pretrained(spec.name_or_path, revision=hub_revision(spec))
     dtype = resolve_dtype(spec.dtype, dev, config.model_type)
     if trainable and dtype == torch.bfloat16 and not uses_deepspeed():
         dtype = torch.float32
@@ -242,7 +257,7 @@ def _load(spec: ModelSpec, tokenizer: Any, preset_class: type, auto_class: type,
                 copy_into_partitions(model, preset_class, config, dtype, seed)
         else:
             model = auto_class.from_pretrained(
-                spec.name_or_path, revision=spec.revision, dtype=dtype,
+                spec.name_or_path, revision=hub_revision(spec), dtype=dtype,
                 attn_implementation=resolve_attention(config, spec.attn_implementation), **extra,
             )  # fmt: skip
     if not sharded:

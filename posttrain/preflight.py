@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.config import ConfigError, ModelSpec, Recipe, TrainConfig, where_of
-from posttrain.files import free_bytes, human_bytes
+from posttrain.files import free_bytes, human_bytes, is_pin, pin_problem
 
 PRESET_BOUND = 10 * 2**20  # bytes: every tiny preset's fp32 weights are below it (tests/test_preflight.py)
 FIRST_ROWS = 100  # rows of a local dataset folder read by the preflight
@@ -166,6 +166,8 @@ def model_inputs(recipe: Recipe, stages: list[str]) -> list[tuple[str, ModelSpec
             wanted["model"] = (recipe.model, True)
         if stage == "teacher" or (stage in ("generate", "distill") and teacher_given):
             wanted["teacher"] = (recipe.teacher, True)
+        if stage == "rm" and recipe.rm.init_from == "teacher" and teacher_given:
+            wanted["teacher"] = (recipe.teacher, True)
         if stage == "rm" and not recipe.rm.init_from:
             wanted["reward_model"] = (recipe.reward_model, True)
     return [(k, spec, weights) for k, (spec, weights) in wanted.items() if spec is not None]
@@ -177,6 +179,12 @@ def check_spec(pf: Preflight, key: str, spec: ModelSpec, weights: bool) -> None:
         check_name(pf, f"{key}.name_or_path", spec.name_or_path, kind, tokenizer=spec.tokenizer is None)
     if spec.tokenizer not in (None, "tiny", spec.name_or_path):
         check_name(pf, f"{key}.tokenizer", spec.tokenizer, "tokenizer", tokenizer=True)
+    if is_pin(spec.revision) and spec.name_or_path is not None:
+        if not Path(spec.name_or_path).expanduser().is_dir():
+            pf.problem(f"{key}.revision", f"{spec.revision[:20]}… pins a local folder's weights, but {spec.name_or_path} "
+                       "is not a folder here (a pin inherited from the recipe this one extends? set revision: null)")  # fmt: skip
+        elif weights and (problem := pin_problem(spec.name_or_path, spec.revision)):
+            pf.problem(f"{key}.revision", problem)
 
 
 def _path_like(name: str) -> bool:
@@ -232,7 +240,7 @@ def model_size(spec: ModelSpec | None) -> tuple[int, int] | None:
         return None
     if spec.preset:
         return PRESET_BOUND // 4, 4
-    params = parameters(spec.name_or_path, spec.revision)
+    params = parameters(spec.name_or_path, None if is_pin(spec.revision) else spec.revision)
     return None if params is None else (params, 4 if spec.dtype == "fp32" else 2)
 
 

@@ -73,7 +73,7 @@ def test_every_problem_is_reported_at_once_with_its_key_and_line(tmp_path):
     (model / "model.safetensors").write_bytes(data[:-100])  # a truncated copy, and no tokenizer
     p = _recipe(tmp_path, f"data:\n  source: jsonl\n  train: {tmp_path / 'gone.jsonl'}\n"
                           f"rm:\n  source: jsonl\n  train_file: {bad}\n  init_from: null\n"
-                          f"teacher:\n  name_or_path: {model}\n  preset: null\n  tokenizer: null\n"
+                          f"teacher:\n  name_or_path: {model}\n  revision: null\n  tokenizer: null\n"
                           "reward_model:\n  name_or_path: not a hub id!\n  preset: null\n")  # fmt: skip
     pf = _check(p)
     got = "\n".join(pf.problems)
@@ -88,7 +88,7 @@ def test_every_problem_is_reported_at_once_with_its_key_and_line(tmp_path):
 
 def test_model_paths_and_ids_are_checked_for_form_and_completeness(tmp_path):
     p = _recipe(tmp_path, "model:\n  name_or_path: runs/tiny/sft/model\n  preset: null\n  tokenizer: null\n"
-                          "teacher:\n  name_or_path: google/gemma-2-27b-it\n  preset: null\n  tokenizer: null\n")  # fmt: skip
+                          "teacher:\n  name_or_path: google/gemma-2-27b-it\n  revision: null\n  tokenizer: null\n")  # fmt: skip
     pf = _check(p, ["data", "sft", "generate"], sets=("teacher_train=null",))
     assert pf.problems == [f"{p}:5: model.name_or_path: runs/tiny/sft/model does not exist (a local model folder); "
                            "point it at a save_pretrained folder"]  # fmt: skip

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from posttrain.files import PIN, is_pin
 from posttrain.world import TASKS
 
 # Field metadata for a key added after runs were made whose default is the earlier behaviour: the key enters a
@@ -30,6 +31,8 @@ class ModelSpec:
     attn_implementation: `auto` is eager for Gemma 2 (it needs attention soft-capping, which SDPA drops), or
     FlashAttention 2 when `flash_attention_2` is asked for and flash-attn ≥ 2.6 is installed.
     tokenizer: `tiny` (the built-in character tokenizer), a hub id or a folder; default: the model's own.
+    revision: a hub revision (branch, tag, commit); for a local folder, `sha256:<hex>` pins its model.safetensors
+    (checked before the model loads, and part of every stage's config hash: the shipped tiny models are pinned so).
     """
 
     name_or_path: str | None = None
@@ -51,6 +54,16 @@ class ModelSpec:
             out.append("dtype: fp16 overflows in Gemma's activations; set bf16 (GPU) or fp32 (CPU), or auto")
         if self.attn_implementation == "sdpa":
             out.append("attn_implementation: sdpa drops Gemma 2's attention soft-capping; set eager or auto")
+        if is_pin(self.revision):
+            digest = self.revision[len(PIN) :]
+            if len(digest) != 64 or digest.strip("0123456789abcdef"):
+                out.append(
+                    f"revision: {self.revision!r}: a pin is '{PIN}' and the 64 lowercase hex digits of the weights"
+                )
+            if self.name_or_path is None:
+                out.append(
+                    "revision: a sha256 pin names a local folder's weights; set name_or_path to the folder"
+                )
         return out
 
 
@@ -501,7 +514,8 @@ class RMConfig:
     include_gold: (policy source) the world's gold response is one of the candidates.
     balance_tasks: (policy source) the `prompts` training prompts are drawn with equal weight per task family (the
     rows' `task`), as the held-out pairs are; a rare family's prompts are drawn more than once.
-    init_from: start the RM from this stage's model (only the scalar head is new); default: `reward_model:`.
+    init_from: start the RM from this stage's model (only the scalar head is new); `teacher` is the recipe's
+    `teacher:` itself when the recipe does not train one; default: `reward_model:`.
     extra_layers: decoder layers added on top of the starting model (Gemma 2), each starting as the identity
     (`posttrain.modeling.grow_layers`): depth for comparing a response with what the LM's own layers predict.
     likelihood_weight: w ≥ 0; the reward adds w × the RM's own log-likelihood of the response, Σ over its tokens

@@ -112,7 +112,7 @@ def write_shards(recipe: Recipe, spec: ModelSpec, tokenizer, rows: list[dict], p
     from tqdm.auto import tqdm
 
     from posttrain.generation import engine_group, generate, generate_vllm, use_vllm, vllm_engine
-    from posttrain.modeling import load_causal_lm
+    from posttrain.modeling import check_pin, load_causal_lm
 
     cfg, seed = recipe.generate, recipe.seed_for("generate")
     vllm = use_vllm(cfg.engine)
@@ -121,6 +121,7 @@ def write_shards(recipe: Recipe, spec: ModelSpec, tokenizer, rows: list[dict], p
     group, groups, writer = engine_group(rank(), world_size(), cfg.tensor_parallel_size if vllm else 1)
     mine = todo[group::groups]
     if vllm and mine:
+        check_pin(spec)  # vLLM reads the folder itself: a pinned one is checked first, as HF loading does
         engine = vllm_engine(spec.name_or_path, cfg, seed, recipe.chat.max_length)
     else:
         model = load_causal_lm(spec, tokenizer, seed=seed) if mine else None
