@@ -8,7 +8,7 @@ STAMP      := $(VENV)/.installed
 PT         := $(BIN)/posttrain
 GEMMA_TOK  := .cache/gemma-tokenizer
 
-.PHONY: setup gemma-tokenizer test test-dist test-all lint format demo data teacher generate sft distill rm rlhf merge eval bench render check clean
+.PHONY: setup gemma-tokenizer tiny-models test test-dist test-all lint format demo data teacher generate sft distill rm rlhf merge eval bench render check clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,12 @@ $(STAMP): pyproject.toml
 gemma-tokenizer: $(GEMMA_TOK)/tokenizer.json
 $(GEMMA_TOK)/tokenizer.json: $(STAMP)
 	$(BIN)/python -m posttrain.tokenizer gemma $(GEMMA_TOK)
+
+# The tiny checkpoints the embedded recipe starts from (data/models/, manifest.json): trained from nothing by the
+# project's own stages, then shipped and re-pinned in the recipes (posttrain/shipped.py). Not part of `make demo`.
+tiny-models: setup
+	$(PT) run recipes/tiny/tiny-models.yaml --only teacher
+	$(BIN)/python -m posttrain.shipped runs/tiny-models/teacher tiny-teacher
 
 test: setup gemma-tokenizer
 	$(BIN)/python -m pytest -m "not slow and not gpu and not dist" -q

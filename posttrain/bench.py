@@ -11,8 +11,9 @@
     outside      the share of a finished run's wall time spent outside training (process start-up, loading,
                  evaluation, generation, saving), from the run folder's metrics and a measured stage start-up
 
-Run: `python -m posttrain.bench [--recipe R] [--prompts N]`. The teacher is the recipe's trained teacher when its
-`teacher` stage is done, else an untrained tiny-teacher preset (said in the output).
+Run: `python -m posttrain.bench [--recipe R] [--prompts N]`. The teacher is the recipe's own (the tiny recipe's
+shipped one), or its `teacher` stage's when the recipe trains one and it is done, else an untrained tiny-teacher
+preset (said in the output).
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ def bench_generation(recipe, n_prompts: int) -> dict:
     from posttrain.outputs import read_done, stage_model
 
     folder = recipe.run_dir / "teacher"
-    if read_done(folder):
+    if recipe.teacher is not None and not recipe.has_stage("teacher"):
+        spec, which = (
+            recipe.teacher,
+            f"the recipe's teacher {recipe.teacher.name_or_path or recipe.teacher.preset}",
+        )
+    elif read_done(folder):
         spec, which = stage_model(folder, recipe.teacher), f"trained teacher {folder}/model"
     else:
         spec, which = ModelSpec(preset="tiny-teacher", tokenizer="tiny"), "untrained tiny-teacher preset"
@@ -128,8 +134,9 @@ def stage_startup() -> float:
     return time.perf_counter() - t0
 
 
-def time_outside_training(run_dir, startup: float) -> dict | None:
-    """Over a finished run folder's stages: wall time (stage wall + start-up) and time inside trainer.train."""
+def time_outside_training(run_dir, startup: float, names: list[str] | None = None) -> dict | None:
+    """Over a finished run folder's stages (`names`: the recipe's; default every stage name): wall time (stage wall
+    + start-up) and time inside trainer.train."""
     import json
 
     from posttrain.registry import NAMES
@@ -137,7 +144,7 @@ def time_outside_training(run_dir, startup: float) -> dict | None:
 
     wall = train = 0.0
     stages = []
-    for stage in NAMES:
+    for stage in names or NAMES:
         folder = run_dir / stage
         s = _summary(folder) if (folder / "DONE").exists() else {}
         if "wall_time_s" not in s:
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     sft = bench_sft(recipe, args.sft_steps)
     peak = matmul_flops()
     startup = stage_startup()
-    outside = time_outside_training(recipe.run_dir, startup)
+    outside = time_outside_training(recipe.run_dir, startup, recipe.stages())
     ours, trl_ = sft["ours"], sft["trl"]
     print("\n| benchmark | baseline | measured | ratio |\n|---|---|---|---:|")
     print(f"| sft, {sft['steps']} steps, {recipe.model.preset or recipe.model.name_or_path} | TRL SFTTrainer defaults "

@@ -75,8 +75,8 @@ class Parents:
 
 
 def teacher_spec(recipe: Recipe, parents: Parents) -> ModelSpec:
-    """The teacher a stage loads: the `teacher` stage's model when the recipe trains its own (the tiny recipe),
-    else the recipe's `teacher:` itself."""
+    """The teacher a stage loads: the `teacher` stage's model when the recipe trains its own
+    (`teacher_train:`), else the recipe's `teacher:` itself (a hub model, a folder such as the shipped tiny one)."""
     if recipe.teacher is None:
         raise ConfigError(["this stage needs a 'teacher:' model in the recipe"])
     return parents.model("teacher", recipe.teacher) if recipe.teacher_train is not None else recipe.teacher

@@ -21,7 +21,12 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", "one", False, "training and evaluation splits, validated and filtered"),
-    Stage("teacher", "many", True, "SFT of the teacher on the data stage's conversations (tiny recipe only)"),
+    Stage(
+        "teacher",
+        "many",
+        True,
+        "SFT of the teacher on the data stage's conversations (recipes with teacher_train)",
+    ),
     Stage("generate", "many", False, "the teacher's responses to the training prompts, filtered"),
     Stage("sft", "many", True, "SFT of the policy on the teacher's responses"),
     Stage("distill", "many", True, "on-policy distillation of the SFT policy from the teacher"),

@@ -22,9 +22,11 @@ def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
     """(label, {"score", "per_task"}, wall) for every model of the run that was scored on the world."""
     out: list[tuple[str, dict, str]] = []
     current = current_stages(run_dir)
+    distilled = read_done(run_dir / "distill")
+    given = distilled is not None and "teacher" not in distilled.get("parents", {})  # not trained by this run
     for stage in ("teacher", "sft"):
         path = run_dir / stage / "eval.json"
-        if path.exists() and stage in current:
+        if path.exists() and stage in current and not (given and stage == "teacher"):
             ev = json.loads(path.read_text())
             out += [
                 (f"{stage}: untrained", ev.get("before"), ""),
@@ -32,7 +34,10 @@ def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
             ]
     path = run_dir / "distill" / "eval.json"
     if path.exists() and "distill" in current:
-        out.append(("distill", json.loads(path.read_text()).get("distill"), _wall(run_dir / "distill")))
+        ev = json.loads(path.read_text())
+        if given:  # a teacher the recipe names (e.g. a shipped one), scored by the distill stage
+            out.insert(0, ("teacher: from the recipe", ev.get("teacher"), ""))
+        out.append(("distill", ev.get("distill"), _wall(run_dir / "distill")))
     for fig in sorted((run_dir / "rlhf").glob("*/figures.json")) if "rlhf" in current else ():
         end = json.loads(fig.read_text())["end"]
         res = (

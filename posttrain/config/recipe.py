@@ -55,7 +55,8 @@ class Recipe:
     seed: every stage's seed (data draws, initialisation, data order, sampling); `seeds` sets it per stage (e.g.
     `seeds: {sft: 1}`), so that a seed study reruns only that stage and the ones after it.
     teacher_train: set it to train the teacher with SFT on the data stage's conversations (the `teacher` stage;
-    the tiny recipe does, from a preset); leave it unset when `teacher` names a trained model. generate: how the
+    `recipes/tiny/tiny-models.yaml` does, from a preset); leave it unset when `teacher` names a trained model (the
+    tiny recipe's shipped one, a hub model). generate: how the
     teacher samples responses. sft: the student's SFT run. rm: the reward model's pairs, training and gate.
     eval: the evaluation done at the end of each stage. distill, rlhf, merge: those stages (absent: skipped).
     """
@@ -120,6 +121,9 @@ class Recipe:
                     f"in one; give it a one-process launcher (`launchers: {{{stage}: local}}` or cpu), or leave it "
                     "out: a one-process stage that inherits a several-process `launcher` runs as a plain process"
                 )
+        if self.rm.init_from == "teacher" and self.teacher is None:
+            out.append("rm.init_from: 'teacher' starts the RM from the teacher, but the recipe names no 'teacher:'; "
+                       "name one, or set init_from: null and a 'reward_model:'")  # fmt: skip
         if self.rlhf is not None and self.rlhf.reward == "world" and self.data.source != "world":
             out.append(
                 f"rlhf.reward: 'world' scores responses with the built-in world's verifiers, but data.source is "
@@ -148,8 +152,8 @@ class Recipe:
         return out
 
     def has_stage(self, name: str) -> bool:
-        """Whether the recipe has this stage: `teacher` only when `teacher_train:` is set (the tiny recipe trains
-        its own teacher), `generate` and `distill` only when a teacher is named, `distill`, `rlhf` and `merge` only
+        """Whether the recipe has this stage: `teacher` only when `teacher_train:` is set (the recipe trains its
+        own teacher), `generate` and `distill` only when a teacher is named, `distill`, `rlhf` and `merge` only
         when their sections are set."""
         if name == "teacher":
             return self.teacher is not None and self.teacher_train is not None

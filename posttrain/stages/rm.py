@@ -13,7 +13,8 @@ Held-out pairs are built the same way from the evaluation prompts. With `source:
 (`prompt`/`chosen`/`rejected`, data/README.md). Pairs that cannot fit `chat.max_length` are dropped and counted.
 
 Model: `Gemma2ForSequenceClassification` with one output — from `reward_model:` or, with `rm.init_from`, from an
-earlier stage's model (only the head is new); Gemma 2's RM is larger than the policy, and so is the tiny one.
+earlier stage's model, or `init_from: teacher` with a teacher the recipe names rather than trains (the tiny
+recipe's shipped one), from that model (only the head is new); Gemma 2's RM is larger than the policy, and so is the tiny one.
 `rm.extra_layers` adds decoder layers on top of the starting model, each starting as the identity
 (`posttrain.modeling.grow_layers`). `rm.likelihood_weight` w adds w × the RM's own log-likelihood (Σ over
 tokens) of the response (its decoder through the tied LM head) to the head's reward (`posttrain.reward`): an RM
@@ -36,6 +37,7 @@ inspection; RL never sees it).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,7 @@ from posttrain.data.sources import read_source
 from posttrain.dist import is_main, merge_parts, part
 from posttrain.errors import StageError
 from posttrain.files import file_sha256, write_atomic
-from posttrain.outputs import GATE_FAILED, Parents, StageOutput
+from posttrain.outputs import GATE_FAILED, Parents, StageOutput, teacher_spec
 
 
 class GateError(StageError):
@@ -59,8 +61,8 @@ PAIR_COUNTS = "pair_counts.json"  # beside the pairs in data/: what was drawn, k
 
 def parents(recipe: Recipe) -> list[str]:
     out = ["data", recipe.rm_policy()] if recipe.rm.source == "policy" else []
-    if recipe.rm.init_from and recipe.rm.init_from not in out:
-        out.append(recipe.rm.init_from)
+    if recipe.rm.init_from and recipe.rm.init_from not in out and recipe.has_stage(recipe.rm.init_from):
+        out.append(recipe.rm.init_from)  # a teacher the recipe names (not trains) is read from the recipe
     return out
 
 
@@ -69,12 +71,20 @@ def stage_config(recipe: Recipe) -> dict[str, Any]:
     for f in (recipe.rm.train_file, recipe.rm.eval_file):
         if recipe.rm.source == "jsonl" and f and Path(f).exists():
             files[f] = file_sha256(Path(f))
+    given_teacher = recipe.rm.init_from == "teacher" and not recipe.has_stage("teacher")
     return {"rm": recipe.rm, "reward_model": None if recipe.rm.init_from else recipe.reward_model,
+            **({"teacher": recipe.teacher} if given_teacher else {}),
             "chat": recipe.chat, "seed": recipe.seed_for("rm"), "assistant_name": recipe.world.assistant_name,
             "files": files, "tracking": recipe.tracking.wandb}  # fmt: skip
 
 
 def rm_spec(recipe: Recipe, parents: Parents) -> ModelSpec:
+    if recipe.rm.init_from == "teacher" and not recipe.has_stage("teacher"):
+        # the recipe's own teacher (e.g. a shipped checkpoint), with the dtype and attention of `reward_model:`
+        like = recipe.reward_model or ModelSpec()
+        return replace(
+            teacher_spec(recipe, parents), dtype=like.dtype, attn_implementation=like.attn_implementation
+        )
     if recipe.rm.init_from:
         return parents.model(recipe.rm.init_from, recipe.reward_model)
     if recipe.reward_model is None:

@@ -1,13 +1,14 @@
 """`teacher` stage: train the teacher with SFT on the data stage's conversations.
 
-Only recipes that set `teacher_train:` have it — the tiny recipe, whose teacher is a larger tiny preset trained
-here on the world's gold conversations so that the rest of the pipeline has a teacher better than the student.
-Real recipes name a trained teacher (e.g. a Gemma 2 27B instruction model) in `teacher:` and skip this stage.
+Only recipes that set `teacher_train:` have it — `recipes/tiny/tiny-models.yaml`, whose teacher is a larger tiny
+preset trained here on the world's gold conversations (`make tiny-models` ships it in data/models/, and the tiny
+recipe starts from that copy), and the smoke recipe. Real recipes name a trained teacher (e.g. a Gemma 2 27B
+instruction model) in `teacher:` and skip this stage, as the tiny recipe does with its shipped one.
 The objective, engine, checkpoints and evaluation are the `sft` stage's (`posttrain.engines.sft.run_sft`).
 
 Writes `runs/<recipe>/teacher/`: `model/`, `eval.json`, `metrics.jsonl`, `config.yaml`, `provenance.json`, `DONE`.
 
-    CPU:  posttrain run recipes/tiny/pipeline.yaml --only teacher
+    CPU:  posttrain run recipes/tiny/tiny-models.yaml --only teacher
 """
 
 from __future__ import annotations
