@@ -417,8 +417,11 @@ def test_sigterm_and_kill_9_resume_to_the_same_weights_as_an_uninterrupted_run(s
     _resumes_to_the_same_weights("sft", "generate", smoke_run, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.stage
 def test_the_reward_model_resumes_after_sigterm_and_kill_9_to_the_same_weights(smoke_run, tmp_path):
+    """The sft test above for the reward model's trainer (pairs in one micro-batch, its own checkpoints): about
+    5 minutes here, so `make test-all` runs it."""
     _resumes_to_the_same_weights("rm", "distill", smoke_run, tmp_path)
 
 
