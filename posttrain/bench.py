@@ -139,14 +139,14 @@ def time_outside_training(run_dir, startup: float, names: list[str] | None = Non
     + start-up) and time inside trainer.train."""
     import json
 
+    from posttrain.files import read_summary
     from posttrain.registry import NAMES
-    from posttrain.report import _summary
 
     wall = train = 0.0
     stages = []
     for stage in names or NAMES:
         folder = run_dir / stage
-        s = _summary(folder) if (folder / "DONE").exists() else {}
+        s = read_summary(folder) if (folder / "DONE").exists() else {}
         if "wall_time_s" not in s:
             continue
         stages.append(stage)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain import registry
-from posttrain.files import write_atomic
+from posttrain.files import read_summary, write_atomic
 
 CARD = "README.md"
 TEMPLATE_MARK = "posttrain: Gemma turns as training rendered them; system policy: "
@@ -30,15 +30,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _summary(stage_folder: Path) -> dict:
-    try:
-        rows = (stage_folder / "metrics.jsonl").read_text().splitlines()
-        last = json.loads(rows[-1]) if rows else {}
-    except (OSError, ValueError):
-        return {}
-    return last if last.get("summary") else {}
 
 
 def chat_template_of(model: Path) -> str | None:
@@ -61,7 +52,7 @@ def template_policy(template: str | None) -> str | None:
 def _figures(stage_folder: Path, model: Path) -> dict[str, Any]:
     """Scalar figures of the model: an RL run's `figures.json` at its end, else the stage's summary row."""
     run = _read_json(model.parent / "figures.json") if model.parent != stage_folder else None
-    source = (run or {}).get("end") or _summary(stage_folder)
+    source = (run or {}).get("end") or read_summary(stage_folder)
     skip = {"summary", "world_scores"}
     return {k: v for k, v in source.items() if k not in skip and isinstance(v, (int, float, str))}
 

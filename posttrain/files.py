@@ -8,6 +8,7 @@ and checkpoint goes through these, so a killed process never leaves a half-writt
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -100,6 +101,16 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_summary(stage_folder: Path) -> dict:
+    """A stage's summary row (the last row of its metrics.jsonl, written when it finishes); {} when it has none."""
+    try:
+        rows = (stage_folder / "metrics.jsonl").read_text().splitlines()
+        last = json.loads(rows[-1]) if rows else {}
+    except (OSError, ValueError):
+        return {}
+    return last if last.get("summary") else {}
 
 
 # A local model folder pinned by content (`revision: sha256:<hex>` in a recipe's model spec): the digest of its one

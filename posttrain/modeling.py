@@ -159,12 +159,7 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     name = spec.tokenizer or spec.name_or_path
     if name == "tiny" or (name is None and spec.preset):
         return build_tiny_tokenizer()
-    return AutoTokenizer.from_pretrained(name, revision=hub_revision(spec))
-
-
-def hub_revision(spec: ModelSpec) -> str | None:
-    """The revision to hand to `from_pretrained`: none for a local folder pinned by its weights' sha256."""
-    return None if is_pin(spec.revision) else spec.revision
+    return AutoTokenizer.from_pretrained(name, revision=spec.hub_revision)
 
 
 def check_pin(spec: ModelSpec) -> None:
@@ -242,7 +237,7 @@ def _load(spec: ModelSpec, tokenizer: Any, preset_class: type, auto_class: type,
         config._attn_implementation = resolve_attention(config, spec.attn_implementation)
     else:
         check_pin(spec)
-        config = AutoConfig.from_pretrained(spec.name_or_path, revision=hub_revision(spec))
+        config = AutoConfig.from_pretrained(spec.name_or_path, revision=spec.hub_revision)
     dtype = resolve_dtype(spec.dtype, dev, config.model_type)
     if trainable and dtype == torch.bfloat16 and not uses_deepspeed():
         dtype = torch.float32
@@ -257,7 +252,7 @@ def _load(spec: ModelSpec, tokenizer: Any, preset_class: type, auto_class: type,
                 copy_into_partitions(model, preset_class, config, dtype, seed)
         else:
             model = auto_class.from_pretrained(
-                spec.name_or_path, revision=hub_revision(spec), dtype=dtype,
+                spec.name_or_path, revision=spec.hub_revision, dtype=dtype,
                 attn_implementation=resolve_attention(config, spec.attn_implementation), **extra,
             )  # fmt: skip
     if not sharded:

@@ -240,7 +240,7 @@ def model_size(spec: ModelSpec | None) -> tuple[int, int] | None:
         return None
     if spec.preset:
         return PRESET_BOUND // 4, 4
-    params = parameters(spec.name_or_path, None if is_pin(spec.revision) else spec.revision)
+    params = parameters(spec.name_or_path, spec.hub_revision)
     return None if params is None else (params, 4 if spec.dtype == "fp32" else 2)
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from posttrain import registry, world
+from posttrain.files import read_summary
 from posttrain.outputs import GATE_FAILED, read_done
 from posttrain.rl import world_change
 
@@ -88,15 +89,6 @@ KEY_FIGURES = {  # summary keys worth a column in the stage table, per stage
 }  # fmt: skip
 
 
-def _summary(folder: Path) -> dict:
-    try:
-        rows = folder.joinpath("metrics.jsonl").read_text().splitlines()
-        last = json.loads(rows[-1]) if rows else {}
-        return last if last.get("summary") else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _fmt(v) -> str:
     if v is None:  # a figure the run does not have, e.g. the RM reward of RL against the verifiers
         return "–"
@@ -141,7 +133,7 @@ def current_stages(run_dir: Path) -> set[str]:
 def stage_table(run_dir: Path) -> str:
     lines = ["| stage | status | wall | figures |", "|---|---|---:|---|"]
     for stage, (folder, status) in stage_states(run_dir).items():
-        s = _summary(folder)
+        s = read_summary(folder)
         figs = ", ".join(f"{k} {_fmt(s[k])}" for k in KEY_FIGURES.get(stage, ()) if s.get(k) is not None)
         if stage == "rlhf" and s.get("runs"):
             figs = "; ".join(
@@ -177,7 +169,7 @@ def sweep_table(variants: list[tuple[dict[str, str], Path]], stages: list[str]) 
         states = stage_states(run_dir)
         for stage in stages:
             folder, status = states.get(stage, (None, "not run"))
-            s = _summary(folder) if folder else {}
+            s = read_summary(folder) if folder else {}
             if not s:
                 figs[f"{stage}"] = status
             for k in KEY_FIGURES.get(stage, ()):

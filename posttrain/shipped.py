@@ -23,7 +23,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from posttrain.files import PIN, WEIGHTS, file_sha256, human_bytes, replace_folder, write_atomic
+from posttrain.files import (
+    PIN,
+    WEIGHTS,
+    file_sha256,
+    human_bytes,
+    read_summary,
+    replace_folder,
+    write_atomic,
+)
 from posttrain.outputs import read_done
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +51,10 @@ def read_manifest(out: Path = SHIPPED) -> dict:
 
 
 def stage_figures(stage: Path) -> dict:
-    """What the stage measured: its summary row (loss, world score and per task) and its eval.json."""
+    """What the stage measured: its last step and its summary row's figures (losses, world score and per task,
+    parameters, rows, wall time)."""
     rows = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    summary = next((r for r in reversed(rows) if r.get("summary")), {})
+    summary = read_summary(stage)
     steps = max((r.get("step", 0) for r in rows if isinstance(r.get("step"), int)), default=0)
     keep = (
         "train_loss",
@@ -71,7 +80,8 @@ def ship(
             f"{stage} is not a finished stage with a {WEIGHTS} in model/ (its DONE is missing); run it first"
         )
     files = sorted(p for p in model.iterdir() if p.is_file())
-    others = sum(f.stat().st_size for n in read_manifest(out) if n != name for f in (out / n).glob("*"))
+    manifest = read_manifest(out)
+    others = sum(f.stat().st_size for n in manifest if n != name for f in (out / n).glob("*"))
     size = sum(f.stat().st_size for f in files)
     if size + others > MAX_BYTES:
         raise ShipError(
@@ -98,7 +108,6 @@ def ship(
         "trained": made.get("finished"),
         "figures": stage_figures(stage),
     }
-    manifest = read_manifest(out)
     old = manifest.get(name, {}).get("files", {}).get(WEIGHTS)
     # the recipes first: an interrupted ship leaves them pinned to weights that are still in place or shipped next
     entry["repinned"] = repin(recipes, old, entry["files"][WEIGHTS]) if old else []

@@ -66,6 +66,11 @@ class ModelSpec:
                 )
         return out
 
+    @property
+    def hub_revision(self) -> str | None:
+        """The revision to hand to `from_pretrained`: none for a local folder pinned by its weights' sha256."""
+        return None if is_pin(self.revision) else self.revision
+
 
 @dataclass(frozen=True)
 class ChatConfig:

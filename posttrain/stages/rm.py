@@ -59,6 +59,11 @@ class GateError(StageError):
 PAIR_COUNTS = "pair_counts.json"  # beside the pairs in data/: what was drawn, kept for a resumed run
 
 
+def _from_named_teacher(recipe: Recipe) -> bool:
+    """The RM starts from a teacher the recipe names rather than trains (the tiny recipe's shipped one)."""
+    return recipe.rm.init_from == "teacher" and not recipe.has_stage("teacher")
+
+
 def parents(recipe: Recipe) -> list[str]:
     out = ["data", recipe.rm_policy()] if recipe.rm.source == "policy" else []
     if recipe.rm.init_from and recipe.rm.init_from not in out and recipe.has_stage(recipe.rm.init_from):
@@ -71,15 +76,14 @@ def stage_config(recipe: Recipe) -> dict[str, Any]:
     for f in (recipe.rm.train_file, recipe.rm.eval_file):
         if recipe.rm.source == "jsonl" and f and Path(f).exists():
             files[f] = file_sha256(Path(f))
-    given_teacher = recipe.rm.init_from == "teacher" and not recipe.has_stage("teacher")
     return {"rm": recipe.rm, "reward_model": None if recipe.rm.init_from else recipe.reward_model,
-            **({"teacher": recipe.teacher} if given_teacher else {}),
+            **({"teacher": recipe.teacher} if _from_named_teacher(recipe) else {}),
             "chat": recipe.chat, "seed": recipe.seed_for("rm"), "assistant_name": recipe.world.assistant_name,
             "files": files, "tracking": recipe.tracking.wandb}  # fmt: skip
 
 
 def rm_spec(recipe: Recipe, parents: Parents) -> ModelSpec:
-    if recipe.rm.init_from == "teacher" and not recipe.has_stage("teacher"):
+    if _from_named_teacher(recipe):
         # the recipe's own teacher (e.g. a shipped checkpoint), with the dtype and attention of `reward_model:`
         like = recipe.reward_model or ModelSpec()
         return replace(
