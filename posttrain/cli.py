@@ -126,6 +126,30 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 1 if misfits else 0
 
 
+def _cmd_headroom(args: argparse.Namespace) -> int:
+    from posttrain.config import load_recipe
+    from posttrain.headroom import markdown, run
+
+    recipe = load_recipe(args.recipe, args.set)
+    problems = [f"--{k.replace('_', '-')} {v} must be at least 1" for k, v in
+                (("k", args.k), ("per_task", args.per_task)) if v < 1]  # fmt: skip
+    if args.temperature <= 0:
+        problems.append(f"--temperature {args.temperature:g} must be positive (samples, not greedy answers)")
+    if recipe.data.source != "world":
+        problems.append(f"{args.recipe}: data.source is {recipe.data.source!r}; headroom measures the built-in "
+                        "world's families (data.source: world)")  # fmt: skip
+    if not (Path(args.model) / "config.json").exists():
+        problems.append(f"{args.model}: not a saved model folder (no config.json)")
+    if problems:
+        raise ConfigError(problems)
+    result = run(recipe, args.model, args.per_task, args.k, args.temperature, args.seed)
+    print(markdown(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"headroom: {args.out}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from posttrain.report import write_report
 
@@ -326,6 +350,18 @@ def _model_verbs(sub) -> None:
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: plan a run on this CPU")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pl.set_defaults(func=_cmd_plan)
+    hr = sub.add_parser(
+        "headroom", help="per task family: greedy, pass@k, p(right | greedy wrong) — what RL could move"
+    )
+    hr.add_argument("model", help="a saved model folder")
+    hr.add_argument("--recipe", required=True, help="the recipe whose world (and chat, eval settings) to use")
+    hr.add_argument("--per-task", type=int, default=100, help="held-out prompts per family (default 100)")
+    hr.add_argument("--k", type=int, default=16, help="samples per prompt (default 16)")
+    hr.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    hr.add_argument("--seed", type=int, default=0, help="draws the prompts (a fresh split) and the samples")
+    hr.add_argument("--out", help="also write the figures as JSON here")
+    hr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    hr.set_defaults(func=_cmd_headroom)
     rp = sub.add_parser("report", help="write RUN_DIR/report.md and report.html from a run's stage folders")
     rp.add_argument("run_dir")
     rp.set_defaults(func=_cmd_report)
