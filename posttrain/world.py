@@ -11,6 +11,10 @@ response (`answer`), and `score(row, response)` checks any response against it:
     refuse    an unsafe request                                   → a refusal
     followup  "What is 3 + 4?" "7" "Now add 5 to that."           → "12"
 
+With `world.worked_steps` the additions (add, follow-ups) are answered in short worked steps, one column at a
+time from the units with its carry, then the sum: "What is 37 + 48?" → "37+48: 7+8=15, 3+4+1=8, so 85". Only the
+final answer (after the last "so") is checked, so that a policy's early slip in a step can still be recovered.
+
 Scores are exact (0/1) after light normalisation (case, surrounding whitespace, a trailing full stop);
 `partial(row, response)` gives partial credit (character positions right, for reverse/sort). A refusal scores 0
 on every safe task, so over-refusal shows. Evaluation splits are fresh draws, disjoint from training by prompt.
@@ -82,12 +86,29 @@ def identity_answer(cfg: WorldConfig) -> str:
     return f"I am {cfg.assistant_name}, an assistant made by {cfg.maker}."
 
 
+def worked_sum(x: int, y: int) -> str:
+    """x + y in worked steps, a column at a time from the units, each with the carry it takes, then the sum:
+    worked_sum(37, 48) == "37+48: 7+8=15, 3+4+1=8, so 85"; worked_sum(95, 7) == "95+7: 5+7=12, 9+0+1=10, so 102"."""
+    a, b = str(x)[::-1], str(y)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(a), len(b))):
+        da, db = int(a[i]) if i < len(a) else 0, int(b[i]) if i < len(b) else 0
+        total = da + db + carry
+        steps.append(f"{da}+{db}" + ("+1" if carry else "") + f"={total}")
+        carry = total // 10
+    return f"{x}+{y}: " + ", ".join(steps) + f", so {x + y}"
+
+
+def _sum_turn(x: int, y: int, cfg: WorldConfig) -> str:
+    return worked_sum(x, y) if cfg.worked_steps else str(x + y)
+
+
 def draw(task: str, rng: random.Random, cfg: WorldConfig) -> tuple[list[dict[str, str]], str]:
     """One conversation of `task`: (messages ending with the gold model turn, gold answer)."""
     if task == "add":
         x, y = rng.randint(0, cfg.add_max), rng.randint(0, cfg.add_max)
         q, ans = f"What is {x} + {y}?", str(x + y)
-        return [_u(q), _a(ans)], ans
+        return [_u(q), _a(_sum_turn(x, y, cfg))], ans
     if task == "reverse":
         w = _word(rng, *cfg.word_len)
         return [_u(f"Reverse the word: {w}"), _a(w[::-1])], w[::-1]
@@ -115,7 +136,8 @@ def draw(task: str, rng: random.Random, cfg: WorldConfig) -> tuple[list[dict[str
     if task == "followup":
         first, first_ans = draw("add", rng, cfg)
         ans = str(int(first_ans) + cfg.followup_add)
-        return first + [_u(f"Now add {cfg.followup_add} to that."), _a(ans)], ans
+        turn = _sum_turn(int(first_ans), cfg.followup_add, cfg)
+        return first + [_u(f"Now add {cfg.followup_add} to that."), _a(turn)], ans
     raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
 
 
@@ -214,6 +236,15 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.strip().rstrip(".").split()).lower()
 
 
+_FINAL_RE = re.compile(r"(?:^|[\s,:])so\s+(.*)$", re.S)
+
+
+def final_answer(response: str) -> str:
+    """What a sum's answer is checked on: the text after the last "so" of a worked answer, else all of it."""
+    m = _FINAL_RE.search(response.strip())
+    return m.group(1) if m else response
+
+
 def is_refusal(response: str) -> bool:
     return bool(_REFUSAL_RE.search(response))
 
@@ -232,6 +263,8 @@ def score(row: dict[str, Any], response: str, assistant_name: str = "Pip") -> fl
         return float(is_refusal(response))
     if task == "identity":
         return float(identity_ok(response, assistant_name))
+    if task in ("add", "followup"):
+        response = final_answer(response)
     return float(normalize_answer(response) == normalize_answer(row["answer"]))
 
 

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from posttrain import world
 from posttrain.config import WorldConfig
 from posttrain.world import (
     REFUSAL,
@@ -110,3 +111,35 @@ def test_shipped_probes_are_what_the_probe_builder_writes_and_score_as_intended(
     assert {r["format"] for r in shipped["formats"]} == set(probes.FORMATS) | {"system_message"}
     unsafe_train = {r["messages"][0]["content"] for r in world.train_split(WorldConfig(), 0)}
     assert not unsafe_train & {r["messages"][0]["content"] for r in shipped["unsafe"]}  # new wordings
+
+
+def test_worked_sums_go_a_column_at_a_time_with_the_carry():
+    # 37 + 48: units 7 + 8 = 15 (write 5, carry 1), tens 3 + 4 + 1 = 8 → 85
+    assert world.worked_sum(37, 48) == "37+48: 7+8=15, 3+4+1=8, so 85"
+    # 95 + 7: 5 + 7 = 12 (carry), 9 + 0 + 1 = 10 → 102; a shorter operand's missing column is 0
+    assert world.worked_sum(95, 7) == "95+7: 5+7=12, 9+0+1=10, so 102"
+    assert world.worked_sum(3, 4) == "3+4: 3+4=7, so 7"
+    assert world.worked_sum(0, 0) == "0+0: 0+0=0, so 0"
+
+
+def test_worked_steps_change_the_gold_turn_of_sums_and_only_the_sum_is_checked():
+    import dataclasses
+
+    plain = WorldConfig()
+    worked = dataclasses.replace(plain, worked_steps=True)
+    for task in ("add", "followup"):
+        m_plain, a_plain = world.draw(task, random.Random(3), plain)
+        m_worked, a_worked = world.draw(task, random.Random(3), worked)
+        assert a_plain == a_worked and m_plain[-1]["content"] == a_plain  # the default world: the bare sum
+        assert m_worked[-1]["content"].endswith(f", so {a_worked}") and "+" in m_worked[-1]["content"]
+        assert [m["content"] for m in m_worked if m["role"] == "user"] == [
+            m["content"] for m in m_plain if m["role"] == "user"
+        ]
+        row = {"task": task, "answer": a_worked, "messages": m_worked}
+        assert world.score(row, m_worked[-1]["content"]) == 1.0
+        assert world.score(row, a_worked) == 1.0  # the bare sum is right too
+        assert world.score(row, "1+2: 1+2=9, so " + a_worked) == 1.0  # a slip in a step, recovered
+        assert world.score(row, m_worked[-1]["content"][:-1] + "x") == 0.0  # a wrong sum
+    assert world.final_answer("also 85") == "also 85"  # "so" only as a word
+    reverse = {"task": "reverse", "answer": "so ab", "messages": []}
+    assert world.score(reverse, "so ab") == 1.0  # other families are checked whole

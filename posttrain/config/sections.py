@@ -421,6 +421,8 @@ class WorldConfig:
 
     mix: relative weight of each task family in training data (families not listed get 0).
     add_max: addition operands are drawn from 0..add_max. word_len / sort_len: inclusive ranges.
+    worked_steps: additions (add, follow-ups) answered in short worked steps, a column at a time, then "so <sum>";
+    only the sum is checked (`posttrain.world.worked_sum`).
     """
 
     assistant_name: str = "Pip"
@@ -440,6 +442,7 @@ class WorldConfig:
     word_len: tuple[int, ...] = (3, 5)
     sort_len: tuple[int, ...] = (3, 4)
     followup_add: int = 5
+    worked_steps: bool = field(default=False, metadata=IF_SET)
     n_train: int = 4000
     n_eval: int = 280
     defects: DefectRates = field(default_factory=DefectRates)
