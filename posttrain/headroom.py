@@ -29,7 +29,7 @@ from typing import Any
 
 from posttrain import world
 from posttrain.config import ModelSpec, Recipe, SamplingConfig
-from posttrain.generation import generate, prompt_ids
+from posttrain.generation import generate, prompt_ids, world_eval
 from posttrain.modeling import load_causal_lm, load_tokenizer
 
 GATE = {"lift": 0.4, "p_right_when_wrong": 0.2}  # pass@k − greedy, and the mean share of right samples
@@ -76,13 +76,10 @@ def measure(
     max_new, batch = recipe.eval.max_new_tokens, recipe.eval.batch_size
     name = recipe.world.assistant_name
     prompts = [prompt_ids(r["messages"], tokenizer, recipe.chat, max_new, r.get("id", "?")) for r in rows]
-    greedy_cfg = SamplingConfig(max_new_tokens=max_new, temperature=0.0, batch_size=batch, engine="hf")
     sample_cfg = SamplingConfig(
         max_new_tokens=max_new, temperature=temperature, batch_size=batch, engine="hf"
     )
-    greedy = [
-        world.score(r, g.text, name) for r, g in zip(rows, generate(model, tokenizer, prompts, greedy_cfg))
-    ]
+    greedy = world_eval(model, tokenizer, rows, recipe.chat, name, max_new, batch)["scores"]
     if progress is not None:
         progress.update(len(rows))
     sampled = generate(model, tokenizer, [p for p in prompts for _ in range(k)], sample_cfg, seed, progress)

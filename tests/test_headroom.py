@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from posttrain import headroom, world
+from posttrain import generation, headroom, world
 from posttrain.cli import main
 from posttrain.config import load_recipe
 from posttrain.generation import Generation
@@ -51,6 +51,7 @@ def test_measure_groups_each_prompts_k_samples_by_family(monkeypatch, tiny_token
                 for j in range(len(prompts))]  # fmt: skip
 
     monkeypatch.setattr(headroom, "generate", fake_generate)
+    monkeypatch.setattr(generation, "generate", fake_generate)  # the greedy answers: world_eval's
     figures = headroom.measure(None, tiny_tokenizer, rows, recipe, k=4, temperature=1.0)
     assert calls == [(4, 0.0), (16, 1.0)]
     assert list(figures)[-1] == "all"
