@@ -20,57 +20,106 @@ def _wall(folder: Path) -> str:
 
 
 def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
-    """(label, {"score", "per_task"}, wall) for every model of the run that was scored on the world."""
+    """(label, {"score", "per_task", …}, wall) for every model of the run that was scored on the world. Where the
+    per-prompt scores of the model and of the one it started from are both kept, the figures also hold
+    `scores`, `base_scores` (the start's), `base` (its label) and `comparisons` (how many models are compared with
+    that start together: the RL runs, the merges)."""
     out: list[tuple[str, dict, str]] = []
     current = current_stages(run_dir)
     distilled = read_done(run_dir / "distill")
     given = distilled is not None and "teacher" not in distilled.get("parents", {})  # not trained by this run
+
+    def vs(res: dict | None, base: dict | None, label: str, comparisons: int = 1) -> dict | None:
+        if not res or not base or not res.get("scores") or not base.get("scores"):
+            return res
+        return {**res, "base": label, "base_scores": base["scores"], "comparisons": comparisons}
+
     for stage in ("teacher", "sft"):
         path = run_dir / stage / "eval.json"
         if path.exists() and stage in current and not (given and stage == "teacher"):
             ev = json.loads(path.read_text())
             out += [
                 (f"{stage}: untrained", ev.get("before"), ""),
-                (f"{stage}: trained", ev.get("after"), _wall(run_dir / stage)),
+                (
+                    f"{stage}: trained",
+                    vs(ev.get("after"), ev.get("before"), "untrained"),
+                    _wall(run_dir / stage),
+                ),
             ]
     path = run_dir / "distill" / "eval.json"
     if path.exists() and "distill" in current:
         ev = json.loads(path.read_text())
         if given:  # a teacher the recipe names (e.g. a shipped one), scored by the distill stage
             out.insert(0, ("teacher: from the recipe", ev.get("teacher"), ""))
-        out.append(("distill", ev.get("distill"), _wall(run_dir / "distill")))
-    for fig in sorted((run_dir / "rlhf").glob("*/figures.json")) if "rlhf" in current else ():
-        end = json.loads(fig.read_text())["end"]
+        out.append(("distill", vs(ev.get("distill"), ev.get("sft"), "sft"), _wall(run_dir / "distill")))
+    figs = sorted((run_dir / "rlhf").glob("*/figures.json")) if "rlhf" in current else []
+    for fig in figs:
+        r = json.loads(fig.read_text())
+        start, end = r["start"], r["end"]
         res = (
-            {"score": end["world_score"], "per_task": end["world_per_task"]}
+            {
+                "score": end["world_score"],
+                "per_task": end["world_per_task"],
+                "scores": end.get("world_scores"),
+            }
             if end.get("world_per_task")
             else None
         )
-        out.append((f"rlhf: {fig.parent.name}", res, ""))
+        base = {"scores": start.get("world_scores")}
+        out.append((f"rlhf: {fig.parent.name}", vs(res, base, "start", len(figs)), ""))
     path = run_dir / "merge" / "points.json"
     if path.exists() and "merge" in current:
-        for p in json.loads(path.read_text()):
-            if p["kind"] == "merge" and p.get("world_per_task"):
-                out.append(
-                    (f"merge: {p['label']}", {"score": p["world_score"], "per_task": p["world_per_task"]}, "")
-                )
+        points = json.loads(path.read_text())
+        start = next((p for p in points if p["kind"] == "start"), {})
+        merges = [p for p in points if p["kind"] == "merge" and p.get("world_per_task")]
+        for p in merges:
+            res = {
+                "score": p["world_score"],
+                "per_task": p["world_per_task"],
+                "scores": p.get("world_scores"),
+            }
+            base = {"scores": start.get("world_scores")}
+            out.append((f"merge: {p['label']}", vs(res, base, "start", len(merges)), ""))
     return [(label, res, wall) for label, res, wall in out if res]
 
 
+def change_cell(res: dict) -> str:
+    """The gain over the model a row started from, with its 95% band and the sign test's verdict
+    (`posttrain.rl.world_change`): "+0.036 ± 0.029 (+14 / −4, p 0.015 × 2 runs): **better**"."""
+    if not res.get("base_scores"):
+        return ""
+    c = world_change(res["base_scores"], res["scores"], res["comparisons"])
+    p = c["p_better"] if c["gain"] >= 0 else c["p_worse"]
+    verdict = "noise" if c["verdict"] == "noise" else f"**{c['verdict']}**"
+    corrected = f", corrected × {c['comparisons']}" if c["comparisons"] > 1 else ""
+    return (f"{c['gain']:+.3f} ± {c['band']:.3f} (+{c['better']} / −{c['worse']}, p {p:.3g}{corrected}): "
+            f"{verdict}")  # fmt: skip
+
+
 def world_table(run_dir: Path) -> str:
-    """Held-out world scores of every trained model of the run, per task family, with wall time."""
+    """Held-out world scores of every trained model of the run, per task family, with wall time, and each
+    model's gain over the one it started from with its noise band (`change_cell`)."""
     tasks = list(world.TASKS)
     lines = [
-        "| model | world score | " + " | ".join(tasks) + " | wall |",
-        "|---|---:|" + "---:|" * (len(tasks) + 1),
+        "| model | world score | "
+        + " | ".join(tasks)
+        + " | gain over its start (95% band; sign test) | wall |",
+        "|---|---:|" + "---:|" * len(tasks) + "---|---:|",
     ]
     rows = world_rows(run_dir)
     for label, res, wall in rows:
         cells = [f"{res['per_task'][t]:.2f}" if t in res["per_task"] else "" for t in tasks]
-        lines.append(f"| {label} | **{res['score']:.3f}** | " + " | ".join(cells) + f" | {wall} |")
+        start = f"{res['base']}: " if res.get("base") else ""
+        lines.append(f"| {label} | **{res['score']:.3f}** | " + " | ".join(cells)
+                     + f" | {start}{change_cell(res)} | {wall} |")  # fmt: skip
     if not rows:
         return ""
-    return "## World evaluation (held-out prompts, greedy)\n\n" + "\n".join(lines) + "\n"
+    return (
+        "## World evaluation (held-out prompts, greedy)\n\n" + "\n".join(lines) + "\n\n"
+        "A gain is beyond noise when a one-sided exact sign test over the prompts whose score changed gives "
+        "p < 0.05 (Bonferroni-corrected for the runs or merges compared with the same start); the band is "
+        "± 1.96 standard errors of the mean per-prompt difference.\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------ the run report
@@ -208,21 +257,22 @@ def rl_section(run_dir: Path) -> str:
         a, b = r["start"], r["end"]
         lines.append(f"| {r['run']} | {r['kl_coef']} | {r['anchor']} | {_fmt(a.get('reward'))} → {_fmt(b.get('reward'))} | "
                      f"{_fmt(b['kl'])} / {_fmt(b['kl_k3'])} | {_fmt(a['world_score'])} → {_fmt(b['world_score'])} | "
-                     f"{world_verdict(a, b)} | {b['length']:.1f} |")  # fmt: skip
+                     f"{world_verdict(a, b, len(figs))} | {b['length']:.1f} |")  # fmt: skip
         if (f.parent / "curves.png").exists():
             images.append(f"![{r['run']}: reward and KL against step](rlhf/{f.parent.name}/curves.png)")
     return "\n".join(lines + [""] + images) + "\n"
 
 
-def world_verdict(start: dict, end: dict) -> str:
+def world_verdict(start: dict, end: dict, comparisons: int = 1) -> str:
     """An RL run's world score, prompt by prompt (`posttrain.rl.world_change`): "+3 / −2 of 280: noise", and
     **reward hacking** where the RM reward rose while the world score fell beyond noise. Empty for figures without
     per-prompt scores (runs made before they were kept, or off the built-in world)."""
     if not start.get("world_scores") or not end.get("world_scores"):
         return ""
-    c = world_change(start["world_scores"], end["world_scores"])
+    c = world_change(start["world_scores"], end["world_scores"], comparisons)
     verdict = c["verdict"] if c["verdict"] == "noise" else f"**{c['verdict']}**"
-    text = f"+{c['better']} / −{c['worse']} of {c['n']}: {verdict}"
+    p = c["p_better"] if c["better"] >= c["worse"] else c["p_worse"]
+    text = f"+{c['better']} / −{c['worse']} of {c['n']} (p {p:.3g}): {verdict}"
     rose = None not in (start.get("reward"), end.get("reward")) and end["reward"] > start["reward"]
     if c["verdict"] == "worse" and rose:
         text += " — **reward hacking**: the RM reward rose while the world score fell"

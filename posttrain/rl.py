@@ -21,6 +21,7 @@ ref_model_mixup_alpha = μ and ref_model_sync_steps = 1.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from posttrain.chat import stop_ids
@@ -115,15 +116,33 @@ def win_rate(rewards: list[float], baseline: list[float]) -> float:
     return sum(wins) / max(len(wins), 1)
 
 
-def world_change(before: list[float], after: list[float]) -> dict[str, Any]:
+def sign_test(better: int, worse: int) -> float:
+    """One-sided exact sign test over the prompts that changed: P(X ≥ better) for X ~ Binomial(better + worse, ½),
+    the chance of at least this many improvements if a changed prompt were as likely to get worse. 1.0 when
+    nothing changed."""
+    n = better + worse
+    return sum(math.comb(n, k) for k in range(better, n + 1)) / 2**n
+
+
+def world_change(
+    before: list[float], after: list[float], comparisons: int = 1, alpha: float = 0.05
+) -> dict[str, Any]:
     """The world score of the same prompts before and after, compared prompt by prompt: how many got better and
-    how many worse, and whether the difference is beyond noise — a sign test on the prompts that changed
-    (|better − worse| > 2 √(better + worse), about 95% under the normal approximation; prompts that did not change
-    carry no evidence either way)."""
+    how many worse; the gain (mean of the per-prompt differences) with its 95% band (± 1.96 standard errors of
+    that mean: the noise of scoring these prompts once); and whether the change is beyond noise — a one-sided exact
+    sign test on the prompts that changed (`sign_test`; prompts that did not change carry no evidence either way),
+    Bonferroni-corrected for the `comparisons` made together (e.g. the RL runs of one stage): "better" when
+    comparisons × P(≥ better) < alpha, "worse" likewise the other way, else "noise"."""
     if len(before) != len(after):
         raise ValueError(f"world_change: {len(before)} prompts before, {len(after)} after")
-    better = sum(b > a for a, b in zip(before, after))
-    worse = sum(b < a for a, b in zip(before, after))
-    beyond = abs(better - worse) > 2 * (better + worse) ** 0.5
-    verdict = "noise" if not beyond else "better" if better > worse else "worse"
-    return {"n": len(before), "better": better, "worse": worse, "verdict": verdict}
+    diffs = [b - a for a, b in zip(before, after)]
+    n = len(diffs)
+    better = sum(d > 0 for d in diffs)
+    worse = sum(d < 0 for d in diffs)
+    gain = sum(diffs) / n if n else 0.0
+    var = sum((d - gain) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    p_better = min(1.0, comparisons * sign_test(better, worse))
+    p_worse = min(1.0, comparisons * sign_test(worse, better))
+    verdict = "better" if p_better < alpha else "worse" if p_worse < alpha else "noise"
+    return {"n": n, "better": better, "worse": worse, "gain": gain, "band": 1.96 * math.sqrt(var / n) if n else 0.0,
+            "p_better": p_better, "p_worse": p_worse, "comparisons": comparisons, "verdict": verdict}  # fmt: skip

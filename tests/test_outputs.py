@@ -94,11 +94,42 @@ def test_the_rl_section_judges_each_run_prompt_by_prompt_and_names_reward_hackin
         for line in rl_section(tmp_path).splitlines()
         if line.startswith("| ")
     }
-    assert "+1 / −20 of 40: **worse** — **reward hacking**" in rows["hacked"]
-    assert "+1 / −1 of 40: noise |" in rows["noisy"]
-    assert "+0 / −20 of 40: **worse** |" in rows["lost"] and "hacking" not in rows["lost"]
+    # five runs compared with one start: each p is the exact one-sided sign test's × 5
+    assert "+1 / −20 of 40 (p 5.25e-05): **worse** — **reward hacking**" in rows["hacked"]
+    assert "+1 / −1 of 40 (p 1): noise |" in rows["noisy"]
+    assert "+0 / −20 of 40 (p 4.77e-06): **worse** |" in rows["lost"] and "hacking" not in rows["lost"]
     assert "| 0.500 → 0.000 |  | 5.0 |" in rows["old"]
     assert "| – → – |" in rows["verifiers"] and "None" not in rows["verifiers"]
+
+
+def test_the_world_table_gives_each_model_its_gain_over_its_start_with_a_noise_band(tmp_path):
+    from posttrain.report import world_table
+
+    def done(stage, h, parents):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "DONE").write_text(json.dumps({"config_hash": h, "parents": parents}))
+
+    def res(scores):
+        return {
+            "score": sum(scores) / len(scores),
+            "per_task": {"add": sum(scores) / len(scores)},
+            "scores": scores,
+        }
+
+    untrained, sft, distilled = [0.0] * 40, [1.0] * 30 + [0.0] * 10, [1.0] * 30 + [0.0] * 10
+    distilled[30:33] = [1.0] * 3  # 3 better, none worse: p = 1/8, noise
+    done("sft", "s1", {})
+    (tmp_path / "sft" / "eval.json").write_text(json.dumps({"before": res(untrained), "after": res(sft)}))
+    done("distill", "d1", {"sft": "s1"})
+    (tmp_path / "distill" / "eval.json").write_text(json.dumps(
+        {"sft": res(sft), "distill": res(distilled), "teacher": res([1.0] * 40)}))  # fmt: skip
+    rows = {line.split(" | ")[0].strip("| "): line for line in world_table(tmp_path).splitlines()
+            if line.startswith("| ")}  # fmt: skip
+    # 30 of 40 better: +0.750 ± 1.96 · sd / √40, sd² = 40 · 0.75 · 0.25 / 39
+    band = 1.96 * (40 * 0.75 * 0.25 / 39 / 40) ** 0.5
+    assert f"untrained: +0.750 ± {band:.3f} (+30 / −0, p 9.31e-10): **better**" in rows["sft: trained"]
+    assert "sft: +0.075 ± " in rows["distill"] and "(+3 / −0, p 0.125): noise" in rows["distill"]
+    assert rows["teacher: from the recipe"].count("±") == 0  # a named teacher has no start in this run
 
 
 def test_the_report_names_a_failed_gate_with_its_figures(tmp_path):

@@ -18,6 +18,7 @@ from posttrain.rl import (
     rloo_advantages,
     scored_sequence,
     sequence_logps,
+    sign_test,
     world_change,
 )
 
@@ -51,18 +52,29 @@ def test_kl_estimates_by_hand():
 
 
 def test_world_change_counts_prompts_and_tells_a_change_from_noise():
-    # 3 better, 1 worse: |3 − 1| = 2 ≤ 2·√4 = 4 → noise; 9 better, 1 worse: 8 > 2·√10 ≈ 6.3 → better
-    assert world_change([0, 0, 0, 1, 1], [1, 1, 1, 0, 1]) == {
-        "n": 5,
-        "better": 3,
-        "worse": 1,
-        "verdict": "noise",
-    }
+    # 3 better, 1 worse: P(X ≥ 3 | 4, ½) = 5/16 → noise; 9 better, 1 worse: 11/1024 → better
+    c = world_change([0, 0, 0, 1, 1], [1, 1, 1, 0, 1])
+    assert (c["n"], c["better"], c["worse"], c["verdict"]) == (5, 3, 1, "noise")
+    assert c["p_better"] == pytest.approx(5 / 16) and c["p_worse"] == pytest.approx(15 / 16)
+    # gain: mean of the differences (1, 1, 1, −1, 0) = 0.4; band 1.96 · sd / √5 with sd² = (3·0.36 + 1.96 + 0.16) / 4
+    assert c["gain"] == pytest.approx(0.4) and c["band"] == pytest.approx(1.96 * math.sqrt(0.8 / 5))
     assert world_change([0] * 9 + [1] * 3, [1] * 9 + [0, 1, 1])["verdict"] == "better"
-    assert world_change([1] * 9 + [0], [0] * 9 + [0])["verdict"] == "worse"  # 9 worse, none better: 9 > 6
-    assert world_change([1, 0], [1, 0])["verdict"] == "noise"  # nothing changed
+    assert world_change([1] * 9 + [0], [0] * 9 + [0])["verdict"] == "worse"  # 9 worse, none better: 1/512
+    nothing = world_change([1, 0], [1, 0])
+    assert nothing["verdict"] == "noise" and nothing["p_better"] == 1.0 and nothing["band"] == 0.0
     with pytest.raises(ValueError, match="2 prompts before, 1 after"):
         world_change([1, 0], [1])
+
+
+def test_the_sign_test_is_exact_and_corrected_for_the_runs_compared():
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(3, 0) == pytest.approx(1 / 8)
+    assert sign_test(9, 2) == pytest.approx((55 + 11 + 1) / 2048)  # 0.0327
+    # 9 better, 2 worse: beyond noise for one run, not when it is one of two runs from the same start
+    before, after = [0] * 9 + [1] * 2 + [1] * 5, [1] * 9 + [0] * 2 + [1] * 5
+    assert world_change(before, after)["verdict"] == "better"
+    two = world_change(before, after, comparisons=2)
+    assert two["verdict"] == "noise" and two["p_better"] == pytest.approx(2 * 67 / 2048)
 
 
 def test_runs_resolve_over_the_section():

@@ -75,7 +75,7 @@ def missed_targets(run: Path) -> list[str]:
     for name, r in runs.items():
         a, b = r["start"], r["end"]
         if a.get("world_scores") and b.get("world_scores"):  # prompt by prompt: better beyond noise
-            c = world_change(a["world_scores"], b["world_scores"])
+            c = world_change(a["world_scores"], b["world_scores"], len(runs))  # corrected for the runs
             above, how = c["verdict"] == "better", f"; +{c['better']} / −{c['worse']} prompts: {c['verdict']}"
         else:
             above, how = b["world_score"] > a["world_score"], ""
