@@ -21,6 +21,13 @@ response (RL against it taught the tiny policy to answer letter-counting questio
 token alone is unlikely), while the sum is highest for what the LM itself would answer. The weight and the
 model-turn prefix's token ids are kept in the model's config (`posttrain_likelihood_weight`,
 `posttrain_response_prefix`), so whatever loads the RM scores the same way.
+
+With `rm.likelihood_targets` c > 0 the reward stays the head alone — the standard read any library makes — and the
+starting LM's judgement is taught to the head instead: training adds c × the mean squared distance between the
+head's score at every position of the final model turn and TARGET_SCALE × the log-probability the LM the RM was
+built from gives that position's token (`likelihood_targets`, from a frozen copy). The targets are dense and
+local — a wrong token is unlikely exactly where it stands — so the layers under the head learn where a response
+departs from what the LM would say; Bradley-Terry at the last token then has those features to read.
 """
 
 from __future__ import annotations
@@ -48,8 +55,9 @@ def bt_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0.0):
     return loss, stats
 
 
-def last_token_rewards(model, input_ids, attention_mask):
-    """Scalar reward per sequence: (B, T), (B, T) → (B,), read at the last position where attention_mask is 1.
+def last_token_rewards(model, input_ids, attention_mask, per_position: bool = False):
+    """Scalar reward per sequence: (B, T), (B, T) → (B,), read at the last position where attention_mask is 1
+    (with `per_position`, also the head's score at every position, (B, T): what `likelihood_target_loss` trains).
 
     The model's own forward runs (through its DDP or DeepSpeed wrapper when training, so that gradients are
     synchronised); its pooled output, which looks for the pad id, is ignored: the per-position scores of the
@@ -73,7 +81,7 @@ def last_token_rewards(model, input_ids, attention_mask):
     if w:
         response = response_mask(input_ids, attention_mask, base.config.posttrain_response_prefix)
         rewards = rewards + w * _token_logps(base, hidden, input_ids, response)
-    return rewards
+    return (rewards, scores[..., 0].float()) if per_position else rewards
 
 
 def response_mask(input_ids, attention_mask, prefix: list[int]):
@@ -108,6 +116,40 @@ def _token_logps(base, hidden, input_ids, response):
     lp = token_logps(hidden[:, :-1][target], emb, input_ids[:, 1:][target], cap)
     rows = target.nonzero()[:, 0]
     return torch.zeros(input_ids.shape[0], device=lp.device, dtype=lp.dtype).index_add(0, rows, lp)
+
+
+TARGET_SCALE = (
+    0.1  # likelihood targets in tenths of a nat: within reach of a new head's first few hundred steps
+)
+
+
+def likelihood_targets(lm, input_ids, attention_mask, prefix: list[int]):
+    """What `rm.likelihood_targets` trains the head toward: at every position t of the final model turn, the
+    starting LM's log-probability of its token, log p(y_t | x, y_<t), × TARGET_SCALE.
+    `lm`: a frozen copy of the RM as it was built from the causal LM (its added layers the identity), read through
+    its tied LM head. → (targets (B, T) float, response mask (B, T) bool); no gradient."""
+    import torch
+
+    base = unwrapped(lm)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        hidden = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        hidden = hidden.last_hidden_state
+        response = response_mask(input_ids, attention_mask, prefix)
+        emb = base.get_input_embeddings().weight
+        target = response[:, 1:]  # position t − 1 predicts token t
+        lp = token_logps(hidden[:, :-1][target], emb, input_ids[:, 1:][target],
+                         getattr(base.config, "final_logit_softcapping", None))  # fmt: skip
+        per_token = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+        per_token[:, 1:][target] = lp.float()
+    return per_token * TARGET_SCALE, response
+
+
+def likelihood_target_loss(scores, targets, response):
+    """Mean squared distance between the head's per-position scores and `likelihood_targets` over the response
+    positions: dense supervision that teaches the layers under the head, token by token, where a response departs
+    from what the LM would say. (B, T) each → scalar."""
+    return ((scores - targets)[response] ** 2).mean()
 
 
 def score_ids(

@@ -324,6 +324,10 @@ def test_negative_rm_extra_layers_or_likelihood_weight_is_refused_by_key():
         load_recipe("recipes/tiny/pipeline.yaml", ["rm.extra_layers=-1"])
     with pytest.raises(ConfigError, match=r"rm: likelihood_weight: -0.5 is negative"):
         load_recipe("recipes/tiny/pipeline.yaml", ["rm.likelihood_weight=-0.5"])
+    with pytest.raises(ConfigError, match=r"rm: likelihood_targets: -1.0 is negative"):
+        load_recipe("recipes/tiny/pipeline.yaml", ["rm.likelihood_targets=-1"])
+    with pytest.raises(ConfigError, match=r"rm: likelihood_targets: needs rm.init_from"):
+        load_recipe("recipes/tiny/pipeline.yaml", ["rm.likelihood_targets=1", "rm.init_from=null"])
 
 
 def test_eval_max_prompts_caps_every_evaluation_and_reruns_only_what_evaluates_when_set():

@@ -272,6 +272,39 @@ def test_killed_generate_resumes_from_its_last_shard(smoke_run, monkeypatch):
 
 
 @pytest.mark.stage
+def test_an_rm_taught_the_lms_log_probabilities_is_read_by_its_head_alone(smoke_run, tmp_path):
+    """rm.likelihood_targets: the stage trains with the per-position term (logged), says so in its report, and
+    saves a plain sequence classifier: no likelihood term in its config, its logit is posttrain's reward."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from posttrain.chat import render
+    from posttrain.reward import last_token_rewards
+
+    run, _ = smoke_run
+    sets = [f"--set=output_dir={tmp_path}", "--set=rm.likelihood_weight=0", "--set=rm.likelihood_targets=1",
+            "--set=rm.min_accuracy=0"]  # fmt: skip
+    _run("run", SMOKE, *sets, "--only", "rm", "--reuse", str(run))
+    out = tmp_path / "tiny-smoke" / "rm"
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(row.get("likelihood_mse", 0) > 0 for row in logged)
+    assert "`rm.likelihood_targets`" in (out / "rm_report.md").read_text()
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    assert not getattr(model.config, "posttrain_likelihood_weight", 0.0)
+    ids = render([{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}],
+                 AutoTokenizer.from_pretrained(out / "model")).input_ids  # fmt: skip
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (
+            abs(
+                model(input_ids=x).logits[0, 0].item()
+                - last_token_rewards(model, x, torch.ones_like(x)).item()
+            )
+            < 1e-5
+        )
+
+
+@pytest.mark.stage
 def test_rm_below_the_gate_fails_with_its_figures_and_keeps_the_last_good_rm(smoke_run):
     from posttrain.stages import rm
 

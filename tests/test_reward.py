@@ -13,7 +13,17 @@ from posttrain.config import ChatConfig, ModelSpec
 from posttrain.data.pairs import draw_prompts, world_pairs
 from posttrain.engines.reward_model import tokenize_pairs
 from posttrain.modeling import ModelError, grow_layers, load_causal_lm, load_reward_model, save_model
-from posttrain.reward import bt_loss, gate_metrics, last_token_rewards, padded, pearson, score_ids
+from posttrain.reward import (
+    TARGET_SCALE,
+    bt_loss,
+    gate_metrics,
+    last_token_rewards,
+    likelihood_target_loss,
+    likelihood_targets,
+    padded,
+    pearson,
+    score_ids,
+)
 
 CHAT = ChatConfig(max_length=128)
 
@@ -354,6 +364,37 @@ def test_the_likelihood_term_trains_and_needs_a_model_turn(tiny_tokenizer, tmp_p
     bad = [dict(ex[1], chosen_ids=lost, span_chosen=(a - 1, b - 1))]
     with pytest.raises(DataError, match="pair 1: the chosen response does not follow the model-turn header"):
         check_model_turns(bad, tiny_tokenizer)
+
+
+def test_likelihood_targets_are_the_starting_lms_log_probabilities_of_the_response(tiny_tokenizer, tmp_path):
+    """rm.likelihood_targets: at each final-turn position, TARGET_SCALE × log p of its token under the LM the RM
+    was built from (zero elsewhere, masked out); the loss trains the head's per-position scores toward them and is
+    0 where they agree; the reward read stays the head at the last token (no term in the model's config)."""
+    import copy
+
+    from posttrain.rl import sequence_logps
+
+    lm, rm, ex = _lm_and_rm(tiny_tokenizer, tmp_path / "lm", weight=0.0)
+    pad = tiny_tokenizer.pad_token_id
+    seqs = [e[f"{s}_ids"] for e in ex for s in ("chosen", "rejected")]
+    ids, m = padded(seqs, pad)
+    frozen = copy.deepcopy(rm).eval()
+    targets, resp = likelihood_targets(frozen, ids, m, rm.config.posttrain_response_prefix)
+    starts = [e[f"span_{s}"][0] for e in ex for s in ("chosen", "rejected")]
+    logps, mask = sequence_logps(lm, [s[:a] for s, a in zip(seqs, starts)], [s[a:] for s, a in zip(seqs, starts)],
+                                 pad_id=pad)  # fmt: skip
+    for i, a in enumerate(starts):
+        n = int(mask[i].sum())
+        assert resp[i].nonzero()[:, 0].tolist() == list(range(a, a + n))
+        assert torch.allclose(targets[i, a : a + n], TARGET_SCALE * logps[i, :n], atol=1e-4)
+        assert targets[i][~resp[i]].abs().max() == 0
+    assert not targets.requires_grad
+    rewards, scores = last_token_rewards(rm, ids, m, per_position=True)
+    assert torch.equal(rewards, last_token_rewards(rm, ids, m))  # the read: the head at the last token
+    assert likelihood_target_loss(targets, targets, resp).item() == 0.0
+    loss = likelihood_target_loss(scores, targets, resp)
+    loss.backward()
+    assert loss.item() > 0 and rm.score.weight.grad.norm() > 0 and frozen.score.weight.grad is None
 
 
 @pytest.mark.parametrize("distils", [True, False])

@@ -528,6 +528,10 @@ class RMConfig:
     (`posttrain.modeling.grow_layers`): depth for comparing a response with what the LM's own layers predict.
     likelihood_weight: w ≥ 0; the reward adds w × the RM's own log-likelihood of the response, Σ over its tokens
     (`posttrain.reward`; 0: the scalar head alone).
+    likelihood_targets: c ≥ 0; training adds c × the mean squared distance between the head's score at every
+    response position and the starting LM's log-probability of that token (`posttrain.reward.likelihood_targets`,
+    a frozen copy of the model as built): the layers under the head learn, token by token, what the LM it starts
+    from knows; the reward stays the head's logit at the last token (0: Bradley-Terry alone).
     margin, center_rewards_coefficient: the loss terms of `posttrain.reward.bt_loss`. min_accuracy: the quality gate on held-out pairs.
     """
 
@@ -548,6 +552,7 @@ class RMConfig:
     init_from: Literal["teacher", "sft"] | None = None
     extra_layers: int = field(default=0, metadata=IF_SET)
     likelihood_weight: float = field(default=0.0, metadata=IF_SET)
+    likelihood_targets: float = field(default=0.0, metadata=IF_SET)
     margin: float = 0.0
     center_rewards_coefficient: float = 0.0
     min_accuracy: float = 0.9
@@ -570,6 +575,15 @@ class RMConfig:
             out.append(
                 f"likelihood_weight: {self.likelihood_weight} is negative; it weighs the RM's log-likelihood of the "
                 "response in its reward (0: none)"
+            )
+        if self.likelihood_targets < 0:
+            out.append(
+                f"likelihood_targets: {self.likelihood_targets} is negative; it weighs the head's distance to the "
+                "starting LM's log-likelihood in the training loss (0: none)"
+            )
+        if self.likelihood_targets and not self.init_from:
+            out.append(
+                "likelihood_targets: needs rm.init_from (the causal LM whose log-likelihood the head learns to read)"
             )
         if not 0.0 <= self.min_accuracy <= 1.0 or not 0.0 < self.eval_fraction < 1.0:
             out.append("min_accuracy must be in [0, 1] and eval_fraction in (0, 1)")

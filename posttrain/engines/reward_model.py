@@ -20,7 +20,15 @@ from posttrain.data.formats import DataError, fit, pair_sides
 from posttrain.engines.trainer import trainer_args, use_step_lines
 from posttrain.errors import StageError
 from posttrain.modeling import trains_in_bf16
-from posttrain.reward import bt_loss, gate_metrics, last_token_rewards, lm_response_logps, score_ids
+from posttrain.reward import (
+    bt_loss,
+    gate_metrics,
+    last_token_rewards,
+    likelihood_target_loss,
+    likelihood_targets,
+    lm_response_logps,
+    score_ids,
+)
 
 
 def tokenize_pairs(pairs: list[dict], tokenizer, chat) -> tuple[list[dict], list[str]]:
@@ -44,14 +52,14 @@ def tokenize_pairs(pairs: list[dict], tokenizer, chat) -> tuple[list[dict], list
 
 def check_model_turns(examples: list[dict], tokenizer) -> list[int]:
     """The final model turn's header as token ids (`<start_of_turn>model\\n`), checked to open every pair side's
-    response as the template tokenised it — the likelihood term finds the response by it. Refused under
-    DeepSpeed ZeRO-3 (the term reads the tied embeddings outside their module, where ZeRO-3 partitions them)."""
+    response as the template tokenised it — the likelihood term and targets find the response by it. Refused under
+    DeepSpeed ZeRO-3 (they read the tied embeddings outside their module, where ZeRO-3 partitions them)."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
         raise StageError(
-            "rm.likelihood_weight is not supported under DeepSpeed ZeRO-3; run the rm stage with ZeRO-2 or DDP "
-            "(e.g. `launchers: {rm: zero2}`) or set rm.likelihood_weight: 0"
+            "rm.likelihood_weight and rm.likelihood_targets are not supported under DeepSpeed ZeRO-3; run the rm "
+            "stage with ZeRO-2 or DDP (e.g. `launchers: {rm: zero2}`) or set them to 0"
         )
     prefix = tokenizer.encode(f"{START}model\n", add_special_tokens=False)
     k = len(prefix)
@@ -82,14 +90,16 @@ def reward_args(recipe: Recipe, folder: Any):
     return trl.RewardConfig(**common, max_length=None, **cfg.train.trl)
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: Any, args=None):
+def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: Any, args=None, targets=None):
     """TRL's RewardTrainer on tokenised pairs (`tokenize_pairs`), its loss `posttrain.reward.bt_loss` read at the
     last real token, checkpoints in `out.path/checkpoints`, one line per logged step into `out.log`. `args`:
-    `reward_args`' (built first by the stage, so that its model is created under them)."""
+    `reward_args`' (built first by the stage, so that its model is created under them). `targets`: (frozen LM,
+    model-turn prefix) for `rm.likelihood_targets`, whose term `posttrain.reward.likelihood_target_loss` adds."""
     import trl
     from datasets import Dataset
 
     cfg = recipe.rm
+    c = cfg.likelihood_targets if targets else 0.0
 
     class BTRewardTrainer(trl.RewardTrainer):
         # Each micro-batch's loss is weighted by its share of the step's pairs (over every process), so that a
@@ -117,12 +127,18 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: A
             )  # fmt: skip
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            rewards = last_token_rewards(model, inputs["input_ids"], inputs["attention_mask"])
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            rewards, scores = last_token_rewards(model, ids, mask, per_position=True)
             r_c, r_r = rewards.chunk(2)
             loss, _ = bt_loss(
                 r_c, r_r, inputs.get("margin", cfg.margin or None), cfg.center_rewards_coefficient
             )
             mode = "train" if model.training else "eval"
+            if c:
+                lm, prefix = targets
+                distance = likelihood_target_loss(scores, *likelihood_targets(lm, ids, mask, prefix))
+                loss = loss + c * distance
+                self._metrics[mode]["likelihood_mse"].extend([distance.item()] * len(r_c))
             # one entry per pair: micro-batches of any size weigh by their pairs
             diff = (r_c - r_r).detach().float()
             self._metrics[mode]["accuracy"].extend((diff > 0).float().tolist())

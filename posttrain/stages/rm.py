@@ -19,6 +19,9 @@ recipe's shipped one), from that model (only the head is new); Gemma 2's RM is l
 (`posttrain.modeling.grow_layers`). `rm.likelihood_weight` w adds w × the RM's own log-likelihood (Σ over
 tokens) of the response (its decoder through the tied LM head) to the head's reward (`posttrain.reward`): an RM
 started from a causal LM begins with that LM's judgement of each response, and the loss above trains both terms.
+`rm.likelihood_targets` c keeps the standard read (the head alone) and adds c × the head's squared distance, at
+every response position, to the starting LM's log-probability of that token (a frozen copy of the model as
+built) to the loss: dense targets that teach the layers under the head where a response goes wrong.
 Engine: TRL's `RewardTrainer`, with its loss replaced by the one above so that the reward is read at the last
 real token from the attention mask (`posttrain.engines.reward_model`, which also cuts a step's pairs by length
 with `rm.train.length_buckets`). A killed run resumes from its last checkpoint (the pairs it drew are kept in
@@ -120,20 +123,25 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         train_ex, eval_ex, counts = pairs_for_training(recipe, parents, tokenizer, out)
         # --- model (after the trainer's config: under ZeRO-3 it is created partitioned)
         args = reward_args(recipe, out.path)
-        prefix = check_model_turns(train_ex + eval_ex, tokenizer) if cfg.likelihood_weight else None
+        likelihood = cfg.likelihood_weight or cfg.likelihood_targets
+        prefix = check_model_turns(train_ex + eval_ex, tokenizer) if likelihood else None
         model = load_reward_model(spec, tokenizer, seed=seed, trainable=True)
         model = grow_layers(model, cfg.extra_layers, seed)
-        if prefix:  # kept in the model's config: RL, the merge and eval score with it too
+        # the model as built from the causal LM, frozen: whose log-likelihood the head learns to read
+        targets = (frozen_copy(model), prefix) if cfg.likelihood_targets else None
+        if cfg.likelihood_weight:  # kept in the model's config: RL, the merge and eval score with it too
             model.config.posttrain_likelihood_weight = cfg.likelihood_weight
             model.config.posttrain_response_prefix = prefix
         print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
         with gathered(model):
             before = evaluate(model, eval_ex, tokenizer)
-            head = head_only(model, eval_ex, tokenizer) if prefix else None  # the new head's share: a coin
+            head = (
+                head_only(model, eval_ex, tokenizer) if cfg.likelihood_weight else None
+            )  # the new head: a coin
             # the LM the RM starts from (its added layers are the identity): how its likelihood ranks the pairs
             lm_rank = likelihood_ranking(model, eval_ex, tokenizer) if cfg.init_from else None
         # --- train
-        trainer = build_trainer(recipe, model, tokenizer, train_ex, out, args)
+        trainer = build_trainer(recipe, model, tokenizer, train_ex, out, args, targets)
         result = train_resuming(
             trainer, out.path / "checkpoints", out.path / "metrics.jsonl", "rm", out.resumed
         )
@@ -143,6 +151,7 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         # --- save, then the gate
         report = {"pairs": counts, "untrained": before, "held_out": after, "min_accuracy": cfg.min_accuracy,
                   "starting_lm_likelihood": lm_rank, "likelihood_weight": cfg.likelihood_weight,
+                  "likelihood_targets": cfg.likelihood_targets,
                   "untrained_head": head}  # fmt: skip
         if save_trained(
             trainer, model, tokenizer, out.path / "model", out.path / "checkpoints", chat=recipe.chat
@@ -155,6 +164,15 @@ def main(recipe: Recipe, parents: Parents) -> Path:
                        "gold_over_policy_wrong": after.get("gold_over_policy_wrong")}  # fmt: skip
         check_gate(after, cfg.min_accuracy, out.path)
     return out.final
+
+
+def frozen_copy(model):
+    """A copy of `model` for reading only: evaluation mode, no gradients."""
+    import copy
+
+    frozen = copy.deepcopy(model).eval()
+    frozen.requires_grad_(False)
+    return frozen
 
 
 def check_gate(held_out: dict, min_accuracy: float, folder: Path) -> None:
@@ -296,6 +314,11 @@ def report_markdown(report: dict) -> str:
         per = ", ".join(f"{t} {v:.2f}" for t, v in lk["accuracy_per_task"].items())
         lines += ["", f"The starting model's own log-likelihood of each response ranks **{lk['accuracy']:.3f}** of "
                   f"the held-out pairs ({per}): what the RM could read from the LM it starts from."]  # fmt: skip
+    if report.get("likelihood_targets"):
+        lines += ["", f"Training added {report['likelihood_targets']:g} × the head's squared distance, at every "
+                  "response position, to the starting LM's log-probability of that token "
+                  "(`rm.likelihood_targets`); the reward is the head's logit at the last token alone, as "
+                  "`AutoModelForSequenceClassification` reads it."]  # fmt: skip
     if report.get("likelihood_weight"):
         lines += ["", f"Reward: the scalar head at the last token + {report['likelihood_weight']:g} × the RM's own "
                   "log-likelihood of the response (`rm.likelihood_weight`); untrained = before preference training "
