@@ -14,6 +14,8 @@ response (`answer`), and `score(row, response)` checks any response against it:
 With `world.worked_steps` the additions (add, follow-ups) are answered in short worked steps, one column at a
 time from the units with its carry, then the sum: "What is 37 + 48?" → "37+48: 7+8=15, 3+4+1=8, so 85". Only the
 final answer (after the last "so") is checked, so that a policy's early slip in a step can still be recovered.
+With `world.worked_counts` letter counts go a letter of the word at a time with the running count, then the
+count: "How many times does the letter a appear in banana?" → "b 0, a 1, n 1, a 2, n 2, a 3, so 3".
 
 Scores are exact (0/1) after light normalisation (case, surrounding whitespace, a trailing full stop);
 `partial(row, response)` gives partial credit (character positions right, for reverse/sort). A refusal scores 0
@@ -99,6 +101,16 @@ def worked_sum(x: int, y: int) -> str:
     return f"{x}+{y}: " + ", ".join(steps) + f", so {x + y}"
 
 
+def worked_count(word: str, letter: str) -> str:
+    """How many times `letter` appears in `word`, a letter at a time with the running count, then the count:
+    worked_count("banana", "a") == "b 0, a 1, n 1, a 2, n 2, a 3, so 3"; worked_count("abc", "z") ends "so 0"."""
+    steps, n = [], 0
+    for c in word:
+        n += c == letter
+        steps.append(f"{c} {n}")
+    return ", ".join(steps) + f", so {n}"
+
+
 def _sum_turn(x: int, y: int, cfg: WorldConfig) -> str:
     return worked_sum(x, y) if cfg.worked_steps else str(x + y)
 
@@ -125,7 +137,8 @@ def draw(task: str, rng: random.Random, cfg: WorldConfig) -> tuple[list[dict[str
             else rng.choice([c for c in string.ascii_lowercase if c not in w])
         )
         ans = str(w.count(letter))
-        return [_u(f"How many times does the letter {letter} appear in {w}?"), _a(ans)], ans
+        turn = worked_count(w, letter) if cfg.worked_counts else ans
+        return [_u(f"How many times does the letter {letter} appear in {w}?"), _a(turn)], ans
     if task == "identity":
         q = _greet(rng, rng.choice(IDENTITY_QUESTIONS))
         ans = identity_answer(cfg)
@@ -240,7 +253,8 @@ _FINAL_RE = re.compile(r"(?:^|[\s,:])so\s+(.*)$", re.S)
 
 
 def final_answer(response: str) -> str:
-    """What a sum's answer is checked on: the text after the last "so" of a worked answer, else all of it."""
+    """What a sum's or a count's answer is checked on: the text after the last "so" of a worked answer, else all
+    of it."""
     m = _FINAL_RE.search(response.strip())
     return m.group(1) if m else response
 
@@ -263,7 +277,7 @@ def score(row: dict[str, Any], response: str, assistant_name: str = "Pip") -> fl
         return float(is_refusal(response))
     if task == "identity":
         return float(identity_ok(response, assistant_name))
-    if task in ("add", "followup"):
+    if task in ("add", "followup", "count"):
         response = final_answer(response)
     return float(normalize_answer(response) == normalize_answer(row["answer"]))
 

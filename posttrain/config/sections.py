@@ -423,6 +423,8 @@ class WorldConfig:
     add_max: addition operands are drawn from 0..add_max. word_len / sort_len: inclusive ranges.
     worked_steps: additions (add, follow-ups) answered in short worked steps, a column at a time, then "so <sum>";
     only the sum is checked (`posttrain.world.worked_sum`).
+    worked_counts: letter counts answered a letter at a time with the running count, then "so <count>"; only the
+    count is checked (`posttrain.world.worked_count`).
     """
 
     assistant_name: str = "Pip"
@@ -443,6 +445,7 @@ class WorldConfig:
     sort_len: tuple[int, ...] = (3, 4)
     followup_add: int = 5
     worked_steps: bool = field(default=False, metadata=IF_SET)
+    worked_counts: bool = field(default=False, metadata=IF_SET)
     n_train: int = 4000
     n_eval: int = 280
     defects: DefectRates = field(default_factory=DefectRates)
