@@ -148,8 +148,10 @@ def test_worked_steps_change_the_gold_turn_of_sums_and_only_the_sum_is_checked()
 def test_worked_counts_go_a_letter_at_a_time_and_only_the_count_is_checked():
     import dataclasses
 
-    assert world.worked_count("banana", "a") == "b 0, a 1, n 1, a 2, n 2, a 3, so 3"
-    assert world.worked_count("abc", "z") == "a 0, b 0, c 0, so 0"  # a letter the word does not hold
+    assert world.worked_count("banana", "a") == "a in banana: b 0, a 1, n 1, a 2, n 2, a 3, so 3"
+    assert (
+        world.worked_count("abc", "z") == "z in abc: a 0, b 0, c 0, so 0"
+    )  # a letter the word does not hold
     plain = WorldConfig()
     worked = dataclasses.replace(plain, worked_counts=True)
     for seed in range(20):
@@ -157,9 +159,10 @@ def test_worked_counts_go_a_letter_at_a_time_and_only_the_count_is_checked():
         m_worked, a_worked = world.draw("count", random.Random(seed), worked)
         assert a_plain == a_worked and m_plain[-1]["content"] == a_plain and m_plain[0] == m_worked[0]
         word = m_worked[0]["content"].rstrip("?").split()[-1]
-        assert m_worked[-1]["content"].startswith(f"{word[0]} ") and m_worked[-1]["content"].endswith(
-            f"so {a_worked}"
-        )
+        letter = m_worked[0]["content"].split("letter ")[1][0]
+        assert m_worked[-1]["content"].startswith(f"{letter} in {word}: {word[0]} ") and m_worked[-1][
+            "content"
+        ].endswith(f"so {a_worked}")
         row = {"task": "count", "answer": a_worked, "messages": m_worked}
         assert world.score(row, m_worked[-1]["content"]) == 1.0 and world.score(row, a_worked) == 1.0
         assert world.score(row, m_worked[-1]["content"][:-1] + "9") == 0.0  # a wrong count
