@@ -19,6 +19,13 @@ def _wall(folder: Path) -> str:
         return ""
 
 
+def _versus(res: dict | None, base: dict | None, label: str, comparisons: int = 1) -> dict | None:
+    """`res` with the per-prompt scores of the model it started from (`base`), where both have them."""
+    if not res or not base or not res.get("scores") or not base.get("scores"):
+        return res
+    return {**res, "base": label, "base_scores": base["scores"], "comparisons": comparisons}
+
+
 def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
     """(label, {"score", "per_task", …}, wall) for every model of the run that was scored on the world. Where the
     per-prompt scores of the model and of the one it started from are both kept, the figures also hold
@@ -29,11 +36,6 @@ def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
     distilled = read_done(run_dir / "distill")
     given = distilled is not None and "teacher" not in distilled.get("parents", {})  # not trained by this run
 
-    def vs(res: dict | None, base: dict | None, label: str, comparisons: int = 1) -> dict | None:
-        if not res or not base or not res.get("scores") or not base.get("scores"):
-            return res
-        return {**res, "base": label, "base_scores": base["scores"], "comparisons": comparisons}
-
     for stage in ("teacher", "sft"):
         path = run_dir / stage / "eval.json"
         if path.exists() and stage in current and not (given and stage == "teacher"):
@@ -42,7 +44,7 @@ def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
                 (f"{stage}: untrained", ev.get("before"), ""),
                 (
                     f"{stage}: trained",
-                    vs(ev.get("after"), ev.get("before"), "untrained"),
+                    _versus(ev.get("after"), ev.get("before"), "untrained"),
                     _wall(run_dir / stage),
                 ),
             ]
@@ -51,7 +53,14 @@ def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
         ev = json.loads(path.read_text())
         if given:  # a teacher the recipe names (e.g. a shipped one), scored by the distill stage
             out.insert(0, ("teacher: from the recipe", ev.get("teacher"), ""))
-        out.append(("distill", vs(ev.get("distill"), ev.get("sft"), "sft"), _wall(run_dir / "distill")))
+        out.append(("distill", _versus(ev.get("distill"), ev.get("sft"), "sft"), _wall(run_dir / "distill")))
+    out += _rl_and_merge_rows(run_dir, current)
+    return [(label, res, wall) for label, res, wall in out if res]
+
+
+def _rl_and_merge_rows(run_dir: Path, current: set[str]) -> list[tuple[str, dict | None, str]]:
+    """The RL runs' and the merges' rows of `world_rows`, each against the policy RL started from."""
+    out: list[tuple[str, dict | None, str]] = []
     figs = sorted((run_dir / "rlhf").glob("*/figures.json")) if "rlhf" in current else []
     for fig in figs:
         r = json.loads(fig.read_text())
@@ -66,7 +75,7 @@ def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
             else None
         )
         base = {"scores": start.get("world_scores")}
-        out.append((f"rlhf: {fig.parent.name}", vs(res, base, "start", len(figs)), ""))
+        out.append((f"rlhf: {fig.parent.name}", _versus(res, base, "start", len(figs)), ""))
     path = run_dir / "merge" / "points.json"
     if path.exists() and "merge" in current:
         points = json.loads(path.read_text())
@@ -79,13 +88,13 @@ def world_rows(run_dir: Path) -> list[tuple[str, dict, str]]:
                 "scores": p.get("world_scores"),
             }
             base = {"scores": start.get("world_scores")}
-            out.append((f"merge: {p['label']}", vs(res, base, "start", len(merges)), ""))
-    return [(label, res, wall) for label, res, wall in out if res]
+            out.append((f"merge: {p['label']}", _versus(res, base, "start", len(merges)), ""))
+    return out
 
 
 def change_cell(res: dict) -> str:
     """The gain over the model a row started from, with its 95% band and the sign test's verdict
-    (`posttrain.rl.world_change`): "+0.036 ± 0.029 (+14 / −4, p 0.015 × 2 runs): **better**"."""
+    (`posttrain.rl.world_change`): "+0.036 ± 0.029 (+14 / −4, p 0.031, corrected × 2): **better**"."""
     if not res.get("base_scores"):
         return ""
     c = world_change(res["base_scores"], res["scores"], res["comparisons"])

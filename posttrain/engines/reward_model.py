@@ -90,6 +90,21 @@ def reward_args(recipe: Recipe, folder: Any):
     return trl.RewardConfig(**common, max_length=None, **cfg.train.trl)
 
 
+def pair_loss(model, inputs: dict, cfg, targets=None):
+    """A micro-batch's loss: `bt_loss` on the rewards read at the last real token (chosen sides first), plus
+    `rm.likelihood_targets` × `likelihood_target_loss` when `targets` (frozen LM, model-turn prefix) is given.
+    → (loss, r_chosen, r_rejected, the targets' distance as a float or None)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    rewards, scores = last_token_rewards(model, ids, mask, per_position=True)
+    r_c, r_r = rewards.chunk(2)
+    loss, _ = bt_loss(r_c, r_r, inputs.get("margin", cfg.margin or None), cfg.center_rewards_coefficient)
+    if not (targets and cfg.likelihood_targets):
+        return loss, r_c, r_r, None
+    lm, prefix = targets
+    distance = likelihood_target_loss(scores, *likelihood_targets(lm, ids, mask, prefix))
+    return loss + cfg.likelihood_targets * distance, r_c, r_r, distance.item()
+
+
 def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: Any, args=None, targets=None):
     """TRL's RewardTrainer on tokenised pairs (`tokenize_pairs`), its loss `posttrain.reward.bt_loss` read at the
     last real token, checkpoints in `out.path/checkpoints`, one line per logged step into `out.log`. `args`:
@@ -99,7 +114,6 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: A
     from datasets import Dataset
 
     cfg = recipe.rm
-    c = cfg.likelihood_targets if targets else 0.0
 
     class BTRewardTrainer(trl.RewardTrainer):
         # Each micro-batch's loss is weighted by its share of the step's pairs (over every process), so that a
@@ -127,18 +141,10 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: A
             )  # fmt: skip
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ids, mask = inputs["input_ids"], inputs["attention_mask"]
-            rewards, scores = last_token_rewards(model, ids, mask, per_position=True)
-            r_c, r_r = rewards.chunk(2)
-            loss, _ = bt_loss(
-                r_c, r_r, inputs.get("margin", cfg.margin or None), cfg.center_rewards_coefficient
-            )
+            loss, r_c, r_r, distance = pair_loss(model, inputs, cfg, targets)
             mode = "train" if model.training else "eval"
-            if c:
-                lm, prefix = targets
-                distance = likelihood_target_loss(scores, *likelihood_targets(lm, ids, mask, prefix))
-                loss = loss + c * distance
-                self._metrics[mode]["likelihood_mse"].extend([distance.item()] * len(r_c))
+            if distance is not None:
+                self._metrics[mode]["likelihood_mse"].extend([distance] * len(r_c))
             # one entry per pair: micro-batches of any size weigh by their pairs
             diff = (r_c - r_r).detach().float()
             self._metrics[mode]["accuracy"].extend((diff > 0).float().tolist())

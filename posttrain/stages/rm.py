@@ -102,16 +102,15 @@ def rm_spec(recipe: Recipe, parents: Parents) -> ModelSpec:
 def main(recipe: Recipe, parents: Parents) -> Path:
     from posttrain.engines.reward_model import (
         build_trainer,
-        check_model_turns,
         evaluate,
         head_only,
         likelihood_ranking,
         reward_args,
     )
     from posttrain.engines.trainer import save_trained, train_resuming
-    from posttrain.modeling import count_parameters, gathered, grow_layers, load_reward_model, load_tokenizer
+    from posttrain.modeling import count_parameters, gathered, load_tokenizer
 
-    cfg, seed = recipe.rm, recipe.seed_for("rm")
+    cfg = recipe.rm
     # --- config & logging
     with StageOutput(recipe.run_dir / "rm", "rm", stage_config(recipe), parents.hashes, resume=True) as out:
         print(f"[rm] recipe {recipe.name}, config {out.hash}: {json.dumps(to_dict(cfg))}")
@@ -123,15 +122,7 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         train_ex, eval_ex, counts = pairs_for_training(recipe, parents, tokenizer, out)
         # --- model (after the trainer's config: under ZeRO-3 it is created partitioned)
         args = reward_args(recipe, out.path)
-        likelihood = cfg.likelihood_weight or cfg.likelihood_targets
-        prefix = check_model_turns(train_ex + eval_ex, tokenizer) if likelihood else None
-        model = load_reward_model(spec, tokenizer, seed=seed, trainable=True)
-        model = grow_layers(model, cfg.extra_layers, seed)
-        # the model as built from the causal LM, frozen: whose log-likelihood the head learns to read
-        targets = (frozen_copy(model), prefix) if cfg.likelihood_targets else None
-        if cfg.likelihood_weight:  # kept in the model's config: RL, the merge and eval score with it too
-            model.config.posttrain_likelihood_weight = cfg.likelihood_weight
-            model.config.posttrain_response_prefix = prefix
+        model, targets = build_model(recipe, spec, tokenizer, train_ex + eval_ex)
         print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
         with gathered(model):
             before = evaluate(model, eval_ex, tokenizer)
@@ -164,6 +155,24 @@ def main(recipe: Recipe, parents: Parents) -> Path:
                        "gold_over_policy_wrong": after.get("gold_over_policy_wrong")}  # fmt: skip
         check_gate(after, cfg.min_accuracy, out.path)
     return out.final
+
+
+def build_model(recipe: Recipe, spec: ModelSpec, tokenizer, examples: list[dict]):
+    """The RM to train (`spec`, with `rm.extra_layers` grown on top, the likelihood term's weight and the model
+    turn's header in its config when `rm.likelihood_weight` is set), and the targets of `rm.likelihood_targets`:
+    (a frozen copy of the model as built — whose log-probabilities the head learns to read —, the header), or None."""
+    from posttrain.engines.reward_model import check_model_turns
+    from posttrain.modeling import grow_layers, load_reward_model
+
+    cfg, seed = recipe.rm, recipe.seed_for("rm")
+    likelihood = cfg.likelihood_weight or cfg.likelihood_targets
+    prefix = check_model_turns(examples, tokenizer) if likelihood else None
+    model = grow_layers(load_reward_model(spec, tokenizer, seed=seed, trainable=True), cfg.extra_layers, seed)
+    targets = (frozen_copy(model), prefix) if cfg.likelihood_targets else None
+    if cfg.likelihood_weight:  # kept in the model's config: RL, the merge and eval score with it too
+        model.config.posttrain_likelihood_weight = cfg.likelihood_weight
+        model.config.posttrain_response_prefix = prefix
+    return model, targets
 
 
 def frozen_copy(model):
