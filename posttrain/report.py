@@ -19,6 +19,14 @@ def _wall(folder: Path) -> str:
         return ""
 
 
+def _scored(figures: dict) -> dict | None:
+    """An RL run's or a merge point's world figures as `world_rows` holds them; None without per-task scores."""
+    if not figures.get("world_per_task"):
+        return None
+    return {"score": figures["world_score"], "per_task": figures["world_per_task"],
+            "scores": figures.get("world_scores")}  # fmt: skip
+
+
 def _versus(res: dict | None, base: dict | None, label: str, comparisons: int = 1) -> dict | None:
     """`res` with the per-prompt scores of the model it started from (`base`), where both have them."""
     if not res or not base or not res.get("scores") or not base.get("scores"):
@@ -64,31 +72,20 @@ def _rl_and_merge_rows(run_dir: Path, current: set[str]) -> list[tuple[str, dict
     figs = sorted((run_dir / "rlhf").glob("*/figures.json")) if "rlhf" in current else []
     for fig in figs:
         r = json.loads(fig.read_text())
-        start, end = r["start"], r["end"]
-        res = (
-            {
-                "score": end["world_score"],
-                "per_task": end["world_per_task"],
-                "scores": end.get("world_scores"),
-            }
-            if end.get("world_per_task")
-            else None
+        out.append(
+            (
+                f"rlhf: {fig.parent.name}",
+                _versus(_scored(r["end"]), _scored(r["start"]), "start", len(figs)),
+                "",
+            )
         )
-        base = {"scores": start.get("world_scores")}
-        out.append((f"rlhf: {fig.parent.name}", _versus(res, base, "start", len(figs)), ""))
     path = run_dir / "merge" / "points.json"
     if path.exists() and "merge" in current:
         points = json.loads(path.read_text())
-        start = next((p for p in points if p["kind"] == "start"), {})
+        start = _scored(next((p for p in points if p["kind"] == "start"), {}))
         merges = [p for p in points if p["kind"] == "merge" and p.get("world_per_task")]
         for p in merges:
-            res = {
-                "score": p["world_score"],
-                "per_task": p["world_per_task"],
-                "scores": p.get("world_scores"),
-            }
-            base = {"scores": start.get("world_scores")}
-            out.append((f"merge: {p['label']}", _versus(res, base, "start", len(merges)), ""))
+            out.append((f"merge: {p['label']}", _versus(_scored(p), start, "start", len(merges)), ""))
     return out
 
 

@@ -55,6 +55,11 @@ def bt_loss(r_chosen, r_rejected, margin=None, center_coef: float = 0.0):
     return loss, stats
 
 
+def _position_ids(attention_mask):
+    """Positions counted over the real tokens only: a score does not depend on the padding side."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def last_token_rewards(model, input_ids, attention_mask, per_position: bool = False):
     """Scalar reward per sequence: (B, T), (B, T) → (B,), read at the last position where attention_mask is 1
     (with `per_position`, also the head's score at every position, (B, T): what `likelihood_target_loss` trains).
@@ -65,7 +70,7 @@ def last_token_rewards(model, input_ids, attention_mask, per_position: bool = Fa
     model's config, w × the log-likelihood of the final model turn is added, from the same hidden states."""
     import torch
 
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = _position_ids(attention_mask)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     base = unwrapped(model)
     hook = base.score.register_forward_hook(lambda _m, inp, out: seen.append((inp[0], out)))
@@ -104,23 +109,28 @@ def response_mask(input_ids, attention_mask, prefix: list[int]):
     return (pos[None, :] >= start[:, None]) & attention_mask.bool()
 
 
-def _token_logps(base, hidden, input_ids, response):
-    """Σ log p over each row's `response` positions under the LM inside a Gemma 2 sequence-classification model:
-    `hidden` (B, T, H), the decoder's output, through the tied LM head with the final logit soft-cap, a tile at a
-    time (`posttrain.logits`: only the response positions are projected). → (B,) float."""
+def _response_token_logps(base, hidden, input_ids, response):
+    """log p of each row's `response` tokens under the LM inside a Gemma 2 sequence-classification model: `hidden`
+    (B, T, H), the decoder's output, through the tied LM head with the final logit soft-cap, a tile at a time
+    (`posttrain.logits`: only the response positions are projected). → (B, T) float, 0 outside `response`."""
     import torch
 
     emb = base.get_input_embeddings().weight
     cap = getattr(base.config, "final_logit_softcapping", None)
     target = response[:, 1:]  # position t predicts token t + 1
     lp = token_logps(hidden[:, :-1][target], emb, input_ids[:, 1:][target], cap)
-    rows = target.nonzero()[:, 0]
-    return torch.zeros(input_ids.shape[0], device=lp.device, dtype=lp.dtype).index_add(0, rows, lp)
+    at = torch.zeros_like(response)
+    at[:, 1:] = target
+    return torch.zeros(input_ids.shape, device=lp.device, dtype=lp.dtype).masked_scatter(at, lp)
 
 
-TARGET_SCALE = (
-    0.1  # likelihood targets in tenths of a nat: within reach of a new head's first few hundred steps
-)
+def _token_logps(base, hidden, input_ids, response):
+    """Σ log p over each row's `response` positions (`_response_token_logps`). → (B,) float."""
+    return _response_token_logps(base, hidden, input_ids, response).sum(-1)
+
+
+# likelihood targets in tenths of a nat: within reach of a new head's first few hundred steps
+TARGET_SCALE = 0.1
 
 
 def likelihood_targets(lm, input_ids, attention_mask, prefix: list[int]):
@@ -131,18 +141,13 @@ def likelihood_targets(lm, input_ids, attention_mask, prefix: list[int]):
     import torch
 
     base = unwrapped(lm)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        hidden = base.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        hidden = hidden.last_hidden_state
+        hidden = base.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask)
+        ).last_hidden_state
         response = response_mask(input_ids, attention_mask, prefix)
-        emb = base.get_input_embeddings().weight
-        target = response[:, 1:]  # position t − 1 predicts token t
-        lp = token_logps(hidden[:, :-1][target], emb, input_ids[:, 1:][target],
-                         getattr(base.config, "final_logit_softcapping", None))  # fmt: skip
-        per_token = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-        per_token[:, 1:][target] = lp.float()
-    return per_token * TARGET_SCALE, response
+        per_token = _response_token_logps(base, hidden, input_ids, response)
+    return per_token.float() * TARGET_SCALE, response
 
 
 def likelihood_target_loss(scores, targets, response):

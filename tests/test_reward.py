@@ -370,15 +370,14 @@ def test_likelihood_targets_are_the_starting_lms_log_probabilities_of_the_respon
     """rm.likelihood_targets: at each final-turn position, TARGET_SCALE × log p of its token under the LM the RM
     was built from (zero elsewhere, masked out); the loss trains the head's per-position scores toward them and is
     0 where they agree; the reward read stays the head at the last token (no term in the model's config)."""
-    import copy
-
     from posttrain.rl import sequence_logps
+    from posttrain.stages.rm import frozen_copy
 
     lm, rm, ex = _lm_and_rm(tiny_tokenizer, tmp_path / "lm", weight=0.0)
     pad = tiny_tokenizer.pad_token_id
     seqs = [e[f"{s}_ids"] for e in ex for s in ("chosen", "rejected")]
     ids, m = padded(seqs, pad)
-    frozen = copy.deepcopy(rm).eval()
+    frozen = frozen_copy(rm)
     targets, resp = likelihood_targets(frozen, ids, m, rm.config.posttrain_response_prefix)
     starts = [e[f"span_{s}"][0] for e in ex for s in ("chosen", "rejected")]
     logps, mask = sequence_logps(lm, [s[:a] for s, a in zip(seqs, starts)], [s[a:] for s, a in zip(seqs, starts)],

@@ -149,9 +149,8 @@ def test_worked_counts_go_a_letter_at_a_time_and_only_the_count_is_checked():
     import dataclasses
 
     assert world.worked_count("banana", "a") == "a in banana: b 0, a 1, n 1, a 2, n 2, a 3, so 3"
-    assert (
-        world.worked_count("abc", "z") == "z in abc: a 0, b 0, c 0, so 0"
-    )  # a letter the word does not hold
+    # a letter the word does not hold
+    assert world.worked_count("abc", "z") == "z in abc: a 0, b 0, c 0, so 0"
     plain = WorldConfig()
     worked = dataclasses.replace(plain, worked_counts=True)
     for seed in range(20):
@@ -160,9 +159,8 @@ def test_worked_counts_go_a_letter_at_a_time_and_only_the_count_is_checked():
         assert a_plain == a_worked and m_plain[-1]["content"] == a_plain and m_plain[0] == m_worked[0]
         word = m_worked[0]["content"].rstrip("?").split()[-1]
         letter = m_worked[0]["content"].split("letter ")[1][0]
-        assert m_worked[-1]["content"].startswith(f"{letter} in {word}: {word[0]} ") and m_worked[-1][
-            "content"
-        ].endswith(f"so {a_worked}")
+        turn = m_worked[-1]["content"]
+        assert turn.startswith(f"{letter} in {word}: {word[0]} ") and turn.endswith(f"so {a_worked}")
         row = {"task": "count", "answer": a_worked, "messages": m_worked}
         assert world.score(row, m_worked[-1]["content"]) == 1.0 and world.score(row, a_worked) == 1.0
         assert world.score(row, m_worked[-1]["content"][:-1] + "9") == 0.0  # a wrong count

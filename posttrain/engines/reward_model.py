@@ -92,13 +92,14 @@ def reward_args(recipe: Recipe, folder: Any):
 
 def pair_loss(model, inputs: dict, cfg, targets=None):
     """A micro-batch's loss: `bt_loss` on the rewards read at the last real token (chosen sides first), plus
-    `rm.likelihood_targets` × `likelihood_target_loss` when `targets` (frozen LM, model-turn prefix) is given.
+    `rm.likelihood_targets` × `likelihood_target_loss` when `targets` (frozen LM, model-turn prefix) is given
+    (`posttrain.stages.rm.build_model` gives them exactly when that weight is set).
     → (loss, r_chosen, r_rejected, the targets' distance as a float or None)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     rewards, scores = last_token_rewards(model, ids, mask, per_position=True)
     r_c, r_r = rewards.chunk(2)
     loss, _ = bt_loss(r_c, r_r, inputs.get("margin", cfg.margin or None), cfg.center_rewards_coefficient)
-    if not (targets and cfg.likelihood_targets):
+    if targets is None:
         return loss, r_c, r_r, None
     lm, prefix = targets
     distance = likelihood_target_loss(scores, *likelihood_targets(lm, ids, mask, prefix))

@@ -126,9 +126,8 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
         with gathered(model):
             before = evaluate(model, eval_ex, tokenizer)
-            head = (
-                head_only(model, eval_ex, tokenizer) if cfg.likelihood_weight else None
-            )  # the new head: a coin
+            # the new head alone, beside the likelihood term: a coin
+            head = head_only(model, eval_ex, tokenizer) if cfg.likelihood_weight else None
             # the LM the RM starts from (its added layers are the identity): how its likelihood ranks the pairs
             lm_rank = likelihood_ranking(model, eval_ex, tokenizer) if cfg.init_from else None
         # --- train
