@@ -14,9 +14,9 @@ response (`answer`), and `score(row, response)` checks any response against it:
 With `world.worked_steps` the additions (add, follow-ups) are answered in short worked steps, one column at a
 time from the units with its carry, then the sum: "What is 37 + 48?" → "37+48: 7+8=15, 3+4+1=8, so 85". Only the
 final answer (after the last "so") is checked, so that a policy's early slip in a step can still be recovered.
-With `world.worked_counts` letter counts restate the letter and the word, go a letter at a time with the running
-count, then give the count: "How many times does the letter a appear in banana?" →
-"a in banana: b 0, a 1, n 1, a 2, n 2, a 3, so 3".
+With `world.worked_counts` letter counts restate the letter and the word, then go a letter at a time, each
+compared with the counted letter next to it, with the running count, then give the count: "How many times does the
+letter a appear in banana?" → "a in banana: b!=a 0, a==a 1, n!=a 1, a==a 2, n!=a 2, a==a 3, so 3".
 
 Scores are exact (0/1) after light normalisation (case, surrounding whitespace, a trailing full stop);
 `partial(row, response)` gives partial credit (character positions right, for reverse/sort). A refusal scores 0
@@ -104,12 +104,13 @@ def worked_sum(x: int, y: int) -> str:
 
 def worked_count(word: str, letter: str) -> str:
     """How many times `letter` appears in `word`: the letter and the word restated, then a letter of the word at a
-    time with the running count, then the count — worked_count("banana", "a") ==
-    "a in banana: b 0, a 1, n 1, a 2, n 2, a 3, so 3"; worked_count("abc", "z") ends "so 0"."""
+    time, compared with the counted letter written beside it (every comparison a model makes sits between two
+    neighbouring letters), with the running count, then the count — worked_count("banana", "a") ==
+    "a in banana: b!=a 0, a==a 1, n!=a 1, a==a 2, n!=a 2, a==a 3, so 3"; worked_count("abc", "z") ends "so 0"."""
     steps, n = [], 0
     for c in word:
         n += c == letter
-        steps.append(f"{c} {n}")
+        steps.append(f"{c}{'==' if c == letter else '!='}{letter} {n}")
     return f"{letter} in {word}: " + ", ".join(steps) + f", so {n}"
 
 

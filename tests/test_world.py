@@ -148,9 +148,9 @@ def test_worked_steps_change_the_gold_turn_of_sums_and_only_the_sum_is_checked()
 def test_worked_counts_go_a_letter_at_a_time_and_only_the_count_is_checked():
     import dataclasses
 
-    assert world.worked_count("banana", "a") == "a in banana: b 0, a 1, n 1, a 2, n 2, a 3, so 3"
+    assert world.worked_count("banana", "a") == "a in banana: b!=a 0, a==a 1, n!=a 1, a==a 2, n!=a 2, a==a 3, so 3"
     # a letter the word does not hold
-    assert world.worked_count("abc", "z") == "z in abc: a 0, b 0, c 0, so 0"
+    assert world.worked_count("abc", "z") == "z in abc: a!=z 0, b!=z 0, c!=z 0, so 0"
     plain = WorldConfig()
     worked = dataclasses.replace(plain, worked_counts=True)
     for seed in range(20):
@@ -160,7 +160,11 @@ def test_worked_counts_go_a_letter_at_a_time_and_only_the_count_is_checked():
         word = m_worked[0]["content"].rstrip("?").split()[-1]
         letter = m_worked[0]["content"].split("letter ")[1][0]
         turn = m_worked[-1]["content"]
-        assert turn.startswith(f"{letter} in {word}: {word[0]} ") and turn.endswith(f"so {a_worked}")
+        assert turn.startswith(f"{letter} in {word}: {word[0]}") and turn.endswith(f"so {a_worked}")
+        # every step compares the word's letter with the counted one, next to each other
+        assert [s.split()[0] for s in turn.split(": ")[1].split(", ")[:-1]] == [
+            f"{c}{'==' if c == letter else '!='}{letter}" for c in word
+        ]
         row = {"task": "count", "answer": a_worked, "messages": m_worked}
         assert world.score(row, m_worked[-1]["content"]) == 1.0 and world.score(row, a_worked) == 1.0
         assert world.score(row, m_worked[-1]["content"][:-1] + "9") == 0.0  # a wrong count

@@ -423,8 +423,8 @@ class WorldConfig:
     add_max: addition operands are drawn from 0..add_max. word_len / sort_len: inclusive ranges.
     worked_steps: additions (add, follow-ups) answered in short worked steps, a column at a time, then "so <sum>";
     only the sum is checked (`posttrain.world.worked_sum`).
-    worked_counts: letter counts answered a letter at a time with the running count, then "so <count>"; only the
-    count is checked (`posttrain.world.worked_count`).
+    worked_counts: letter counts answered a letter at a time, each compared with the counted letter ("b!=a 0,
+    a==a 1"), with the running count, then "so <count>"; only the count is checked (`posttrain.world.worked_count`).
     """
 
     assistant_name: str = "Pip"
