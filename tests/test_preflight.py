@@ -87,10 +87,10 @@ def test_every_problem_is_reported_at_once_with_its_key_and_line(tmp_path):
 
 
 def test_model_paths_and_ids_are_checked_for_form_and_completeness(tmp_path):
-    p = _recipe(tmp_path, "model:\n  name_or_path: runs/tiny/sft/model\n  preset: null\n  tokenizer: null\n"
+    p = _recipe(tmp_path, "model:\n  name_or_path: runs/never-made/sft/model\n  preset: null\n  tokenizer: null\n"
                           "teacher:\n  name_or_path: google/gemma-2-27b-it\n  revision: null\n  tokenizer: null\n")  # fmt: skip
     pf = _check(p, ["data", "sft", "generate"], sets=("teacher_train=null",))
-    assert pf.problems == [f"{p}:5: model.name_or_path: runs/tiny/sft/model does not exist (a local model folder); "
+    assert pf.problems == [f"{p}:5: model.name_or_path: runs/never-made/sft/model does not exist (a local model folder); "
                            "point it at a save_pretrained folder"]  # fmt: skip
     assert any("teacher.name_or_path: google/gemma-2-27b-it is a hub id" in n for n in pf.notes)
 

@@ -148,7 +148,10 @@ def test_worked_steps_change_the_gold_turn_of_sums_and_only_the_sum_is_checked()
 def test_worked_counts_go_a_letter_at_a_time_and_only_the_count_is_checked():
     import dataclasses
 
-    assert world.worked_count("banana", "a") == "a in banana: b!=a 0, a==a 1, n!=a 1, a==a 2, n!=a 2, a==a 3, so 3"
+    assert (
+        world.worked_count("banana", "a")
+        == "a in banana: b!=a 0, a==a 1, n!=a 1, a==a 2, n!=a 2, a==a 3, so 3"
+    )
     # a letter the word does not hold
     assert world.worked_count("abc", "z") == "z in abc: a!=z 0, b!=z 0, c!=z 0, so 0"
     plain = WorldConfig()
