@@ -109,8 +109,9 @@ def worked_count(word: str, letter: str) -> str:
     "a in banana: b!=a 0, a==a 1, n!=a 1, a==a 2, n!=a 2, a==a 3, so 3"; worked_count("abc", "z") ends "so 0"."""
     steps, n = [], 0
     for c in word:
-        n += c == letter
-        steps.append(f"{c}{'==' if c == letter else '!='}{letter} {n}")
+        same = c == letter
+        n += same
+        steps.append(f"{c}{'==' if same else '!='}{letter} {n}")
     return f"{letter} in {word}: " + ", ".join(steps) + f", so {n}"
 
 
