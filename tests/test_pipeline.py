@@ -633,6 +633,8 @@ def test_rm_distill_and_rlhf_in_two_gloo_processes(smoke_run, tmp_path, monkeypa
         pairs = Path("rm") / "data" / f"{split}.jsonl"
         assert (two / pairs).read_text() == (run / pairs).read_text(), split
     # the first epoch's steps are the one-process run's (later epochs are reshuffled per sampler)
+    n_pairs = len((run / "rm" / "data" / "train.jsonl").read_text().splitlines())
+    assert n_pairs >= 2 * 8, f"{n_pairs} RM training pairs: step 2 is not a full batch of the first epoch"
     one_rm, two_rm = (
         [json.loads(x) for x in (r / "rm" / "metrics.jsonl").read_text().splitlines()][0] for r in (run, two)
     )
