@@ -89,7 +89,7 @@ def test_matches_trls_generalized_jsd(beta):
 # ------------------------------------------------------------------ the stage's trainer on tiny models
 
 
-def _distill_trainer(tok, tmp_path, teacher, on_policy_fraction=1.0, steps=2, lr=1e-3):
+def _distill_trainer(tok, tmp_path, teacher, on_policy_fraction=1.0, steps=2, lr=1e-3, until_below=0.0):
     import trl
     from datasets import Dataset
 
@@ -116,7 +116,7 @@ def _distill_trainer(tok, tmp_path, teacher, on_policy_fraction=1.0, steps=2, lr
         model=student, teacher_model=teacher, args=args, processing_class=tok,
         train_dataset=Dataset.from_dict({"prompt": list(table) * 2}),
     )  # fmt: skip
-    trainer.setup(table, on_policy_fraction, 0)
+    trainer.setup(table, on_policy_fraction, 0, until_below)
     return trainer, table
 
 
@@ -166,6 +166,53 @@ def test_off_policy_batches_use_the_teachers_fixed_responses(tiny_tokenizer, tmp
     ids, _, _ = trainer._tokenize_prompts(list(table))
     assert ids == prompts and all(p.count(tiny_tokenizer.bos_token_id) == 1 and p[0] == tiny_tokenizer.bos_token_id
                                   for p in ids)  # fmt: skip
+
+
+def test_until_unlikely_keeps_each_completion_through_its_first_unlikely_token():
+    from posttrain.engines.distillation import until_unlikely
+
+    logps = torch.tensor([[0.9, 0.05, 0.9, 0.01], [0.9, 0.9, 0.9, 0.01], [0.01, 0.9, 0.9, 0.9]]).log()
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])  # the second row's last token is padding
+    assert until_unlikely(logps, mask, 0.1).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert until_unlikely(logps, mask, 0.001).tolist() == [[1] * 4] * 3
+
+
+@pytest.mark.stage
+def test_completion_token_logps_are_the_models_own(tiny_tokenizer):
+    """Read through the backbone and the tiled, soft-capped projection: the log-probabilities of the model's own
+    logits (Gemma 2 caps them in its forward), with a left-padded prompt as TRL's batches have."""
+    from posttrain.config import ModelSpec
+    from posttrain.engines.distillation import completion_token_logps
+    from posttrain.modeling import load_causal_lm
+
+    model = load_causal_lm(ModelSpec(preset="tiny-teacher"), tiny_tokenizer, seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    prompt, completion = torch.randint(5, 90, (2, 6), generator=g), torch.randint(5, 90, (2, 4), generator=g)
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    ids, mask = torch.cat([prompt, completion], 1), torch.cat([prompt_mask, torch.ones_like(completion)], 1)
+    with torch.no_grad():
+        ours = completion_token_logps(model, ids, mask, completion)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -5:-1].float()
+    theirs = logits.log_softmax(-1).gather(-1, completion[..., None])[..., 0]
+    assert ours.shape == (2, 4) and torch.allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.stage
+def test_training_until_the_teachers_first_unlikely_token_trains_fewer_tokens(tiny_tokenizer, tmp_path):
+    """`distill.train_until_teacher_below`: a teacher of other weights finds the student's samples unlikely
+    early, so only part of each sampled response is trained (the share is logged), and the steps still train."""
+    from posttrain.config import ModelSpec
+    from posttrain.modeling import load_causal_lm
+
+    trainer, _ = _distill_trainer(
+        tiny_tokenizer, tmp_path, lambda s: load_causal_lm(ModelSpec(preset="tiny-teacher"), tiny_tokenizer, seed=1),
+        until_below=0.05,
+    )  # fmt: skip
+    trainer.train()
+    shares = [r["trained_token_share"] for r in trainer.state.log_history if "trained_token_share" in r]
+    assert shares and all(0.0 < x < 1.0 for x in shares)
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert losses and all(x > 0 and math.isfinite(x) for x in losses)
 
 
 def test_different_vocabularies_are_refused_naming_the_difference(tiny_tokenizer):

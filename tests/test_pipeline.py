@@ -543,15 +543,23 @@ def test_under_zero3_the_distill_and_rm_stages_create_every_model_partitioned(
 ):
     """distill (student and teacher) and rm (the reward model) under ZeRO-3 over 2 gloo processes: every model
     they train or score with is created partitioned. (The RM's likelihood term reads the embeddings outside their
-    module, which ZeRO-3 refuses: it is off here.)"""
+    module, which ZeRO-3 refuses: it is off here.) Distillation trains each sample until the teacher's first unlikely
+    token, which reads the partitioned teacher's tokens through its gathered output projection."""
     run, _ = smoke_run
     zero3 = _zero3_launcher(tmp_path, 29515)
     monkeypatch.setenv("POSTTRAIN_RECORD_LOADS", str(tmp_path / "loads.jsonl"))
     sets = [f"--set=output_dir={tmp_path}"] + [
         f"--set={k}" for k in (f"launchers.rm={zero3}", f"launchers.distill={zero3}", "rm.likelihood_weight=0",
-                               "rm.train.batch_size=4", "distill.train.batch_size=4")
+                               "rm.train.batch_size=4", "distill.train.batch_size=4",
+                               "distill.train_until_teacher_below=0.1")
     ]  # fmt: skip
     _run("run", SMOKE, *sets, "--only", "rm,distill", "--force", "--reuse", str(run))
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "tiny-smoke" / "distill" / "metrics.jsonl").read_text().splitlines()
+    ]
+    shares = [r["trained_token_share"] for r in rows if "trained_token_share" in r]
+    assert shares and all(0.0 < x <= 1.0 for x in shares), rows
     sharded = [r for r in _loads(tmp_path / "loads.jsonl") if r["zero3"]]
     assert all(r["partitioned"] for r in sharded), sharded
     kinds = sorted((r["kind"], r["rank"]) for r in sharded)

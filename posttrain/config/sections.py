@@ -479,6 +479,9 @@ class DistillConfig:
     balance_tasks: draw the prompts with equal weight per task family (the rows' `task` field), the rarer families
     repeated, so that a family with few prompts is not forgotten.
     engine, vllm_mode: how the student samples, as in the `rlhf:` section.
+    train_until_teacher_below: p in (0, 1) trains each sampled response only up to and including its first token
+    the teacher gives probability < p (where the student left the teacher's path); later tokens continue from a
+    context the teacher never answers from (0: every token).
     train: steps, batch size, learning rate …; `eval_steps` also sets how often the world score is measured.
     """
 
@@ -491,6 +494,7 @@ class DistillConfig:
     balance_tasks: bool = field(default=False, metadata=IF_SET)
     engine: Literal["auto", "hf", "vllm"] = field(default="auto", metadata=IF_SET)
     vllm_mode: Literal["colocate", "server"] = field(default="colocate", metadata=IF_SET)
+    train_until_teacher_below: float = field(default=0.0, metadata=IF_SET)
     train: DistillTrainConfig = field(
         default_factory=lambda: DistillTrainConfig(steps=200, learning_rate=1e-6)
     )
@@ -507,6 +511,11 @@ class DistillConfig:
             out.append(f"temperature: {self.temperature} must be > 0")
         if self.max_new_tokens < 1 or self.prompts < 0:
             out.append("max_new_tokens must be ≥ 1 and prompts ≥ 0")
+        if not 0.0 <= self.train_until_teacher_below < 1.0:
+            out.append(
+                f"train_until_teacher_below: {self.train_until_teacher_below} must be in [0, 1) (a probability; "
+                "0 trains every token)"
+            )
         return out
 
 

@@ -1,7 +1,9 @@
 """TRL's `DistillationTrainer` as the `distill` stage uses it: prompts from the prompt table
 (`posttrain.engines.rollouts`), and a share `1 − on_policy_fraction` of generation batches answered with the
 teacher's own responses instead of the student's samples (GKD's mix; TRL's trainer is on-policy only). The loss
-is TRL's (chunked, soft-capped); tests/test_distill.py checks it against `posttrain.distill`.
+is TRL's (chunked, soft-capped); tests/test_distill.py checks it against `posttrain.distill`. With
+`distill.train_until_teacher_below` each sampled response is trained only through its first token the teacher finds
+unlikely (through TRL's `tool_mask`, which multiplies the completion mask), and the trained share is logged.
 
 Recipe names → TRL (`trl.DistillationConfig`) names: divergence → beta (`posttrain.distill.beta_of`).
 """
@@ -34,9 +36,12 @@ def mixed_policy_trainer(base: type) -> type:
     share `1 − on_policy_fraction` of generation batches answered with the teacher's fixed responses."""
 
     class MixedPolicyDistillation(RenderedPrompts, base):
-        def setup(self, table: dict[str, dict], on_policy_fraction: float, seed: int) -> None:
+        def setup(
+            self, table: dict[str, dict], on_policy_fraction: float, seed: int, until_below: float = 0.0
+        ) -> None:
             self.use_table(table)
             self._fraction = on_policy_fraction
+            self._until_below = until_below
             self._rng = random.Random(seed)
             self._by_prompt = {tuple(v["prompt_ids"]): v["fixed_ids"] for v in table.values()}
 
@@ -46,4 +51,57 @@ def mixed_policy_trainer(base: type) -> type:
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
             return [list(f) for f in fixed]
 
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            if not self._until_below:
+                return output
+            keep = self._until_unlikely(output)
+            output["tool_mask"] = keep  # TRL trains completion_mask × tool_mask
+            kept = output["completion_mask"] * keep
+            output["num_items_in_batch"] = self.accelerator.gather(kept.sum()).sum()
+            mode = "train" if self.model.training else "eval"
+            share = kept.sum() / output["completion_mask"].sum().clamp(min=1)
+            self._metrics[mode]["trained_token_share"].append(share.item())
+            return output
+
+        def _until_unlikely(self, output):
+            """(B, C) 1 up to and including each completion's first token the teacher gives probability below
+            `until_below`, 0 after it (1 everywhere in a completion the teacher finds likely throughout)."""
+            import torch
+
+            ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+            mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            with torch.no_grad():
+                logps = self._forward_redirection(self.teacher_model, teacher, completion_token_logps, teacher,
+                                                  ids, mask, output["completion_ids"])  # fmt: skip
+            return until_unlikely(logps, output["completion_mask"], self._until_below)
+
     return MixedPolicyDistillation
+
+
+def completion_token_logps(model, input_ids, attention_mask, completion_ids):
+    """log p(token) of each completion token (B, C) under a causal LM, its final logit soft-cap applied, projected
+    a tile at a time (`posttrain.logits`); under ZeRO-3 the output projection is gathered for the projection."""
+    from posttrain.logits import backbone, lm_head, token_logps
+    from posttrain.modeling import gathered
+
+    c = completion_ids.shape[1]
+    hidden = backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    hidden = hidden[:, -c - 1 : -1]  # position t predicts token t + 1
+    weight, cap = lm_head(model)
+    with gathered(model.get_output_embeddings()):
+        flat = token_logps(hidden.reshape(-1, hidden.shape[-1]), weight, completion_ids.reshape(-1), cap)
+    return flat.view(completion_ids.shape)
+
+
+def until_unlikely(logps, completion_mask, below: float):
+    """(B, C) token log-probs → (B, C) long mask: 1 through the first real token with probability < `below`
+    (inclusive), 0 after; 1 throughout where there is none."""
+    import math
+
+    unlikely = (logps < math.log(below)) & completion_mask.bool()
+    before = unlikely.long().cumsum(-1) - unlikely.long()  # unlikely tokens strictly before each position
+    return (before == 0).long()

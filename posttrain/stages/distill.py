@@ -143,7 +143,7 @@ def build_trainer(recipe: Recipe, args, student, teacher, tokenizer, table: dict
         model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_dict({"prompt": prompt_keys(table, cfg.balance_tasks, seed)}),
     )  # fmt: skip
-    trainer.setup(table, cfg.on_policy_fraction, seed)
+    trainer.setup(table, cfg.on_policy_fraction, seed, cfg.train_until_teacher_below)
     use_step_lines(trainer, log, args.max_steps)
     if cfg.train.eval_steps:
         trainer.add_callback(world_eval_callback(evaluate, cfg.train.eval_steps, log))
