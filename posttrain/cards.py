@@ -97,7 +97,7 @@ def _usage(template: str | None, is_rm: bool) -> list[str]:
             "</details>"]  # fmt: skip
 
 
-def _score(model: Path) -> list[str]:
+def _score(model: Path, figures: dict[str, Any]) -> list[str]:
     """What a reward model's score is, as `AutoModelForSequenceClassification` reads it and as posttrain did."""
     config = _read_json(model / "config.json") or {}
     w = config.get("posttrain_likelihood_weight") or 0.0
@@ -111,6 +111,10 @@ def _score(model: Path) -> list[str]:
                   "model turn, Σ over its tokens (`rm.likelihood_weight`; `posttrain_likelihood_weight` and "
                   "`posttrain_response_prefix` in config.json): `posttrain.reward.last_token_rewards` computes it. "
                   "The sequence classifier's logit alone is the head's part of that reward, not all of it."]  # fmt: skip
+        if "standard_read_accuracy" in figures:
+            lines[-1] += (f" Read alone, as transformers reads it, it ranks {_fmt(figures['standard_read_accuracy'])} "
+                          f"of the held-out pairs (the reward with the likelihood term: "
+                          f"{_fmt(figures.get('heldout_accuracy'))}).")  # fmt: skip
     else:
         lines += [
             "",
@@ -140,7 +144,7 @@ def card_text(stage_folder: Path, model: Path, recipe: str) -> str:
         lines.append("No figures were recorded.")
     lines += [""] + _usage(chat_template_of(model), is_rm)
     if is_rm:
-        lines += [""] + _score(model)
+        lines += [""] + _score(model, figures)
     return "\n".join(lines) + "\n"
 
 

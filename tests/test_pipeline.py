@@ -179,6 +179,19 @@ def test_the_reward_model_reads_as_a_sequence_classifier_and_its_card_says_what_
         and "pipeline_tag: text-classification" in card
     )
     assert w > 0 and f"adds {w:g} × the model's own log-likelihood" in card
+    # the report's and the card's standard read is what transformers gives on the held-out pairs
+    from posttrain.config import load_recipe as recipe_of
+    from posttrain.engines.reward_model import tokenize_pairs
+
+    pairs = [json.loads(x) for x in (run / "rm" / "data" / "eval.jsonl").read_text().splitlines()]
+    ex, _ = tokenize_pairs(pairs, tok, recipe_of(SMOKE).chat)
+    with torch.no_grad():
+        wins = [bool(model(input_ids=torch.tensor([e["chosen_ids"]])).logits[0, 0]
+                     > model(input_ids=torch.tensor([e["rejected_ids"]])).logits[0, 0]) for e in ex]  # fmt: skip
+    read = json.loads((run / "rm" / "rm_report.json").read_text())["trained_head"]["accuracy"]
+    assert read == pytest.approx(sum(wins) / len(wins), abs=1e-4)
+    assert f"as transformers reads it, it ranks {read:.4g}" in card
+    assert "Read as any library reads the saved model" in (run / "rm" / "rm_report.md").read_text()
 
 
 @pytest.mark.stage

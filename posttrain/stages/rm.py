@@ -138,11 +138,13 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         model = trainer.model.eval()
         with gathered(model):
             after = evaluate(model, eval_ex, tokenizer)
+            # what any library reads from the saved model: the head alone, without the likelihood term
+            head_after = head_only(model, eval_ex, tokenizer) if cfg.likelihood_weight else None
         # --- save, then the gate
         report = {"pairs": counts, "untrained": before, "held_out": after, "min_accuracy": cfg.min_accuracy,
                   "starting_lm_likelihood": lm_rank, "likelihood_weight": cfg.likelihood_weight,
                   "likelihood_targets": cfg.likelihood_targets,
-                  "untrained_head": head}  # fmt: skip
+                  "untrained_head": head, "trained_head": head_after}  # fmt: skip
         if save_trained(
             trainer, model, tokenizer, out.path / "model", out.path / "checkpoints", chat=recipe.chat
         ):
@@ -151,7 +153,8 @@ def main(recipe: Recipe, parents: Parents) -> Path:
             print(report_markdown(report))
         out.summary = {"train_loss": result.training_loss, "heldout_accuracy": after["accuracy"],
                        "heldout_loss": after["loss"], "length_correlation": after["length_correlation"],
-                       "gold_over_policy_wrong": after.get("gold_over_policy_wrong")}  # fmt: skip
+                       "gold_over_policy_wrong": after.get("gold_over_policy_wrong"),
+                       "standard_read_accuracy": (head_after or after)["accuracy"]}  # fmt: skip
         check_gate(after, cfg.min_accuracy, out.path)
     return out.final
 
@@ -334,6 +337,11 @@ def report_markdown(report: dict) -> str:
         if report.get("untrained_head"):
             hd = report["untrained_head"]
             lines[-1] += f" The untrained head alone: accuracy {hd['accuracy']:.3f}, loss {hd['loss']:.3f}."
+        if report.get("trained_head"):
+            hd = report["trained_head"]
+            lines += ["", f"**Read as any library reads the saved model** (`AutoModelForSequenceClassification`: the "
+                      f"head's logit at the last token, no likelihood term): held-out accuracy **{hd['accuracy']:.3f}**, "
+                      f"loss {hd['loss']:.3f}. The gate counts the reward with the likelihood term."]  # fmt: skip
     lines += ["", f"Gate: accuracy ≥ {report['min_accuracy']} — "
               + ("**passed**" if h["accuracy"] >= report["min_accuracy"] else "**failed**"), "",
               "Calibration (held-out, by |r_chosen − r_rejected|):", "",
