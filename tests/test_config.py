@@ -330,6 +330,15 @@ def test_negative_rm_extra_layers_or_likelihood_weight_is_refused_by_key():
         load_recipe("recipes/tiny/pipeline.yaml", ["rm.likelihood_targets=1", "rm.init_from=null"])
 
 
+def test_distill_train_until_teacher_below_must_be_a_probability_below_one():
+    for bad in ("1.0", "-0.1"):
+        with pytest.raises(
+            ConfigError, match=rf"distill: train_until_teacher_below: {bad} must be in \[0, 1\)"
+        ):
+            load_recipe("recipes/tiny/pipeline.yaml", [f"distill.train_until_teacher_below={bad}"])
+    assert load_recipe("recipes/tiny/pipeline.yaml", ["distill.train_until_teacher_below=0.1"])
+
+
 def test_eval_max_prompts_caps_every_evaluation_and_reruns_only_what_evaluates_when_set():
     from posttrain.stages import generate, rlhf, sft
 
