@@ -215,6 +215,39 @@ def test_training_until_the_teachers_first_unlikely_token_trains_fewer_tokens(ti
     assert losses and all(x > 0 and math.isfinite(x) for x in losses)
 
 
+@pytest.mark.stage
+def test_the_cut_responses_loss_is_the_divergence_over_the_kept_tokens_alone(tiny_tokenizer, tmp_path):
+    """With the cut, TRL's loss on a generated batch is `posttrain.distill`'s forward KL averaged over each response's
+    tokens through its first unlikely one, and nothing after it counts."""
+    from posttrain.config import ModelSpec
+    from posttrain.distill import distill_loss
+    from posttrain.engines.distillation import completion_token_logps, until_unlikely
+    from posttrain.modeling import load_causal_lm
+
+    trainer, _ = _distill_trainer(
+        tiny_tokenizer, tmp_path, lambda s: load_causal_lm(ModelSpec(preset="tiny-teacher"), tiny_tokenizer, seed=1),
+        until_below=0.02,
+    )  # fmt: skip
+    trainer.model.train()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    c = inputs["completion_ids"].shape[1]
+    with torch.no_grad():
+        teacher_logps = completion_token_logps(trainer.teacher_model, ids, mask, inputs["completion_ids"])
+        keep = until_unlikely(teacher_logps, inputs["completion_mask"], 0.02)
+        kept = inputs["completion_mask"] * keep
+        assert torch.equal(inputs["tool_mask"], keep) and 0 < kept.sum() < inputs["completion_mask"].sum()
+        loss = trainer.compute_loss(trainer.model, inputs)
+        logits = [m(input_ids=ids, attention_mask=mask).logits[:, -c - 1 : -1] for m in (trainer.model,
+                                                                                         trainer.teacher_model)]  # fmt: skip
+    want, _ = distill_loss(*logits, kept, "forward_kl")  # Gemma 2's forward caps its logits: no second cap
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+    assert trainer._metrics["train"]["trained_token_share"][-1] == pytest.approx(
+        (kept.sum() / inputs["completion_mask"].sum()).item()
+    )
+
+
 def test_different_vocabularies_are_refused_naming_the_difference(tiny_tokenizer):
     from posttrain.config import ConfigError
     from posttrain.engines.distillation import check_same_vocabulary

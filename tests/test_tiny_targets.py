@@ -67,8 +67,10 @@ def missed_targets(run: Path) -> list[str]:
         missed.append(f"SFT student {sft.get('world_score')} below half the teacher's {teacher_score}")
     if (distill.get("gap_closed") or 0) < 0.30:
         missed.append(f"distillation closes {distill.get('gap_closed')} of the student–teacher gap (< 0.30)")
-    if (rm.get("heldout_accuracy") or 0) < 0.90:
-        missed.append(f"RM held-out accuracy {rm.get('heldout_accuracy')} < 0.90")
+    # the standard read: the saved RM's logit alone, as AutoModelForSequenceClassification gives it
+    read = rm.get("standard_read_accuracy", rm.get("heldout_accuracy")) or 0
+    if read < 0.90:
+        missed.append(f"RM held-out accuracy read as a sequence classifier {read} < 0.90")
     runs = _summary(run / "rlhf").get("runs") or {}
     if not runs:
         missed.append("no finished RL run")

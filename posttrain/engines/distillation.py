@@ -2,8 +2,9 @@
 (`posttrain.engines.rollouts`), and a share `1 − on_policy_fraction` of generation batches answered with the
 teacher's own responses instead of the student's samples (GKD's mix; TRL's trainer is on-policy only). The loss
 is TRL's (chunked, soft-capped); tests/test_distill.py checks it against `posttrain.distill`. With
-`distill.train_until_teacher_below` each sampled response is trained only through its first token the teacher finds
-unlikely (through TRL's `tool_mask`, which multiplies the completion mask), and the trained share is logged.
+`distill.train_until_teacher_below` each response is trained only through its first token the teacher finds
+unlikely (through TRL's `tool_mask`, which multiplies the completion mask), and the trained share is logged; the
+teacher's fixed responses of off-policy batches pass through the same cut (the teacher finds them likely).
 
 Recipe names → TRL (`trl.DistillationConfig`) names: divergence → beta (`posttrain.distill.beta_of`).
 """
@@ -57,25 +58,31 @@ def mixed_policy_trainer(base: type) -> type:
                 return output
             keep = self._until_unlikely(output)
             output["tool_mask"] = keep  # TRL trains completion_mask × tool_mask
-            kept = output["completion_mask"] * keep
-            output["num_items_in_batch"] = self.accelerator.gather(kept.sum()).sum()
+            kept = self.accelerator.gather((output["completion_mask"] * keep).sum()).sum()
+            output["num_items_in_batch"] = kept
             mode = "train" if self.model.training else "eval"
-            share = kept.sum() / output["completion_mask"].sum().clamp(min=1)
+            share = kept / self.accelerator.gather(output["completion_mask"].sum()).sum().clamp(min=1)
             self._metrics[mode]["trained_token_share"].append(share.item())
             return output
 
         def _until_unlikely(self, output):
             """(B, C) 1 up to and including each completion's first token the teacher gives probability below
-            `until_below`, 0 after it (1 everywhere in a completion the teacher finds likely throughout)."""
+            `until_below` (its own distribution, temperature 1), 0 after it (1 throughout a completion the teacher
+            finds likely everywhere). The teacher reads one micro-batch at a time, as in TRL's loss."""
             import torch
 
             ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
             mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
             teacher = self.accelerator.unwrap_model(self.teacher_model)
+            step = self.args.per_device_train_batch_size
+            parts = []
             with torch.no_grad():
-                logps = self._forward_redirection(self.teacher_model, teacher, completion_token_logps, teacher,
-                                                  ids, mask, output["completion_ids"])  # fmt: skip
-            return until_unlikely(logps, output["completion_mask"], self._until_below)
+                for b in range(0, ids.shape[0], step):
+                    parts.append(self._forward_redirection(
+                        self.teacher_model, teacher, completion_token_logps, teacher, ids[b : b + step],
+                        mask[b : b + step], output["completion_ids"][b : b + step],
+                    ))  # fmt: skip
+            return until_unlikely(torch.cat(parts), output["completion_mask"], self._until_below)
 
     return MixedPolicyDistillation
 

@@ -11,8 +11,9 @@ stage (GKD's mix of on-policy and fixed data).
 
 Engine: TRL's `DistillationTrainer` (`posttrain.engines.distillation`). Two things are the project's own:
 prompts are rendered by `posttrain.chat` (one `<bos>`, the generation prompt), not by the tokenizer's chat
-template, and the fixed-response batches (TRL's trainer is on-policy only). The teacher runs in eval mode without gradients; teacher and student
-must share the tokenizer (checked before any model loads).
+template, the fixed-response batches (TRL's trainer is on-policy only), and with `distill.train_until_teacher_below`
+each response trained only through its first token the teacher finds unlikely. The teacher runs in eval mode
+without gradients; teacher and student must share the tokenizer (checked before any model loads).
 
 Metrics per logged step: the divergence (`loss`), the sampled length and the truncation rate; every
 `train.eval_steps` and at both ends: the student's world score (`eval.json` holds student-after-SFT,
