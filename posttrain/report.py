@@ -140,7 +140,8 @@ REPORTS = {
 KEY_FIGURES = {  # summary keys worth a column in the stage table, per stage
     "data": ("rows_out",), "teacher": ("world_score",), "generate": ("rows_out", "teacher_correct", "tokens_per_s"),
     "sft": ("world_score", "train_loss"), "distill": ("world_score", "gap_closed"),
-    "rm": ("heldout_accuracy", "standard_read_accuracy", "heldout_loss", "length_correlation"), "merge": ("reward", "kl", "world_score"),
+    "rm": ("heldout_accuracy", "standard_read_accuracy", "heldout_loss", "length_correlation"),
+    "merge": ("reward", "kl", "world_score"),
 }  # fmt: skip
 
 
