@@ -12,10 +12,13 @@ policy's sampling temperature and reports:
     mixed_from_wrong  of the prompt groups whose k samples are neither all right nor all wrong (the only groups
                  with a non-zero leave-one-out advantage), the share that greedy gets wrong: the rest only sharpen
                  answers greedy already gives
+    guess        the share of the family's prompts whose answer is the family's most common one: what answering
+                 that one constant scores (letter counts: "2" is right for ~0.3 of them; a sum: ~0.03)
 
 A family is at the edge of competence — where RL has something to do — when pass@k − greedy ≥ 0.4 and
-p_right|wrong ≥ 0.2 (`GATE`); a policy far below (p_right|wrong ≈ 0.05) needs many times more probability on an
-answer it rarely samples, and one far above has nothing left to gain. The figures are estimates over the
+p_right|wrong ≥ guess + 0.2 (`GATE`); a policy far below (p_right|wrong ≈ 0.05) needs many times more probability
+on an answer it rarely samples, one far above has nothing left to gain, and right samples no more frequent than
+the guess are luck among few answers rather than a skill that RL could reinforce. The figures are estimates over the
 prompts drawn: with 100 prompts a family a score's standard error is up to 0.05.
 
     posttrain headroom runs/tiny/sft/model --recipe recipes/tiny/pipeline.yaml --per-task 100 --k 16
@@ -24,7 +27,7 @@ prompts drawn: with 100 prompts a family a score's standard error is up to 0.05.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 from posttrain import world
@@ -32,7 +35,8 @@ from posttrain.config import ModelSpec, Recipe, SamplingConfig
 from posttrain.generation import generate, prompt_ids, world_eval
 from posttrain.modeling import load_causal_lm, load_tokenizer
 
-GATE = {"lift": 0.4, "p_right_when_wrong": 0.2}  # pass@k − greedy, and the mean share of right samples
+# pass@k − greedy, and the share of right samples where greedy is wrong, over the family's guess rate
+GATE = {"lift": 0.4, "p_right_when_wrong": 0.2}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -43,8 +47,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def family_figures(greedy: list[float], samples: list[list[float]], k: int) -> dict[str, Any]:
-    """One family's figures from its prompts' greedy scores (P,) and sample scores (P, n ≥ k), each 0 or 1."""
+def guess_rate(answers: list[str]) -> float:
+    """The share of `answers` equal to the most common one: the score of answering that constant everywhere."""
+    return max(Counter(answers).values()) / len(answers) if answers else 0.0
+
+
+def family_figures(
+    greedy: list[float], samples: list[list[float]], k: int, answers: list[str] | None = None
+) -> dict[str, Any]:
+    """One family's figures from its prompts' greedy scores (P,) and sample scores (P, n ≥ k), each 0 or 1, and
+    their gold answers (P,) for the guess rate (None without them: taken as 0 by the edge test)."""
     n = len(greedy)
     rights = [sum(s) for s in samples]
     wrong = [i for i in range(n) if greedy[i] < 1]
@@ -58,12 +70,13 @@ def family_figures(greedy: list[float], samples: list[list[float]], k: int) -> d
             sum(rights[i] / len(samples[i]) for i in wrong) / len(wrong) if wrong else None
         ),
         "mixed_from_wrong": sum(greedy[i] < 1 for i in mixed) / len(mixed) if mixed else None,
+        "guess": guess_rate(answers) if answers else None,  # no one constant answers several families
     }
     fig["lift"] = fig[f"pass@{k}"] - fig["greedy"]
     fig["edge"] = (
         fig["lift"] >= GATE["lift"]
         and fig["p_right_when_wrong"] is not None
-        and fig["p_right_when_wrong"] >= GATE["p_right_when_wrong"]
+        and fig["p_right_when_wrong"] >= (fig["guess"] or 0.0) + GATE["p_right_when_wrong"]
     )
     return fig
 
@@ -83,13 +96,15 @@ def measure(
     if progress is not None:
         progress.update(len(rows))
     sampled = generate(model, tokenizer, [p for p in prompts for _ in range(k)], sample_cfg, seed, progress)
-    by_task: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+    by_task: dict[str, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
     for i, r in enumerate(rows):
         s = [world.score(r, g.text, name) for g in sampled[i * k : (i + 1) * k]]
         for key in (r["task"], "all"):
             by_task[key][0].append(greedy[i])
             by_task[key][1].append(s)
-    return {t: family_figures(g, s, k) for t, (g, s) in sorted(by_task.items(), key=lambda x: x[0] == "all")}
+            by_task[key][2].append(r["answer"])
+    ordered = sorted(by_task.items(), key=lambda x: x[0] == "all")  # a guess is one family's constant answer
+    return {t: family_figures(g, s, k, None if t == "all" else a) for t, (g, s, a) in ordered}
 
 
 def run(
@@ -123,10 +138,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Headroom of {result['model']} (k = {k} samples at T = {result['temperature']:g}, "
         f"{result['per_task']} prompts a family; edge: pass@{k} − greedy ≥ {GATE['lift']}, "
-        f"p_right|wrong ≥ {GATE['p_right_when_wrong']})",
+        f"p_right|wrong ≥ guess + {GATE['p_right_when_wrong']})",
         "",
-        f"| family | n | greedy | pass@1 | pass@{k} | lift | p_right\\|wrong | mixed from wrong | edge |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        f"| family | n | greedy | pass@1 | pass@{k} | lift | p_right\\|wrong | guess | mixed from wrong | edge |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
 
     def f(x: float | None) -> str:
@@ -134,6 +149,6 @@ def markdown(result: dict[str, Any]) -> str:
 
     for t, v in result["families"].items():
         lines.append(f"| {t} | {v['n']} | {f(v['greedy'])} | {f(v['pass@1'])} | {f(v[f'pass@{k}'])} | "
-                     f"{f(v['lift'])} | {f(v['p_right_when_wrong'])} | {f(v['mixed_from_wrong'])} | "
+                     f"{f(v['lift'])} | {f(v['p_right_when_wrong'])} | {f(v['guess'])} | {f(v['mixed_from_wrong'])} | "
                      f"{'yes' if v['edge'] else 'no'} |")  # fmt: skip
     return "\n".join(lines)

@@ -33,6 +33,15 @@ def test_family_figures_by_hand():
     assert edge["lift"] == 1.0 and edge["p_right_when_wrong"] == 0.5 and edge["edge"] is True
     solved = headroom.family_figures([1.0], [[1, 1]], 2)
     assert solved["p_right_when_wrong"] is None and solved["mixed_from_wrong"] is None and not solved["edge"]
+    assert edge["guess"] is None  # no answers given: nothing to guess, the plain threshold
+    # right samples no more frequent than answering the family's most common answer are luck, not an edge:
+    # the same scores as `edge`, where one answer ("2") is right for every prompt
+    lucky = headroom.family_figures([0.0, 0.0], [[1, 0, 0, 1], [0, 1, 1, 0]], 4, ["2", "2"])
+    assert lucky["guess"] == 1.0 and lucky["p_right_when_wrong"] == 0.5 and lucky["edge"] is False
+    varied = headroom.family_figures([0.0, 0.0], [[1, 0, 0, 1], [0, 1, 1, 0]], 4, ["85", "17"])
+    assert varied["guess"] == 0.5 and varied["edge"] is False  # 0.5 < 0.5 + 0.2
+    assert headroom.guess_rate(["2", "1", "2", "3"]) == 0.5
+    assert headroom.guess_rate(["85", "17", "9"]) == pytest.approx(1 / 3)
 
 
 def test_measure_groups_each_prompts_k_samples_by_family(monkeypatch, tiny_tokenizer):
@@ -60,6 +69,8 @@ def test_measure_groups_each_prompts_k_samples_by_family(monkeypatch, tiny_token
     assert everything["pass@1"] == pytest.approx((0 + 1 + 2 + 3) / 16)
     assert everything["p_right_when_wrong"] == pytest.approx((1 / 4 + 3 / 4) / 2)  # rows 1 and 3
     assert sum(figures[t]["n"] for t in figures if t != "all") == 4
+    for t in set(figures) - {"all"}:  # each family's guess from its own rows' answers
+        assert figures[t]["guess"] == headroom.guess_rate([r["answer"] for r in rows if r["task"] == t])
 
 
 @pytest.mark.parametrize(
@@ -95,4 +106,7 @@ def test_the_headroom_command_measures_a_saved_model_per_family(tmp_path, capsys
     assert families["all"]["n"] == 3 * (len(families) - 1)
     for f in families.values():
         assert 0 <= f["pass@1"] <= f["pass@2"] <= 1 and 0 <= f["greedy"] <= 1
-        assert f["edge"] == (f["lift"] >= 0.4 and (f["p_right_when_wrong"] or 0) >= 0.2)
+        assert f["edge"] == (f["lift"] >= 0.4 and (f["p_right_when_wrong"] or 0) >= (f["guess"] or 0) + 0.2)
+    assert families["all"]["guess"] is None
+    assert all(0 < f["guess"] <= 1 for t, f in families.items() if t != "all")
+    assert families["identity"]["guess"] == 1.0  # one answer to every identity question
