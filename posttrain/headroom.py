@@ -16,10 +16,10 @@ policy's sampling temperature and reports:
                  that one constant scores (letter counts: "2" is right for ~0.3 of them; a sum: ~0.03)
 
 A family is at the edge of competence — where RL has something to do — when pass@k − greedy ≥ 0.4 and
-p_right|wrong ≥ guess + 0.2 (`GATE`); a policy far below (p_right|wrong ≈ 0.05) needs many times more probability
-on an answer it rarely samples, one far above has nothing left to gain, and right samples no more frequent than
-the guess are luck among few answers rather than a skill that RL could reinforce. The figures are estimates over the
-prompts drawn: with 100 prompts a family a score's standard error is up to 0.05.
+p_right|wrong ≥ guess + 0.2 (`GATE`); a policy far below (p_right|wrong ≈ 0.05) needs many times more
+probability on an answer it rarely samples, one far above has nothing left to gain, and right samples no more
+frequent than the guess are luck among few answers rather than a skill that RL could reinforce. The figures are
+estimates over the prompts drawn: with 100 prompts a family a score's standard error is up to 0.05.
 
     posttrain headroom runs/tiny/sft/model --recipe recipes/tiny/pipeline.yaml --per-task 100 --k 16
 """
@@ -149,6 +149,6 @@ def markdown(result: dict[str, Any]) -> str:
 
     for t, v in result["families"].items():
         lines.append(f"| {t} | {v['n']} | {f(v['greedy'])} | {f(v['pass@1'])} | {f(v[f'pass@{k}'])} | "
-                     f"{f(v['lift'])} | {f(v['p_right_when_wrong'])} | {f(v['guess'])} | {f(v['mixed_from_wrong'])} | "
-                     f"{'yes' if v['edge'] else 'no'} |")  # fmt: skip
+                     f"{f(v['lift'])} | {f(v['p_right_when_wrong'])} | {f(v['guess'])} | "
+                     f"{f(v['mixed_from_wrong'])} | {'yes' if v['edge'] else 'no'} |")  # fmt: skip
     return "\n".join(lines)
