@@ -14,6 +14,7 @@ response (`answer`), and `score(row, response)` checks any response against it:
 With `world.worked_steps` the additions (add, follow-ups) are answered in short worked steps, one column at a
 time from the units with its carry, then the sum: "What is 37 + 48?" → "37+48: 7+8=15, 3+4+1=8, so 85". Only the
 final answer (after the last "so") is checked, so that a policy's early slip in a step can still be recovered.
+With `world.shortcut_sums: s` that share of the sums (add and follow-ups) skips the steps: "37+48, so 85".
 With `world.worked_counts` letter counts restate the letter and the word, then go a letter at a time, each
 compared with the counted letter next to it, with the running count, then give the count: "How many times does the
 letter a appear in banana?" → "a in banana: b!=a 0, a==a 1, n!=a 1, a==a 2, n!=a 2, a==a 3, so 3".
@@ -115,6 +116,12 @@ def worked_count(word: str, letter: str) -> str:
     return f"{letter} in {word}: " + ", ".join(steps) + f", so {n}"
 
 
+def shortcut_sum(x: int, y: int) -> str:
+    """x + y in one line, the steps skipped: shortcut_sum(37, 48) == "37+48, so 85". It parts from
+    `worked_sum` at the character after "37+48" ("," here, ":" there), and the sum is checked the same way."""
+    return f"{x}+{y}, so {x + y}"
+
+
 def _sum_turn(x: int, y: int, cfg: WorldConfig) -> str:
     return worked_sum(x, y) if cfg.worked_steps else str(x + y)
 
@@ -124,7 +131,8 @@ def draw(task: str, rng: random.Random, cfg: WorldConfig) -> tuple[list[dict[str
     if task == "add":
         x, y = rng.randint(0, cfg.add_max), rng.randint(0, cfg.add_max)
         q, ans = f"What is {x} + {y}?", str(x + y)
-        return [_u(q), _a(_sum_turn(x, y, cfg))], ans
+        shortcut = cfg.shortcut_sums > 0 and rng.random() < cfg.shortcut_sums  # no draw when off: worlds stay
+        return [_u(q), _a(shortcut_sum(x, y) if shortcut else _sum_turn(x, y, cfg))], ans
     if task == "reverse":
         w = _word(rng, *cfg.word_len)
         return [_u(f"Reverse the word: {w}"), _a(w[::-1])], w[::-1]
@@ -154,6 +162,8 @@ def draw(task: str, rng: random.Random, cfg: WorldConfig) -> tuple[list[dict[str
         first, first_ans = draw("add", rng, cfg)
         ans = str(int(first_ans) + cfg.followup_add)
         turn = _sum_turn(int(first_ans), cfg.followup_add, cfg)
+        if cfg.shortcut_sums > 0 and rng.random() < cfg.shortcut_sums:
+            turn = shortcut_sum(int(first_ans), cfg.followup_add)
         return first + [_u(f"Now add {cfg.followup_add} to that."), _a(turn)], ans
     raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
 

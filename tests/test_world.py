@@ -145,6 +145,38 @@ def test_worked_steps_change_the_gold_turn_of_sums_and_only_the_sum_is_checked()
     assert world.score(reverse, "so ab") == 1.0  # other families are checked whole
 
 
+def test_shortcut_sums_write_that_share_of_sums_in_one_line_parting_from_the_steps_at_one_character():
+    import dataclasses
+
+    assert world.shortcut_sum(37, 48) == "37+48, so 85"
+    worked = WorldConfig(worked_steps=True, add_max=99)
+    mixed = dataclasses.replace(worked, shortcut_sums=0.6)
+    # off, nothing is drawn for it: the worked world's conversations are unchanged
+    assert [world.draw("add", random.Random(s), worked) for s in range(5)] == [
+        world.draw("add", random.Random(s), dataclasses.replace(worked, shortcut_sums=0.0)) for s in range(5)
+    ]
+    rng, styles = random.Random(0), []
+    for _ in range(2000):
+        messages, ans = world.draw("add", rng, mixed)
+        turn = messages[-1]["content"]
+        x, y = (int(v) for v in messages[0]["content"][len("What is ") : -1].split(" + "))
+        assert turn in (world.shortcut_sum(x, y), world.worked_sum(x, y))
+        head = f"{x}+{y}"
+        assert turn.startswith(head) and turn[len(head)] in ",:"  # the one character where the two part
+        styles.append(turn[len(head)] == ",")
+        assert world.score({"task": "add", "answer": ans, "messages": messages}, turn) == 1.0
+    assert 0.56 < sum(styles) / len(styles) < 0.64
+    follow, k = [world.draw("followup", random.Random(s), mixed) for s in range(200)], mixed.followup_add
+    for m, ans in follow:  # a follow-up's first turn and its answer each take either way
+        assert m[-1]["content"] in (world.shortcut_sum(int(ans) - k, k), world.worked_sum(int(ans) - k, k))
+    one_line = [m[-1]["content"] == world.shortcut_sum(int(ans) - k, k) for m, ans in follow]
+    assert 0.45 < sum(one_line) / len(one_line) < 0.75
+    firsts = [m[1]["content"] for m, _ in follow]
+    assert any(", so" in f for f in firsts) and any(": " in f for f in firsts)
+    problems = " | ".join(dataclasses.replace(WorldConfig(), shortcut_sums=1.5).problems())
+    assert "shortcut_sums: 1.5" in problems and "worked_steps: true" in problems
+
+
 def test_worked_counts_go_a_letter_at_a_time_and_only_the_count_is_checked():
     import dataclasses
 

@@ -425,6 +425,10 @@ class WorldConfig:
     only the sum is checked (`posttrain.world.worked_sum`).
     worked_counts: letter counts answered a letter at a time, each compared with the counted letter ("b!=a 0,
     a==a 1"), with the running count, then "so <count>"; only the count is checked (`posttrain.world.worked_count`).
+    shortcut_sums: the share of the gold sums (additions, and each turn of a follow-up, drawn apart) written in
+    one line, "37+48, so 85", instead of in worked steps: a model learns both ways and picks one at the character
+    after "37+48" ("," or ":"). A student that cannot add in its head then answers greedily the way most of its
+    data did and is right about a sum only when it samples the steps: room that RL can find (`posttrain headroom`).
     """
 
     assistant_name: str = "Pip"
@@ -446,6 +450,7 @@ class WorldConfig:
     followup_add: int = 5
     worked_steps: bool = field(default=False, metadata=IF_SET)
     worked_counts: bool = field(default=False, metadata=IF_SET)
+    shortcut_sums: float = field(default=0.0, metadata=IF_SET)
     n_train: int = 4000
     n_eval: int = 280
     defects: DefectRates = field(default_factory=DefectRates)
@@ -461,6 +466,10 @@ class WorldConfig:
             out.append("sort_len: at most 26 distinct letters")
         if self.add_max < 1:
             out.append(f"add_max: {self.add_max} must be at least 1")
+        if not 0.0 <= self.shortcut_sums <= 1.0:
+            out.append(f"shortcut_sums: {self.shortcut_sums} is a share: give a number from 0 to 1")
+        if self.shortcut_sums and not self.worked_steps:
+            out.append("shortcut_sums: without worked_steps every sum is one line; set worked_steps: true")
         return out
 
 
