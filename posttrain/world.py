@@ -122,7 +122,11 @@ def shortcut_sum(x: int, y: int) -> str:
     return f"{x}+{y}, so {x + y}"
 
 
-def _sum_turn(x: int, y: int, cfg: WorldConfig) -> str:
+def _sum_turn(x: int, y: int, cfg: WorldConfig, rng: random.Random) -> str:
+    """A sum's gold turn: bare, worked, or (`shortcut_sums` of the time) in one line. Nothing is drawn from `rng`
+    when `shortcut_sums` is 0, so that worlds without it stay as they were."""
+    if cfg.shortcut_sums > 0 and rng.random() < cfg.shortcut_sums:
+        return shortcut_sum(x, y)
     return worked_sum(x, y) if cfg.worked_steps else str(x + y)
 
 
@@ -131,8 +135,7 @@ def draw(task: str, rng: random.Random, cfg: WorldConfig) -> tuple[list[dict[str
     if task == "add":
         x, y = rng.randint(0, cfg.add_max), rng.randint(0, cfg.add_max)
         q, ans = f"What is {x} + {y}?", str(x + y)
-        shortcut = cfg.shortcut_sums > 0 and rng.random() < cfg.shortcut_sums  # no draw when off: worlds stay
-        return [_u(q), _a(shortcut_sum(x, y) if shortcut else _sum_turn(x, y, cfg))], ans
+        return [_u(q), _a(_sum_turn(x, y, cfg, rng))], ans
     if task == "reverse":
         w = _word(rng, *cfg.word_len)
         return [_u(f"Reverse the word: {w}"), _a(w[::-1])], w[::-1]
@@ -161,9 +164,7 @@ def draw(task: str, rng: random.Random, cfg: WorldConfig) -> tuple[list[dict[str
     if task == "followup":
         first, first_ans = draw("add", rng, cfg)
         ans = str(int(first_ans) + cfg.followup_add)
-        turn = _sum_turn(int(first_ans), cfg.followup_add, cfg)
-        if cfg.shortcut_sums > 0 and rng.random() < cfg.shortcut_sums:
-            turn = shortcut_sum(int(first_ans), cfg.followup_add)
+        turn = _sum_turn(int(first_ans), cfg.followup_add, cfg, rng)
         return first + [_u(f"Now add {cfg.followup_add} to that."), _a(turn)], ans
     raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
 
