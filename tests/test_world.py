@@ -85,6 +85,24 @@ def test_mix_check_flags_a_family_whose_distinct_prompts_run_out():
     assert not any(m["short"] for m in mix_check(train_split(wide, seed=0), wide).values())
 
 
+def test_the_tiny_recipe_s_world_holds_100_evaluation_prompts_a_family_and_no_family_runs_short():
+    """Identity and refusal prompts are greeting + question + closing: enough of them that 100 of each are held
+    out and training still gets as many distinct ones as the mix asks (0.5 of 15 parts of 16,000 rows)."""
+    from pathlib import Path
+
+    from posttrain.config import load_recipe
+
+    cfg = load_recipe(Path(__file__).parents[1] / "recipes/tiny/pipeline.yaml").world
+    ev = eval_split(cfg, seed=0)
+    counts = {t: sum(r["task"] == t for r in ev) for t in TASKS}
+    assert min(counts.values()) >= 100 and set(counts) == set(TASKS)
+    check = mix_check(train_split(cfg, seed=0, eval_rows=ev), cfg)
+    assert not [t for t, m in check.items() if m["short"]], check
+    rng = random.Random(0)
+    identity = {prompt_key(draw("identity", rng, cfg)[0]) for _ in range(20000)}
+    assert len(identity) >= 1000  # 100 held out leave ≥ 900 for the ~533 the mix asks
+
+
 def test_difficulty_knobs():
     cfg = WorldConfig(add_max=99, word_len=(6, 6), sort_len=(5, 5))
     rng = random.Random(0)
