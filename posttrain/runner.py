@@ -496,6 +496,15 @@ def parse_grid(items: list[str], seeds: int, seed_stages: list[str]) -> list[tup
     return grid
 
 
+def sweep_command(opts: RunOptions, grid_items: list[str], seeds: int, seed_stages: tuple[str, ...]) -> str:
+    """The command line that repeats a sweep: its grid, seeds, seeded stages, stages, overrides and reused runs."""
+    parts = ["posttrain sweep", opts.recipe_path, *(f"--grid {g}" for g in grid_items), f"--seeds {seeds}"]
+    parts += [f"--seed-stages {','.join(seed_stages)}"] if seed_stages else []
+    parts += [f"--only {','.join(opts.only)}"] if opts.only else []
+    parts += [f"--set {s}" for s in opts.sets] + [f"--reuse {r}" for r in opts.reuse]
+    return " ".join(parts)
+
+
 def sweep(opts: RunOptions, grid_items: list[str], seeds: int = 1, seed_stages: tuple[str, ...] = ()) -> int:
     """Run a recipe once per point of a grid (× seeds), sharing finished stages between the variants (and with
     the base run folder), and write one comparison table beside the run folders."""
@@ -519,8 +528,9 @@ def sweep(opts: RunOptions, grid_items: list[str], seeds: int = 1, seed_stages: 
         [(v.labels, r.run_dir) for v, r in zip(variants, recipes)], list(opts.only) or base.stages()
     )
     out = base.run_dir.parent / f"sweep-{base.name}-{'-'.join(k for k, _ in grid) or 'seeds'}.md"
-    out.write_text(f"# Sweep of {base.name}\n\n`posttrain sweep {opts.recipe_path} "
-                   + " ".join(f"--grid {g}" for g in grid_items) + f" --seeds {seeds}`\n\n" + table)  # fmt: skip
+    out.write_text(
+        f"# Sweep of {base.name}\n\n`{sweep_command(opts, grid_items, seeds, seed_stages)}`\n\n" + table
+    )
     print("\n" + table + f"\n[sweep] table: {out}")
     return 0
 

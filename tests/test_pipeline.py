@@ -598,6 +598,11 @@ def test_sweep_runs_each_variant_sharing_finished_stages_and_writes_one_table(sm
     rows = [line for line in table.splitlines() if line.startswith(("| 1e-3 |", f"| {lr} |"))]
     assert len(rows) == 2 and all(len(r.split("|")) == len(rows[0].split("|")) for r in rows)
     assert "sft world_score" in table and "sft train_loss" in table
+    repeat = (
+        f"`posttrain sweep {SMOKE} --grid sft.learning_rate=1e-3,{lr} --seeds 1 --only sft"  # the command
+    )
+    assert repeat in table
+    assert f"--set output_dir={tmp_path} --reuse {run}`" in table
 
 
 @pytest.mark.dist
