@@ -282,8 +282,35 @@ def world_verdict(start: dict, end: dict, comparisons: int = 1) -> str:
     text = f"+{c['better']} / −{c['worse']} of {c['n']} (p {p:.3g}): {verdict}"
     rose = None not in (start.get("reward"), end.get("reward")) and end["reward"] > start["reward"]
     if c["verdict"] == "worse" and rose:
-        text += " — **reward hacking**: the RM reward rose while the world score fell"
+        return text + " — **reward hacking**: the RM reward rose while the world score fell"
+    fell = families_that_fell(start, end, comparisons)
+    if fell:
+        text += "; fell: " + ", ".join(
+            f"{t} +{f['better']} / −{f['worse']} (p {f['p_worse']:.3g})" for t, f in fell
+        )
+        if rose:
+            text += (
+                f" — **reward hacking** in {', '.join(t for t, _ in fell)}: the RM reward rose while it fell"
+            )
     return text
+
+
+def families_that_fell(start: dict, end: dict, comparisons: int = 1) -> list[tuple[str, dict]]:
+    """The task families whose world score fell beyond noise, prompt by prompt (`world_change` on each family's
+    prompts, corrected for the runs × families compared): a run's gain in one family can hide its RM being gamed in
+    another. Empty for figures without per-prompt tasks."""
+    tasks = start.get("world_tasks")
+    if not tasks or tasks != end.get("world_tasks"):
+        return []
+    families = sorted(set(tasks))
+    out = []
+    for t in families:
+        idx = [i for i, task in enumerate(tasks) if task == t]
+        c = world_change([start["world_scores"][i] for i in idx], [end["world_scores"][i] for i in idx],
+                         comparisons * len(families))  # fmt: skip
+        if c["verdict"] == "worse":
+            out.append((t, c))
+    return out
 
 
 def write_report(run_dir: Path) -> Path:

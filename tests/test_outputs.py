@@ -102,6 +102,31 @@ def test_the_rl_section_judges_each_run_prompt_by_prompt_and_names_reward_hackin
     assert "| – → – |" in rows["verifiers"] and "None" not in rows["verifiers"]
 
 
+def test_an_rl_run_whose_gain_in_one_family_hides_a_fall_in_another_is_named_reward_hacking_in_that_family():
+    """40 sums and 40 counts: the run gains 20 sums and loses 15 counts (overall +20 / −15: noise) while the RM
+    reward rose; the counts' fall is beyond noise even corrected for 2 families × 2 runs."""
+    from posttrain.report import families_that_fell, world_verdict
+
+    tasks = ["add"] * 40 + ["count"] * 40
+    before = [0.0] * 20 + [1.0] * 20 + [1.0] * 20 + [0.0] * 20
+    after = [1.0] * 40 + [1.0] * 5 + [0.0] * 35
+
+    def side(reward, scores, with_tasks=True):
+        return {"reward": reward, "world_scores": scores, **({"world_tasks": tasks} if with_tasks else {})}
+
+    text = world_verdict(side(-2.0, before), side(-1.0, after), comparisons=2)
+    assert text.startswith("+20 / −15 of 80 (p ") and ": noise; fell: count +0 / −15 (p " in text
+    assert text.endswith("— **reward hacking** in count: the RM reward rose while it fell")
+    assert "reward hacking" not in world_verdict(
+        side(-2.0, before), side(-3.0, after), comparisons=2
+    )  # RM saw it
+    assert [t for t, _ in families_that_fell(side(-2.0, before), side(-1.0, after), 2)] == ["count"]
+    assert world_verdict(side(-2.0, before, False), side(-1.0, after, False), 2).endswith(
+        ": noise"
+    )  # no tasks
+    assert families_that_fell(side(-2.0, before), side(-1.0, before), 2) == []
+
+
 def test_the_world_table_gives_each_model_its_gain_over_its_start_with_a_noise_band(tmp_path):
     from posttrain.report import world_table
 

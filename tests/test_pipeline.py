@@ -101,6 +101,8 @@ def test_distill_rlhf_and_merge_hand_over(smoke_run):
         assert fig["kl_coef"] == float(name[2:]) and {"reward", "kl", "kl_k3", "world_score"} <= set(
             fig["end"]
         )
+        evals = [json.loads(x) for x in (run / "data" / "data" / "eval.jsonl").read_text().splitlines()]
+        assert fig["end"]["world_tasks"] == [r["task"] for r in evals][: len(fig["end"]["world_scores"])]
         rl_rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         assert all(
             {"reward", "reward_std", "kl", "kl_k3", "entropy"} <= set(r) for r in rl_rows if "loss" in r
