@@ -53,7 +53,7 @@ def _figures(stage_folder: Path, model: Path) -> dict[str, Any]:
     """Scalar figures of the model: an RL run's `figures.json` at its end, else the stage's summary row."""
     run = _read_json(model.parent / "figures.json") if model.parent != stage_folder else None
     source = (run or {}).get("end") or read_summary(stage_folder)
-    skip = {"summary", "world_scores", "world_tasks"}
+    skip = {"summary", "world_scores"}
     return {k: v for k, v in source.items() if k not in skip and isinstance(v, (int, float, str))}
 
 

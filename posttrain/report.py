@@ -271,9 +271,10 @@ def rl_section(run_dir: Path) -> str:
 
 
 def world_verdict(start: dict, end: dict, comparisons: int = 1) -> str:
-    """An RL run's world score, prompt by prompt (`posttrain.rl.world_change`): "+3 / −2 of 280: noise", and
-    **reward hacking** where the RM reward rose while the world score fell beyond noise. Empty for figures without
-    per-prompt scores (runs made before they were kept, or off the built-in world)."""
+    """An RL run's world score, prompt by prompt (`posttrain.rl.world_change`): "+3 / −2 of 700: noise", then the
+    task families that fell beyond noise (`families_that_fell`), and **reward hacking** where the RM reward rose while
+    the world score, or a family's, fell beyond noise. Empty for figures without per-prompt scores (runs made before
+    they were kept, or off the built-in world)."""
     if not start.get("world_scores") or not end.get("world_scores"):
         return ""
     c = world_change(start["world_scores"], end["world_scores"], comparisons)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -498,11 +499,11 @@ def parse_grid(items: list[str], seeds: int, seed_stages: list[str]) -> list[tup
 
 def sweep_command(opts: RunOptions, grid_items: list[str], seeds: int, seed_stages: tuple[str, ...]) -> str:
     """The command line that repeats a sweep: its grid, seeds, seeded stages, stages, overrides and reused runs."""
-    parts = ["posttrain sweep", opts.recipe_path, *(f"--grid {g}" for g in grid_items), f"--seeds {seeds}"]
-    parts += [f"--seed-stages {','.join(seed_stages)}"] if seed_stages else []
-    parts += [f"--only {','.join(opts.only)}"] if opts.only else []
-    parts += [f"--set {s}" for s in opts.sets] + [f"--reuse {r}" for r in opts.reuse]
-    return " ".join(parts)
+    parts = ["posttrain", "sweep", opts.recipe_path, *(a for g in grid_items for a in ("--grid", g))]
+    parts += ["--seeds", str(seeds)] + (["--seed-stages", ",".join(seed_stages)] if seed_stages else [])
+    parts += ["--only", ",".join(opts.only)] if opts.only else []
+    parts += [a for s in opts.sets for a in ("--set", s)] + [a for r in opts.reuse for a in ("--reuse", r)]
+    return shlex.join(parts)
 
 
 def sweep(opts: RunOptions, grid_items: list[str], seeds: int = 1, seed_stages: tuple[str, ...] = ()) -> int:

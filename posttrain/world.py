@@ -240,7 +240,7 @@ def train_split(
 # What widens each family's space of distinct prompts.
 WIDENED_BY = {
     "add": "world.add_max", "followup": "world.add_max", "reverse": "world.word_len", "count": "world.word_len",
-    "sort": "world.sort_len", "identity": "the questions and greetings in posttrain/world.py",
+    "sort": "world.sort_len", "identity": "the questions, greetings and closings in posttrain/world.py",
     "refuse": "the requests and frames in posttrain/world.py",
 }  # fmt: skip
 

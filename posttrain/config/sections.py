@@ -417,7 +417,7 @@ class DefectRates:
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """The tiny world's tasks and difficulty. Defaults are the tiny recipe's.
+    """The tiny world's tasks and difficulty (recipes/tiny/pipeline.yaml sets the tiny recipe's own).
 
     mix: relative weight of each task family in training data (families not listed get 0).
     add_max: addition operands are drawn from 0..add_max. word_len / sort_len: inclusive ranges.

@@ -65,7 +65,7 @@ def main(recipe: Recipe, parents: Parents) -> Path:
                                rl.temperature, recipe.eval.batch_size, recipe.seed_for("merge"))  # fmt: skip
             w = evaluate(model)
             return {**f, "world_score": w and w["score"], "world_per_task": w and w["per_task"],
-                    "world_scores": w and w["scores"], "world_tasks": w and w["tasks"]}  # fmt: skip
+                    "world_scores": w and w["scores"]}  # fmt: skip
 
         # the start and the runs are measured again here, on the same samples' seed as the merges
         points = [{"label": recipe.rl_start(), "kind": "start", **figures(reference)}]
