@@ -96,11 +96,17 @@ def read_done(folder: Path) -> dict | None:
 
 
 def git_commit() -> str | None:
+    """The commit the code ran from, with "+dirty" when tracked files differ from it (the commit alone would not
+    reproduce the run); None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, timeout=10).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
+    return (head + "+dirty" if changed else head) or None
 
 
 def versions() -> dict[str, str]:

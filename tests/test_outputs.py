@@ -186,3 +186,23 @@ def test_a_sweep_table_gives_each_evaluated_models_world_score(tmp_path):
     table = sweep_table(runs, ["eval"])
     assert "| eval.sliding_window | eval sft world | run |" in table
     assert "| 64 | 0.590 |" in table and "| 32 | 0.360 |" in table
+
+
+def test_the_recorded_commit_says_when_tracked_files_differ_from_it(tmp_path, monkeypatch):
+    """A model trained from uncommitted changes records "<commit>+dirty": the commit alone would not rebuild it."""
+    import subprocess
+
+    from posttrain.outputs import git_commit
+
+    monkeypatch.chdir(tmp_path)
+    assert git_commit() is None  # not a checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "world.py").write_text("a = 1\n")
+    subprocess.run([*git, "add", "world.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "notes.txt").write_text("untracked files do not count\n")
+    assert git_commit() == head
+    (tmp_path / "world.py").write_text("a = 2\n")
+    assert git_commit() == head + "+dirty"
