@@ -227,7 +227,7 @@ def world_eval(
 ) -> dict[str, Any]:  # fmt: skip
     """Greedy responses to the world's evaluation prompts, scored by its verifiers.
 
-    Returns {"score", "per_task": {task: score}, "n", "scores" and "tasks" (one per row, in order), "truncation_rate",
+    Returns {"score", "per_task": {task: score}, "n", "scores" (one per row, in order), "truncation_rate",
     "mean_length", "examples": [...]}."""
     from posttrain import world
 
@@ -244,7 +244,6 @@ def world_eval(
         "per_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())},
         "n": len(rows),
         "scores": scores,
-        "tasks": [r["task"] for r in rows],
         "truncation_rate": sum(g.truncated for g in gens) / max(len(gens), 1),
         "mean_length": sum(len(g.ids) for g in gens) / max(len(gens), 1),
         "seconds": round(time.time() - t0, 2),

@@ -117,13 +117,11 @@ def test_an_rl_run_whose_gain_in_one_family_hides_a_fall_in_another_is_named_rew
     text = world_verdict(side(-2.0, before), side(-1.0, after), comparisons=2)
     assert text.startswith("+20 / −15 of 80 (p ") and ": noise; fell: count +0 / −15 (p " in text
     assert text.endswith("— **reward hacking** in count: the RM reward rose while it fell")
-    assert "reward hacking" not in world_verdict(
-        side(-2.0, before), side(-3.0, after), comparisons=2
-    )  # RM saw it
+    seen_by_rm = world_verdict(side(-2.0, before), side(-3.0, after), comparisons=2)
+    assert "fell: count" in seen_by_rm and "reward hacking" not in seen_by_rm
     assert [t for t, _ in families_that_fell(side(-2.0, before), side(-1.0, after), 2)] == ["count"]
-    assert world_verdict(side(-2.0, before, False), side(-1.0, after, False), 2).endswith(
-        ": noise"
-    )  # no tasks
+    no_tasks = world_verdict(side(-2.0, before, False), side(-1.0, after, False), 2)
+    assert no_tasks.endswith(": noise")
     assert families_that_fell(side(-2.0, before), side(-1.0, before), 2) == []
 
 

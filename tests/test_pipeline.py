@@ -92,6 +92,7 @@ def test_distill_rlhf_and_merge_hand_over(smoke_run):
     assert steps and all("completions/mean_length" in r and "completions/clipped_ratio" in r for r in steps)
     # RL starts from the distilled student; two runs, each with its model, figures and curves
     assert set(read_done(run / "rlhf")["parents"]) == {"data", "distill", "rm"}
+    evals = [json.loads(x) for x in (run / "data" / "data" / "eval.jsonl").read_text().splitlines()]
     for name in ("kl0.02", "kl0.1"):
         folder = run / "rlhf" / name
         assert (folder / "model" / "model.safetensors").exists() and (
@@ -101,7 +102,6 @@ def test_distill_rlhf_and_merge_hand_over(smoke_run):
         assert fig["kl_coef"] == float(name[2:]) and {"reward", "kl", "kl_k3", "world_score"} <= set(
             fig["end"]
         )
-        evals = [json.loads(x) for x in (run / "data" / "data" / "eval.jsonl").read_text().splitlines()]
         assert fig["end"]["world_tasks"] == [r["task"] for r in evals][: len(fig["end"]["world_scores"])]
         rl_rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         assert all(
@@ -600,10 +600,8 @@ def test_sweep_runs_each_variant_sharing_finished_stages_and_writes_one_table(sm
     rows = [line for line in table.splitlines() if line.startswith(("| 1e-3 |", f"| {lr} |"))]
     assert len(rows) == 2 and all(len(r.split("|")) == len(rows[0].split("|")) for r in rows)
     assert "sft world_score" in table and "sft train_loss" in table
-    repeat = (
-        f"`posttrain sweep {SMOKE} --grid sft.learning_rate=1e-3,{lr} --seeds 1 --only sft"  # the command
-    )
-    assert repeat in table
+    repeat = f"`posttrain sweep {SMOKE} --grid sft.learning_rate=1e-3,{lr} --seeds 1 --only sft"
+    assert repeat in table  # the command that repeats the sweep
     assert f"--set output_dir={tmp_path} --reuse {run}`" in table
 
 

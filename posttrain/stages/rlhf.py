@@ -113,7 +113,7 @@ def train_run(recipe: Recipe, name: str, cfg: RLConfig, start: ModelSpec, tokeni
                            cfg.temperature, recipe.eval.batch_size, seed)  # fmt: skip
         w = evaluate(model)
         return {**f, "world_score": w and w["score"], "world_per_task": w and w["per_task"],
-                "world_scores": w and w["scores"], "world_tasks": w and w["tasks"]}  # fmt: skip
+                "world_scores": w and w["scores"], "world_tasks": w and [r["task"] for r in eval_rows]}  # fmt: skip
 
     before = figures(policy)
     print(f"[rlhf/{name}] kl_coef {cfg.kl_coef}, anchor {cfg.anchor}, seed {seed}; start: RM reward "
