@@ -60,14 +60,15 @@ def _position_ids(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def last_token_rewards(model, input_ids, attention_mask, per_position: bool = False):
+def last_token_rewards(model, input_ids, attention_mask, per_position: bool = False, parts: bool = False):
     """Scalar reward per sequence: (B, T), (B, T) → (B,), read at the last position where attention_mask is 1
     (with `per_position`, also the head's score at every position, (B, T): what `likelihood_target_loss` trains).
 
     The model's own forward runs (through its DDP or DeepSpeed wrapper when training, so that gradients are
     synchronised); its pooled output, which looks for the pad id, is ignored: the per-position scores of the
     `score` head are taken from a hook and read at the mask's last position. With a likelihood weight in the
-    model's config, w × the log-likelihood of the final model turn is added, from the same hidden states."""
+    model's config, w × the log-likelihood of the final model turn is added, from the same hidden states; with
+    `parts`, the two are returned apart instead: (the head's rewards (B,), the log-likelihoods (B,) or None)."""
     import torch
 
     position_ids = _position_ids(attention_mask)
@@ -83,9 +84,14 @@ def last_token_rewards(model, input_ids, attention_mask, per_position: bool = Fa
     last = T - 1 - attention_mask.long().flip(-1).argmax(-1)  # (B,)
     rewards = scores[torch.arange(last.shape[0], device=last.device), last, 0].float()
     w = getattr(base.config, "posttrain_likelihood_weight", 0.0)
+    loglik = None
     if w:
         response = response_mask(input_ids, attention_mask, base.config.posttrain_response_prefix)
-        rewards = rewards + w * _token_logps(base, hidden, input_ids, response)
+        loglik = _token_logps(base, hidden, input_ids, response)
+    if parts:
+        return rewards, loglik
+    if w:
+        rewards = rewards + w * loglik
     return (rewards, scores[..., 0].float()) if per_position else rewards
 
 
@@ -170,6 +176,26 @@ def score_ids(
             ids, mask = padded(sequences[b : b + batch_size], pad_id, left)
             out += last_token_rewards(model, ids.to(device), mask.to(device)).tolist()
     return out
+
+
+def score_parts(
+    model, sequences: list[list[int]], pad_id: int, batch_size: int = 64
+) -> tuple[list[float], list[float] | None]:
+    """The two parts of each sequence's reward, from one forward pass: (the head's score at the last token, the
+    likelihood term's Σ log p of the final model turn, or None when the model's config has no likelihood weight).
+    `score_ids` gives head + weight × log-likelihood."""
+    import torch
+
+    heads: list[float] = []
+    logliks: list[float] | None = []
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for b in range(0, len(sequences), batch_size):
+            ids, mask = padded(sequences[b : b + batch_size], pad_id)
+            head, loglik = last_token_rewards(model, ids.to(device), mask.to(device), parts=True)
+            heads += head.tolist()
+            logliks = None if loglik is None or logliks is None else logliks + loglik.tolist()
+    return heads, logliks
 
 
 def lm_response_logps(

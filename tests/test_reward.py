@@ -324,11 +324,14 @@ def test_the_likelihood_weight_adds_the_rms_log_likelihood_of_the_final_turn(tin
     for other in (score_ids(rm, seqs, pad, left=True), score_ids(rm, seqs[::-1], pad)[::-1],
                   [score_ids(rm, [s], pad)[0] for s in seqs]):  # fmt: skip
         assert max(abs(a - b) for a, b in zip(got, other)) <= 1e-5
-    from posttrain.engines.reward_model import head_only
+    from posttrain.engines.reward_model import held_out_reads
 
-    wins = int(head[0] > head[1]) + int(head[2] > head[3])
-    assert head_only(rm, ex, tiny_tokenizer)["accuracy"] == wins / 2
-    assert rm.config.posttrain_likelihood_weight == 0.5  # switched back on
+    # the held-out reads, from one pass: the reward, the head alone, the likelihood term alone
+    reads = held_out_reads(rm, ex, tiny_tokenizer)
+    for key, r in (("reward", got), ("head", head), ("likelihood", logp)):
+        assert reads[key]["accuracy"] == (int(r[0] > r[1]) + int(r[2] > r[3])) / 2, key
+    assert reads["reward"]["accuracy_per_task"] == {"followup": reads["reward"]["accuracy"]}
+    assert rm.config.posttrain_likelihood_weight == 0.5
     save_model(rm, tiny_tokenizer, tmp_path / "rm")
     again = load_reward_model(ModelSpec(name_or_path=str(tmp_path / "rm")), tiny_tokenizer).eval()
     assert again.config.posttrain_likelihood_weight == 0.5

@@ -19,6 +19,7 @@ from posttrain.config import ModelSpec, Recipe
 from posttrain.data.formats import DataError, fit, pair_sides
 from posttrain.engines.trainer import trainer_args, use_step_lines
 from posttrain.errors import StageError
+from posttrain.logits import unwrapped
 from posttrain.modeling import trains_in_bf16
 from posttrain.reward import (
     bt_loss,
@@ -27,7 +28,7 @@ from posttrain.reward import (
     likelihood_target_loss,
     likelihood_targets,
     lm_response_logps,
-    score_ids,
+    score_parts,
 )
 
 
@@ -164,9 +165,29 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_ex: list[dict], out: A
 
 
 def evaluate(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
+    """Held-out figures of the reward as the stage reads it (with the likelihood term when the model has one)."""
+    return held_out_reads(model, eval_ex, tokenizer)["reward"]
+
+
+def held_out_reads(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
+    """Every read of the held-out pairs from one forward pass over their sides (`posttrain.reward.score_parts`):
+    {"reward": figures of the reward (head + w × log-likelihood), and, when the model has a likelihood weight w,
+    "head": accuracy and loss of the scalar head alone (what any library reads from the saved model) and
+    "likelihood": how the log-likelihood term alone ranks the pairs (`likelihood_figures`)}."""
     pad = tokenizer.pad_token_id
-    r_c = score_ids(model, [e["chosen_ids"] for e in eval_ex], pad)
-    r_r = score_ids(model, [e["rejected_ids"] for e in eval_ex], pad)
+    (h_c, l_c), (h_r, l_r) = (score_parts(model, [e[f"{side}_ids"] for e in eval_ex], pad)
+                              for side in ("chosen", "rejected"))  # fmt: skip
+    w = getattr(unwrapped(model).config, "posttrain_likelihood_weight", 0.0)
+    if not w or l_c is None or l_r is None:
+        return {"reward": figures(eval_ex, h_c, h_r)}
+    reward = figures(eval_ex, [h + w * x for h, x in zip(h_c, l_c)], [h + w * x for h, x in zip(h_r, l_r)])
+    head = figures(eval_ex, h_c, h_r)
+    return {"reward": reward, "head": {"accuracy": head["accuracy"], "loss": head["loss"]},
+            "likelihood": likelihood_figures(eval_ex, l_c, l_r)}  # fmt: skip
+
+
+def figures(eval_ex: list[dict], r_c: list[float], r_r: list[float]) -> dict[str, Any]:
+    """The gate's figures for rewards of the held-out pairs' sides (aligned with `eval_ex`)."""
     res = gate_metrics(r_c, r_r, [e["len_chosen"] for e in eval_ex], [e["len_rejected"] for e in eval_ex])
     res["accuracy_per_task"] = accuracy_per_task(eval_ex, [a > b for a, b in zip(r_c, r_r)])
     gold = [a > b for e, a, b in zip(eval_ex, r_c, r_r) if e["chosen_gold"]]
@@ -175,29 +196,22 @@ def evaluate(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
     return res
 
 
-def head_only(model, eval_ex: list[dict], tokenizer) -> dict[str, float]:
-    """Held-out accuracy and loss of the scalar head alone (the likelihood term switched off): before training,
-    ≈ 0.5 and ln 2 on balanced pairs, as a newly initialised head must give."""
-    w = model.config.posttrain_likelihood_weight
-    model.config.posttrain_likelihood_weight = 0.0
-    try:
-        res = evaluate(model, eval_ex, tokenizer)
-    finally:
-        model.config.posttrain_likelihood_weight = w
-    return {"accuracy": res["accuracy"], "loss": res["loss"]}
-
-
 def likelihood_ranking(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
     """How the starting causal LM's own log-likelihood of each side's response (summed over its tokens) ranks
     the held-out pairs — what the RM could read from the model it starts from, before any preference training.
-    `model`: the untrained RM built from that LM (`posttrain.reward.lm_response_logps`)."""
+    `model`: the untrained RM built from that LM (`posttrain.reward.lm_response_logps`). (An RM with a likelihood
+    weight gives the same figures from `held_out_reads`, in the pass that scores the pairs.)"""
     pad = tokenizer.pad_token_id
     sides = {}
     for side in ("chosen", "rejected"):
         spans = [e[f"span_{side}"] for e in eval_ex]
         sides[side] = lm_response_logps(model, [e[f"{side}_ids"] for e in eval_ex], [a for a, _ in spans],
                                         [b for _, b in spans], pad)  # fmt: skip
-    wins = [c > r for c, r in zip(sides["chosen"], sides["rejected"])]
+    return likelihood_figures(eval_ex, sides["chosen"], sides["rejected"])
+
+
+def likelihood_figures(eval_ex: list[dict], l_c: list[float], l_r: list[float]) -> dict[str, Any]:
+    wins = [c > r for c, r in zip(l_c, l_r)]
     return {"pairs": len(wins), "accuracy": round(sum(wins) / max(len(wins), 1), 4),
             "accuracy_per_task": accuracy_per_task(eval_ex, wins)}  # fmt: skip
 

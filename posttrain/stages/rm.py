@@ -125,11 +125,13 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         model, targets = build_model(recipe, spec, tokenizer, train_ex + eval_ex)
         print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
         with gathered(model):
-            before = evaluate(model, eval_ex, tokenizer)
-            # the new head alone, beside the likelihood term: a coin
-            head = head_only(model, eval_ex, tokenizer) if cfg.likelihood_weight else None
-            # the LM the RM starts from (its added layers are the identity): how its likelihood ranks the pairs
-            lm_rank = likelihood_ranking(model, eval_ex, tokenizer) if cfg.init_from else None
+            # one pass: the reward; with a likelihood term, the new head alone (a coin) and the term alone — the
+            # likelihood of the LM the RM starts from (its added layers are the identity)
+            reads = held_out_reads(model, eval_ex, tokenizer)
+            before, head = reads["reward"], reads.get("head")
+            lm_rank = reads.get("likelihood")
+            if cfg.init_from and lm_rank is None:  # how the starting LM's likelihood ranks the pairs
+                lm_rank = likelihood_ranking(model, eval_ex, tokenizer)
         # --- train
         trainer = build_trainer(recipe, model, tokenizer, train_ex, out, args, targets)
         result = train_resuming(
@@ -137,9 +139,9 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         )
         model = trainer.model.eval()
         with gathered(model):
-            after = evaluate(model, eval_ex, tokenizer)
-            # what any library reads from the saved model: the head alone, without the likelihood term
-            head_after = head_only(model, eval_ex, tokenizer) if cfg.likelihood_weight else None
+            # and what any library reads from the saved model: the head alone, without the likelihood term
+            reads = held_out_reads(model, eval_ex, tokenizer)
+            after, head_after = reads["reward"], reads.get("head")
         # --- save, then the gate
         report = {"pairs": counts, "untrained": before, "held_out": after, "min_accuracy": cfg.min_accuracy,
                   "starting_lm_likelihood": lm_rank, "likelihood_weight": cfg.likelihood_weight,
