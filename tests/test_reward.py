@@ -412,3 +412,37 @@ def test_the_rm_learns_from_the_policy_that_rl_starts_from(distils):
     recipe = load_recipe(path, () if distils else ("distill=null",))
     assert recipe.rl_start() == ("distill" if distils else "sft")
     assert recipe.rm_policy() == recipe.rl_start() and recipe.rl_start() in rm.parents(recipe)
+
+
+def test_freeze_base_trains_only_the_added_layers_and_the_head(tiny_tokenizer, tmp_path):
+    """rm.freeze_base: the starting LM's embeddings, layers and final norm stay as they were (so does the
+    likelihood term's LM under them); the layers added on top and the new head learn."""
+    from pathlib import Path
+
+    from posttrain.config import load_recipe
+    from posttrain.engines.reward_model import build_trainer
+    from posttrain.stages.rm import build_model
+
+    root = Path(__file__).resolve().parents[1]
+    lm = load_causal_lm(ModelSpec(preset="tiny-teacher"), tiny_tokenizer, seed=5)
+    save_model(lm, tiny_tokenizer, tmp_path / "lm")
+    pairs = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"What is {i} + 3?"}], "chosen": str(i + 3),
+              "rejected": str(i + 4)} for i in range(8)]  # fmt: skip
+    examples, _ = tokenize_pairs(pairs, tiny_tokenizer, CHAT)
+    moved = {}
+    for frozen in (False, True):
+        recipe = load_recipe(root / "recipes/tiny/pipeline.yaml", [
+            "rm.train.batch_size=8", "rm.train.steps=3", "rm.train.learning_rate=1e-2", "rm.train.warmup_ratio=0.0",
+            "rm.train.logging_steps=1", "rm.extra_layers=2", "rm.likelihood_weight=1.0", f"rm.freeze_base={frozen}",
+        ])  # fmt: skip
+        model, _ = build_model(recipe, ModelSpec(name_or_path=str(tmp_path / "lm")), tiny_tokenizer, examples)
+        init = {n: p.detach().clone() for n, p in model.named_parameters()}
+        out = SimpleNamespace(path=tmp_path / str(frozen), log=lambda row: None)
+        trainer = build_trainer(recipe, model, tiny_tokenizer, examples, out)
+        trainer.train()
+        moved[frozen] = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), init[n])}
+    base = lambda n: n.startswith("model.") and not n.startswith(("model.layers.3.", "model.layers.4."))  # noqa: E731
+    assert any(base(n) for n in moved[False])  # trained whole, the starting LM's weights move
+    assert moved[True] and not any(base(n) for n in moved[True])
+    for part in ("score.", "model.layers.3.", "model.layers.4."):
+        assert any(n.startswith(part) for n in moved[True]), part

@@ -547,6 +547,9 @@ class RMConfig:
     `teacher:` itself when the recipe does not train one; default: `reward_model:`.
     extra_layers: decoder layers added on top of the starting model (Gemma 2), each starting as the identity
     (`posttrain.modeling.grow_layers`): depth for comparing a response with what the LM's own layers predict.
+    freeze_base: the starting model's own weights (embeddings, its decoder layers, the final norm) are not trained:
+    only the added layers and the scalar head learn (with `init_from`), so that what the starting LM knows is kept
+    and each step back-propagates through the added layers alone.
     likelihood_weight: w ≥ 0; the reward adds w × the RM's own log-likelihood of the response, Σ over its tokens
     (`posttrain.reward`; 0: the scalar head alone).
     likelihood_targets: c ≥ 0; training adds c × the mean squared distance between the head's score at every
@@ -572,6 +575,7 @@ class RMConfig:
     pairs_per_prompt: int = 4
     init_from: Literal["teacher", "sft"] | None = None
     extra_layers: int = field(default=0, metadata=IF_SET)
+    freeze_base: bool = field(default=False, metadata=IF_SET)
     likelihood_weight: float = field(default=0.0, metadata=IF_SET)
     likelihood_targets: float = field(default=0.0, metadata=IF_SET)
     margin: float = 0.0

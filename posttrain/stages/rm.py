@@ -100,13 +100,7 @@ def rm_spec(recipe: Recipe, parents: Parents) -> ModelSpec:
 
 
 def main(recipe: Recipe, parents: Parents) -> Path:
-    from posttrain.engines.reward_model import (
-        build_trainer,
-        evaluate,
-        head_only,
-        likelihood_ranking,
-        reward_args,
-    )
+    from posttrain.engines.reward_model import build_trainer, held_out_reads, likelihood_ranking, reward_args
     from posttrain.engines.trainer import save_trained, train_resuming
     from posttrain.modeling import count_parameters, gathered, load_tokenizer
 
@@ -171,7 +165,10 @@ def build_model(recipe: Recipe, spec: ModelSpec, tokenizer, examples: list[dict]
     cfg, seed = recipe.rm, recipe.seed_for("rm")
     likelihood = cfg.likelihood_weight or cfg.likelihood_targets
     prefix = check_model_turns(examples, tokenizer) if likelihood else None
-    model = grow_layers(load_reward_model(spec, tokenizer, seed=seed, trainable=True), cfg.extra_layers, seed)
+    model = load_reward_model(spec, tokenizer, seed=seed, trainable=True)
+    if cfg.freeze_base:  # before the layers are grown: everything the starting model had, the head excepted
+        model.model.requires_grad_(False)
+    model = grow_layers(model, cfg.extra_layers, seed)
     targets = (frozen_copy(model), prefix) if cfg.likelihood_targets else None
     if cfg.likelihood_weight:  # kept in the model's config: RL, the merge and eval score with it too
         model.config.posttrain_likelihood_weight = cfg.likelihood_weight
