@@ -319,6 +319,21 @@ def test_the_inference_window_changes_the_eval_stage_only():
     )
 
 
+def test_rm_freeze_base_without_init_from_is_refused_by_key():
+    # a recipe that extends the tiny one and reads its RM from the hub would otherwise train only the head
+    with pytest.raises(
+        ConfigError,
+        match=r"pipeline.yaml:\d+: rm: freeze_base: keeps the weights .* set rm.freeze_base: false",
+    ):
+        load_recipe("recipes/tiny/pipeline.yaml", ["rm.init_from=null"])
+    assert (
+        load_recipe(
+            "recipes/tiny/pipeline.yaml", ["rm.init_from=null", "rm.freeze_base=false"]
+        ).rm.freeze_base
+        is False
+    )
+
+
 def test_negative_rm_extra_layers_or_likelihood_weight_is_refused_by_key():
     with pytest.raises(ConfigError, match=r"pipeline.yaml:\d+: rm: extra_layers: -1 is negative"):
         load_recipe("recipes/tiny/pipeline.yaml", ["rm.extra_layers=-1"])

@@ -75,7 +75,7 @@ def test_every_problem_is_reported_at_once_with_its_key_and_line(tmp_path):
                           f"rm:\n  source: jsonl\n  train_file: {bad}\n  init_from: null\n"
                           f"teacher:\n  name_or_path: {model}\n  revision: null\n  tokenizer: null\n"
                           "reward_model:\n  name_or_path: not a hub id!\n  preset: null\n")  # fmt: skip
-    pf = _check(p)
+    pf = _check(p, sets=("rm.freeze_base=false",))
     got = "\n".join(pf.problems)
     assert f"{p}:6: data.train: {tmp_path / 'gone.jsonl'}: no such file" in got
     assert f"{p}:9: rm.train_file: 1 bad row(s): {bad}:2: not valid JSON" in got

@@ -440,7 +440,9 @@ def test_freeze_base_trains_only_the_added_layers_and_the_head(tiny_tokenizer, t
         out = SimpleNamespace(path=tmp_path / str(frozen), log=lambda row: None)
         trainer = build_trainer(recipe, model, tiny_tokenizer, examples, out)
         trainer.train()
-        moved[frozen] = {n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), init[n])}
+        moved[frozen] = {
+            n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), init[n])
+        }
     base = lambda n: n.startswith("model.") and not n.startswith(("model.layers.3.", "model.layers.4."))  # noqa: E731
     assert any(base(n) for n in moved[False])  # trained whole, the starting LM's weights move
     assert moved[True] and not any(base(n) for n in moved[True])

@@ -547,8 +547,8 @@ class RMConfig:
     `teacher:` itself when the recipe does not train one; default: `reward_model:`.
     extra_layers: decoder layers added on top of the starting model (Gemma 2), each starting as the identity
     (`posttrain.modeling.grow_layers`): depth for comparing a response with what the LM's own layers predict.
-    freeze_base: the starting model's own weights (embeddings, its decoder layers, the final norm) are not trained:
-    only the added layers and the scalar head learn (with `init_from`), so that what the starting LM knows is kept
+    freeze_base: (with `init_from`) the starting model's own weights (embeddings, its decoder layers, the final norm)
+    are not trained: only the added layers and the scalar head learn, so that what the starting LM knows is kept
     and each step back-propagates through the added layers alone.
     likelihood_weight: w ≥ 0; the reward adds w × the RM's own log-likelihood of the response, Σ over its tokens
     (`posttrain.reward`; 0: the scalar head alone).
@@ -609,6 +609,12 @@ class RMConfig:
         if self.likelihood_targets and not self.init_from:
             out.append(
                 "likelihood_targets: needs rm.init_from (the causal LM whose log-likelihood the head learns to read)"
+            )
+        if self.freeze_base and not self.init_from:
+            out.append(
+                "freeze_base: keeps the weights of the model the RM starts from with rm.init_from (the tiny recipe's "
+                "teacher); without init_from the reward_model's own layers would not train: set "
+                "rm.freeze_base: false, or rm.init_from"
             )
         if not 0.0 <= self.min_accuracy <= 1.0 or not 0.0 < self.eval_fraction < 1.0:
             out.append("min_accuracy must be in [0, 1] and eval_fraction in (0, 1)")
