@@ -323,7 +323,7 @@ def test_rm_freeze_base_without_init_from_is_refused_by_key():
     # a recipe that extends the tiny one and reads its RM from the hub would otherwise train only the head
     with pytest.raises(
         ConfigError,
-        match=r"pipeline.yaml:\d+: rm: freeze_base: keeps the weights .* set rm.freeze_base: false",
+        match=r"pipeline.yaml:\d+: rm: freeze_base: true needs rm.init_from: .* set rm.freeze_base: false",
     ):
         load_recipe("recipes/tiny/pipeline.yaml", ["rm.init_from=null"])
     assert (

@@ -325,7 +325,11 @@ def test_the_likelihood_weight_adds_the_rms_log_likelihood_of_the_final_turn(tin
                   [score_ids(rm, [s], pad)[0] for s in seqs]):  # fmt: skip
         assert max(abs(a - b) for a, b in zip(got, other)) <= 1e-5
     from posttrain.engines.reward_model import held_out_reads
+    from posttrain.reward import score_parts
 
+    heads, logliks = score_parts(rm, seqs, pad)  # the two parts apart, from one pass
+    assert max(abs(a - b) for a, b in zip(heads, head)) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(logliks, logp)) <= 1e-4
     # the held-out reads, from one pass: the reward, the head alone, the likelihood term alone
     reads = held_out_reads(rm, ex, tiny_tokenizer)
     for key, r in (("reward", got), ("head", head), ("likelihood", logp)):

@@ -548,8 +548,9 @@ class RMConfig:
     extra_layers: decoder layers added on top of the starting model (Gemma 2), each starting as the identity
     (`posttrain.modeling.grow_layers`): depth for comparing a response with what the LM's own layers predict.
     freeze_base: (with `init_from`) the starting model's own weights (embeddings, its decoder layers, the final norm)
-    are not trained: only the added layers and the scalar head learn, so that what the starting LM knows is kept
-    and each step back-propagates through the added layers alone.
+    are not trained: only the added layers and the scalar head learn (with `extra_layers: 0`, the head alone: a
+    linear probe), so that what the starting LM knows is kept and each step back-propagates through the added
+    layers alone (with `train.gradient_checkpointing`, backward still recomputes the whole model).
     likelihood_weight: w ≥ 0; the reward adds w × the RM's own log-likelihood of the response, Σ over its tokens
     (`posttrain.reward`; 0: the scalar head alone).
     likelihood_targets: c ≥ 0; training adds c × the mean squared distance between the head's score at every
@@ -612,9 +613,9 @@ class RMConfig:
             )
         if self.freeze_base and not self.init_from:
             out.append(
-                "freeze_base: keeps the weights of the model the RM starts from with rm.init_from (the tiny recipe's "
-                "teacher); without init_from the reward_model's own layers would not train: set "
-                "rm.freeze_base: false, or rm.init_from"
+                "freeze_base: true needs rm.init_from: it keeps the weights of the model the RM starts from with "
+                "init_from (the tiny recipe's teacher); without it the reward_model's own layers would not train: "
+                "set rm.freeze_base: false, or rm.init_from"
             )
         if not 0.0 <= self.min_accuracy <= 1.0 or not 0.0 < self.eval_fraction < 1.0:
             out.append("min_accuracy must be in [0, 1] and eval_fraction in (0, 1)")

@@ -173,7 +173,9 @@ def held_out_reads(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
     """Every read of the held-out pairs from one forward pass over their sides (`posttrain.reward.score_parts`):
     {"reward": figures of the reward (head + w × log-likelihood), and, when the model has a likelihood weight w,
     "head": accuracy and loss of the scalar head alone (what any library reads from the saved model) and
-    "likelihood": how the log-likelihood term alone ranks the pairs (`likelihood_figures`)}."""
+    "likelihood": how the log-likelihood term alone ranks the pairs (`likelihood_figures`) — summed over the final
+    model turn as the reward reads it, from its header to the last token (the newline after `<end_of_turn>`
+    included, which `likelihood_ranking`'s loss-mask span leaves out)}."""
     pad = tokenizer.pad_token_id
     (h_c, l_c), (h_r, l_r) = (score_parts(model, [e[f"{side}_ids"] for e in eval_ex], pad)
                               for side in ("chosen", "rejected"))  # fmt: skip
@@ -199,8 +201,9 @@ def figures(eval_ex: list[dict], r_c: list[float], r_r: list[float]) -> dict[str
 def likelihood_ranking(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
     """How the starting causal LM's own log-likelihood of each side's response (summed over its tokens) ranks
     the held-out pairs — what the RM could read from the model it starts from, before any preference training.
-    `model`: the untrained RM built from that LM (`posttrain.reward.lm_response_logps`). (An RM with a likelihood
-    weight gives the same figures from `held_out_reads`, in the pass that scores the pairs.)"""
+    `model`: the untrained RM built from that LM (`posttrain.reward.lm_response_logps`), summed over each
+    response's loss-mask span. (An RM with a likelihood weight gives them from `held_out_reads`, in the pass that
+    scores the pairs, over the turn as its reward reads it.)"""
     pad = tokenizer.pad_token_id
     sides = {}
     for side in ("chosen", "rejected"):
@@ -211,6 +214,7 @@ def likelihood_ranking(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
 
 
 def likelihood_figures(eval_ex: list[dict], l_c: list[float], l_r: list[float]) -> dict[str, Any]:
+    """How log-likelihoods of the held-out pairs' sides rank them: pairs, accuracy, accuracy per task."""
     wins = [c > r for c, r in zip(l_c, l_r)]
     return {"pairs": len(wins), "accuracy": round(sum(wins) / max(len(wins), 1), 4),
             "accuracy_per_task": accuracy_per_task(eval_ex, wins)}  # fmt: skip

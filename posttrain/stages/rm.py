@@ -16,7 +16,9 @@ Model: `Gemma2ForSequenceClassification` with one output — from `reward_model:
 earlier stage's model, or `init_from: teacher` with a teacher the recipe names rather than trains (the tiny
 recipe's shipped one), from that model (only the head is new); Gemma 2's RM is larger than the policy, and so is the tiny one.
 `rm.extra_layers` adds decoder layers on top of the starting model, each starting as the identity
-(`posttrain.modeling.grow_layers`). `rm.likelihood_weight` w adds w × the RM's own log-likelihood (Σ over
+(`posttrain.modeling.grow_layers`). `rm.freeze_base` keeps the starting model's own weights and trains only the
+added layers and the head (Gemma 2's RM is trained whole; the tiny recipe's keeps its teacher: trained whole,
+its held-out accuracy fell). `rm.likelihood_weight` w adds w × the RM's own log-likelihood (Σ over
 tokens) of the response (its decoder through the tied LM head) to the head's reward (`posttrain.reward`): an RM
 started from a causal LM begins with that LM's judgement of each response, and the loss above trains both terms.
 `rm.likelihood_targets` c keeps the standard read (the head alone) and adds c × the head's squared distance, at
@@ -117,15 +119,17 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         # --- model (after the trainer's config: under ZeRO-3 it is created partitioned)
         args = reward_args(recipe, out.path)
         model, targets = build_model(recipe, spec, tokenizer, train_ex + eval_ex)
-        print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters")
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters"
+              + (f", {trained:,} of them trained (rm.freeze_base)" if cfg.freeze_base else ""))  # fmt: skip
         with gathered(model):
             # one pass: the reward; with a likelihood term, the new head alone (a coin) and the term alone — the
             # likelihood of the LM the RM starts from (its added layers are the identity)
             reads = held_out_reads(model, eval_ex, tokenizer)
             before, head = reads["reward"], reads.get("head")
-            lm_rank = reads.get("likelihood")
-            if cfg.init_from and lm_rank is None:  # how the starting LM's likelihood ranks the pairs
-                lm_rank = likelihood_ranking(model, eval_ex, tokenizer)
+            lm_rank = None
+            if cfg.init_from:  # how the starting LM's likelihood ranks the pairs
+                lm_rank = reads.get("likelihood") or likelihood_ranking(model, eval_ex, tokenizer)
         # --- train
         trainer = build_trainer(recipe, model, tokenizer, train_ex, out, args, targets)
         result = train_resuming(
