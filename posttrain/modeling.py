@@ -436,6 +436,9 @@ def verify_saved(folder: Path, model, state: dict | None = None) -> None:
         )
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Parameters of the whole model, also when ZeRO-3 holds only a partition of each in this process."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+def count_parameters(model: torch.nn.Module, trained_only: bool = False) -> int:
+    """Parameters of the whole model (with `trained_only`, those that require gradients), also when ZeRO-3 holds
+    only a partition of each in this process."""
+    return sum(
+        getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trained_only
+    )

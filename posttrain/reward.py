@@ -167,14 +167,23 @@ def score_ids(
     model, sequences: list[list[int]], pad_id: int, batch_size: int = 64, left: bool = False
 ) -> list[float]:
     """Rewards of token sequences, batched (right padding unless `left`)."""
+    return [
+        r for rewards in _read_batches(model, sequences, pad_id, batch_size, left) for r in rewards.tolist()
+    ]
+
+
+def _read_batches(
+    model, sequences: list[list[int]], pad_id: int, batch_size: int, left: bool, parts: bool = False
+):
+    """`last_token_rewards` of `sequences`, a padded batch at a time, without gradients: its outputs, a batch each."""
     import torch
 
-    out: list[float] = []
+    out = []
     device = next(model.parameters()).device
     with torch.no_grad():
         for b in range(0, len(sequences), batch_size):
             ids, mask = padded(sequences[b : b + batch_size], pad_id, left)
-            out += last_token_rewards(model, ids.to(device), mask.to(device)).tolist()
+            out.append(last_token_rewards(model, ids.to(device), mask.to(device), parts=parts))
     return out
 
 
@@ -184,18 +193,11 @@ def score_parts(
     """The two parts of each sequence's reward, from one forward pass: (the head's score at the last token, the
     likelihood term's Σ log p of the final model turn, or None when the model's config has no likelihood weight).
     `score_ids` gives head + weight × log-likelihood."""
-    import torch
-
-    heads: list[float] = []
-    logliks: list[float] | None = []
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for b in range(0, len(sequences), batch_size):
-            ids, mask = padded(sequences[b : b + batch_size], pad_id)
-            head, loglik = last_token_rewards(model, ids.to(device), mask.to(device), parts=True)
-            heads += head.tolist()
-            logliks = None if loglik is None or logliks is None else logliks + loglik.tolist()
-    return heads, logliks
+    batches = _read_batches(model, sequences, pad_id, batch_size, left=False, parts=True)
+    heads = [x for head, _ in batches for x in head.tolist()]
+    if batches and batches[0][1] is None:  # the weight is the model's: every batch has the term or none does
+        return heads, None
+    return heads, [x for _, loglik in batches for x in loglik.tolist()]
 
 
 def lm_response_logps(

@@ -179,9 +179,9 @@ def held_out_reads(model, eval_ex: list[dict], tokenizer) -> dict[str, Any]:
     pad = tokenizer.pad_token_id
     (h_c, l_c), (h_r, l_r) = (score_parts(model, [e[f"{side}_ids"] for e in eval_ex], pad)
                               for side in ("chosen", "rejected"))  # fmt: skip
-    w = getattr(unwrapped(model).config, "posttrain_likelihood_weight", 0.0)
-    if not w or l_c is None or l_r is None:
+    if l_c is None or l_r is None:  # no likelihood weight: the reward is the head
         return {"reward": figures(eval_ex, h_c, h_r)}
+    w = unwrapped(model).config.posttrain_likelihood_weight
     reward = figures(eval_ex, [h + w * x for h, x in zip(h_c, l_c)], [h + w * x for h, x in zip(h_r, l_r)])
     head = figures(eval_ex, h_c, h_r)
     return {"reward": reward, "head": {"accuracy": head["accuracy"], "loss": head["loss"]},

@@ -119,9 +119,9 @@ def main(recipe: Recipe, parents: Parents) -> Path:
         # --- model (after the trainer's config: under ZeRO-3 it is created partitioned)
         args = reward_args(recipe, out.path)
         model, targets = build_model(recipe, spec, tokenizer, train_ex + eval_ex)
-        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trained = f", {count_parameters(model, trained_only=True):,} of them trained (rm.freeze_base)"
         print(f"[rm] model: {spec.preset or spec.name_or_path}, {count_parameters(model):,} parameters"
-              + (f", {trained:,} of them trained (rm.freeze_base)" if cfg.freeze_base else ""))  # fmt: skip
+              + (trained if cfg.freeze_base else ""))  # fmt: skip
         with gathered(model):
             # one pass: the reward; with a likelihood term, the new head alone (a coin) and the term alone — the
             # likelihood of the LM the RM starts from (its added layers are the identity)
