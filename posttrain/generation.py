@@ -2,7 +2,9 @@
 
 Prompts are rendered by the project's renderer (one `<bos>`, ending in `<start_of_turn>model\\n`), left-padded by
 hand with the pad id and an attention mask, and generated with HF `generate` and its KV cache; prompts are sorted
-by length so that a batch carries little padding, and results come back in the input order. Generation stops on
+so that a batch carries little padding — by the length of the response expected of them where that is known
+(`reference_lengths`: HF runs a batch until its longest response stops), then by their own length — and results
+come back in the input order. Generation stops on
 `<end_of_turn>` and `<eos>`; a response that reaches `max_new_tokens` without a stop is marked truncated.
 With `temperature: 0` decoding is greedy. vLLM (`engine: vllm`, or `auto` on a GPU where vllm is installed)
 takes the same token ids and stop ids.
@@ -83,17 +85,27 @@ def generate(
     seed: int = 0,
     progress: Any = None,
     part: tuple[int, int] = (0, 1),
+    lengths: list[int] | None = None,
 ) -> list[Generation]:
     """Generate one response per prompt (token ids). `progress`: a tqdm bar advanced by prompts done.
 
-    Prompts go in batches longest first, each batch sampled with its own seed (`seed` + its position) on a copy
+    Prompts go in batches longest first — longest expected response first where `lengths` gives each prompt's
+    (`reference_lengths`), so that a batch's responses end at about the same step, each batch sampled with its own seed (`seed` + its position) on a copy
     of the random state, which is left as it was (`torch.random.fork_rng`). With
     `part=(r, n)` only every n-th batch from the r-th is generated (the others are None): n processes with parts
     (0, n) … (n-1, n) together produce exactly what one process produces (`posttrain.dist.merge_parts`)."""
     import torch
 
     with torch.no_grad():
-        return _generate(model, tokenizer, prompts, cfg, seed, progress, part)
+        return _generate(model, tokenizer, prompts, cfg, seed, progress, part, lengths)
+
+
+def reference_lengths(rows: list[dict]) -> list[int]:
+    """Each row's reference response length in characters (its final message, where that is the model's; 0 where
+    the row is a bare prompt): how long a response to it will likely be, for `generate`'s batches."""
+    return [
+        len(r["messages"][-1]["content"]) if r["messages"][-1]["role"] == "assistant" else 0 for r in rows
+    ]
 
 
 def part_size(n: int, batch_size: int, part: tuple[int, int]) -> int:
@@ -102,11 +114,14 @@ def part_size(n: int, batch_size: int, part: tuple[int, int]) -> int:
     return sum(min(batch_size, n - b) for k, b in enumerate(starts) if k % part[1] == part[0])
 
 
-def _generate(model, tokenizer, prompts, cfg, seed, progress, part=(0, 1)):
+def _generate(model, tokenizer, prompts, cfg, seed, progress, part=(0, 1), lengths=None):
     import torch
 
     stops = stop_ids(tokenizer)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    expected = lengths or [0] * len(prompts)
+    if len(expected) != len(prompts):
+        raise ValueError(f"generate: {len(expected)} expected lengths for {len(prompts)} prompts")
+    order = sorted(range(len(prompts)), key=lambda i: (-expected[i], -len(prompts[i])))
     out: list[Generation | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
@@ -234,7 +249,7 @@ def world_eval(
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size, engine="hf")
     t0 = time.time()
     prompts = [prompt_ids(r["messages"], tokenizer, chat, max_new_tokens, r.get("id", "?")) for r in rows]
-    gens = generate(model, tokenizer, prompts, cfg)
+    gens = generate(model, tokenizer, prompts, cfg, lengths=reference_lengths(rows))
     scores = [world.score(r, g.text, assistant_name) for r, g in zip(rows, gens)]
     by_task: dict[str, list[float]] = defaultdict(list)
     for r, s in zip(rows, scores):

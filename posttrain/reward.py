@@ -166,25 +166,36 @@ def likelihood_target_loss(scores, targets, response):
 def score_ids(
     model, sequences: list[list[int]], pad_id: int, batch_size: int = 64, left: bool = False
 ) -> list[float]:
-    """Rewards of token sequences, batched (right padding unless `left`)."""
-    return [
-        r for rewards in _read_batches(model, sequences, pad_id, batch_size, left) for r in rewards.tolist()
-    ]
+    """Rewards of token sequences, batched (right padding unless `left`), in the order given."""
+    return _read_batches(model, sequences, pad_id, batch_size, left)[0]
 
 
 def _read_batches(
     model, sequences: list[list[int]], pad_id: int, batch_size: int, left: bool, parts: bool = False
-):
-    """`last_token_rewards` of `sequences`, a padded batch at a time, without gradients: its outputs, a batch each."""
+) -> tuple[list[float], list[float] | None]:
+    """`last_token_rewards` of `sequences` without gradients, in batches of similar length (longest first, so that
+    a batch carries little padding), back in the order given: (the reward — the head alone with `parts` — of each
+    sequence, and with `parts` the likelihood term of each, or None where the model has none)."""
     import torch
 
-    out = []
+    n = len(sequences)
+    order = sorted(range(n), key=lambda i: -len(sequences[i]))
+    first: list[float] = [0.0] * n
+    second: list[float] | None = [0.0] * n if parts else None
     device = next(model.parameters()).device
     with torch.no_grad():
-        for b in range(0, len(sequences), batch_size):
-            ids, mask = padded(sequences[b : b + batch_size], pad_id, left)
-            out.append(last_token_rewards(model, ids.to(device), mask.to(device), parts=parts))
-    return out
+        for b in range(0, n, batch_size):
+            idx = order[b : b + batch_size]
+            ids, mask = padded([sequences[i] for i in idx], pad_id, left)
+            out = last_token_rewards(model, ids.to(device), mask.to(device), parts=parts)
+            head, loglik = out if parts else (out, None)
+            if parts and loglik is None:  # the weight is the model's: every batch has the term or none does
+                second = None
+            for j, i in enumerate(idx):
+                first[i] = head[j].item()
+                if second is not None:
+                    second[i] = loglik[j].item()
+    return first, second
 
 
 def score_parts(
@@ -193,11 +204,7 @@ def score_parts(
     """The two parts of each sequence's reward, from one forward pass: (the head's score at the last token, the
     likelihood term's Σ log p of the final model turn, or None when the model's config has no likelihood weight).
     `score_ids` gives head + weight × log-likelihood."""
-    batches = _read_batches(model, sequences, pad_id, batch_size, left=False, parts=True)
-    heads = [x for head, _ in batches for x in head.tolist()]
-    if batches and batches[0][1] is None:  # the weight is the model's: every batch has the term or none does
-        return heads, None
-    return heads, [x for _, loglik in batches for x in loglik.tolist()]
+    return _read_batches(model, sequences, pad_id, batch_size, left=False, parts=True)
 
 
 def lm_response_logps(

@@ -47,6 +47,37 @@ def test_batched_greedy_equals_one_by_one(tiny_tokenizer):
     assert len({len(p) for p in prompts}) > 1  # the batch really was left-padded
 
 
+def test_batches_group_prompts_by_expected_response_length(tiny_tokenizer, monkeypatch):
+    """With `lengths` (the reference responses' lengths) a batch holds prompts whose responses are expected to be
+    alike in length, longest first, whatever the prompts' own lengths; the results stay in the input order and a
+    greedy answer is the one each prompt gets alone."""
+    from posttrain.generation import reference_lengths
+
+    model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=0)
+    prompts = _prompts(tiny_tokenizer)
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "z" * n}]}
+            for q, n in zip(QUESTIONS, [3, 40, 5, 30, 4, 50, 2])]  # fmt: skip
+    rows[-1]["messages"].pop()  # a bare prompt: nothing expected of it
+    expected = reference_lengths(rows)
+    assert expected == [3, 40, 5, 30, 4, 50, 0]
+    batches = []
+    real = type(model).generate
+
+    def spy(self, input_ids=None, **kw):
+        batches.append(sorted(input_ids[i][input_ids[i] != tiny_tokenizer.pad_token_id].tolist()
+                              for i in range(input_ids.shape[0])))  # fmt: skip
+        return real(self, input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.0, batch_size=3, engine="hf")
+    grouped = generate(model, tiny_tokenizer, prompts, cfg, lengths=expected)
+    want = [[5, 1, 3], [2, 4, 0], [6]]  # by expected length: 50 40 30 | 5 4 3 | 0
+    assert batches == [sorted(prompts[i] for i in b) for b in want]
+    assert [g.ids for g in grouped] == [generate(model, tiny_tokenizer, [p], cfg)[0].ids for p in prompts]
+    with pytest.raises(ValueError, match="2 expected lengths for 7 prompts"):
+        generate(model, tiny_tokenizer, prompts, cfg, lengths=[1, 2])
+
+
 def test_sampling_split_in_parts_equals_sampling_whole(tiny_tokenizer):
     """What n processes sample with parts (r, n) is what one process samples: each batch has its own seed."""
     from posttrain.dist import merge_parts

@@ -60,6 +60,21 @@ def test_reward_does_not_depend_on_batch_or_padding_side(tiny_tokenizer):
     assert len(set(round(x, 6) for x in alone)) > 1  # not a constant
 
 
+def test_rewards_are_read_in_batches_of_similar_length_and_come_back_in_order(tiny_tokenizer):
+    model = load_reward_model(ModelSpec(preset="tiny-rm"), tiny_tokenizer, seed=1).eval()
+    seqs, pad = _seqs(tiny_tokenizer), tiny_tokenizer.pad_token_id
+    widths = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, args, kw: widths.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    got = score_ids(model, seqs, pad, batch_size=2)
+    hook.remove()
+    lengths = sorted((len(s) for s in seqs), reverse=True)
+    assert [w[1] for w in widths] == lengths[::2]  # each batch as wide as its longest, longest first
+    alone = [score_ids(model, [s], pad)[0] for s in seqs]
+    assert max(abs(a - b) for a, b in zip(alone, got)) <= 1e-5
+
+
 def test_reward_is_read_at_the_last_real_token_even_if_it_is_the_pad_id(tiny_tokenizer):
     """A pad id inside the content (here: at the end) would make a pad-id search pick the wrong token."""
     model = load_reward_model(ModelSpec(preset="tiny-rm"), tiny_tokenizer, seed=1).eval()

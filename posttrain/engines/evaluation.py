@@ -18,7 +18,7 @@ from typing import Any
 from posttrain import world
 from posttrain.config import ModelSpec, Recipe, SamplingConfig
 from posttrain.data.jsonl import read_split
-from posttrain.generation import generate, prompt_ids, world_eval
+from posttrain.generation import generate, prompt_ids, reference_lengths, world_eval
 from posttrain.modeling import (
     frozen_device,
     gathered,
@@ -73,7 +73,7 @@ def policy_figures(
                          batch_size=batch_size, engine="hf")  # fmt: skip
     end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     with gathered(policy):  # a policy not yet inside its trainer's engine has no hooks that would gather it
-        gens = generate(policy, tokenizer, prompts, cfg, seed=seed)
+        gens = generate(policy, tokenizer, prompts, cfg, seed=seed, lengths=reference_lengths(rows))
         responses = [g.ids + ([] if g.truncated else [end]) for g in gens]
         logp, mask = sequence_logps(
             policy, prompts, responses, temperature, tokenizer.pad_token_id, batch_size

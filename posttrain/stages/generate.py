@@ -111,7 +111,14 @@ def write_shards(recipe: Recipe, spec: ModelSpec, tokenizer, rows: list[dict], p
     change it. Returns the engine used (`hf` or `vllm`) and the time generation started (the model loaded)."""
     from tqdm.auto import tqdm
 
-    from posttrain.generation import engine_group, generate, generate_vllm, use_vllm, vllm_engine
+    from posttrain.generation import (
+        engine_group,
+        generate,
+        generate_vllm,
+        reference_lengths,
+        use_vllm,
+        vllm_engine,
+    )
     from posttrain.modeling import check_pin, load_causal_lm
 
     cfg, seed = recipe.generate, recipe.seed_for("generate")
@@ -143,6 +150,7 @@ def write_shards(recipe: Recipe, spec: ModelSpec, tokenizer, rows: list[dict], p
     shown_done = len(rows) - sum(map(size, todo)) if world_size() == 1 else 0
     bar = tqdm(total=sum(map(size, mine)) + shown_done, initial=shown_done, desc="[generate] teacher responses",
                unit="prompt", disable=not is_main())  # fmt: skip
+    expected = reference_lengths(rows)  # HF's batches group responses of similar expected length
     t0 = time.time()
     for s in mine:
         batch = prompts[s : s + cfg.shard_size]
@@ -150,7 +158,8 @@ def write_shards(recipe: Recipe, spec: ModelSpec, tokenizer, rows: list[dict], p
             gens = generate_vllm(engine, tokenizer, batch, cfg, seed=seed + s)
             bar.update(len(batch))
         else:
-            gens = generate(model, tokenizer, batch, cfg, seed=seed + s, progress=bar)
+            gens = generate(model, tokenizer, batch, cfg, seed=seed + s, progress=bar,
+                            lengths=expected[s : s + cfg.shard_size])  # fmt: skip
         if not writer:
             continue
         lines = [json.dumps({"id": rows[s + i].get("id"), "response": g.text, "truncated": g.truncated,

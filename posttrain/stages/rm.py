@@ -289,7 +289,7 @@ def read_pairs(cfg, system: str) -> tuple[list[dict], list[dict], dict]:
 def sample_candidates(recipe: Recipe, policy, tokenizer, rows: list[dict], name: str) -> list[list[str]]:
     from tqdm.auto import tqdm
 
-    from posttrain.generation import generate, part_size, prompt_ids
+    from posttrain.generation import generate, part_size, prompt_ids, reference_lengths
 
     cfg = recipe.rm
     k = cfg.samples_per_prompt
@@ -300,7 +300,10 @@ def sample_candidates(recipe: Recipe, policy, tokenizer, rows: list[dict], name:
     mine = part()  # several processes: each samples every n-th batch
     bar = tqdm(total=part_size(len(repeated), sampling.batch_size, mine), desc=f"[rm] policy samples ({name})",
                unit="sample", disable=not is_main())  # fmt: skip
-    gens = merge_parts(generate(policy, tokenizer, repeated, sampling, recipe.seed_for("rm"), bar, mine))
+    expected = [n for n in reference_lengths(rows) for _ in range(k)]
+    gens = merge_parts(
+        generate(policy, tokenizer, repeated, sampling, recipe.seed_for("rm"), bar, mine, expected)
+    )
     bar.close()
     cands = []
     for i, r in enumerate(rows):
