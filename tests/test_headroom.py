@@ -51,7 +51,7 @@ def test_measure_groups_each_prompts_k_samples_by_family(monkeypatch, tiny_token
     rows = [r for r in world.eval_split(recipe.world, n=70) if r["task"] in ("add", "reverse")][:4]
     calls = []
 
-    def fake_generate(model, tokenizer, prompts, cfg, seed=0, progress=None):
+    def fake_generate(model, tokenizer, prompts, cfg, seed=0, progress=None, lengths=None):
         calls.append((len(prompts), cfg.temperature))
         if cfg.temperature == 0:
             return [Generation([], rows[i]["answer"] if i % 2 == 0 else "no", False, False) for i in range(4)]

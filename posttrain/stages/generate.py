@@ -133,15 +133,7 @@ def write_shards(recipe: Recipe, spec: ModelSpec, tokenizer, rows: list[dict], p
     else:
         model = load_causal_lm(spec, tokenizer, seed=seed) if mine else None
     if is_main():
-        print(f"[generate] engine: {'vllm' if vllm else 'hf'} (generate.engine: {cfg.engine})")
-        if groups > 1:
-            tp = cfg.tensor_parallel_size
-            what = (
-                f"vLLM engines ({tp} GPU{'s' if tp > 1 else ''} each): engine"
-                if vllm
-                else "processes: process"
-            )
-            print(f"[generate] {groups} {what} r writes shards r, r + {groups}, …")
+        announce_engine(vllm, cfg, groups)
 
     def size(start: int) -> int:
         return min(cfg.shard_size, len(rows) - start)
@@ -162,12 +154,27 @@ def write_shards(recipe: Recipe, spec: ModelSpec, tokenizer, rows: list[dict], p
                             lengths=expected[s : s + cfg.shard_size])  # fmt: skip
         if not writer:
             continue
-        lines = [json.dumps({"id": rows[s + i].get("id"), "response": g.text, "truncated": g.truncated,
-                             "malformed": g.malformed, "tokens": len(g.ids)}, ensure_ascii=False)
-                 for i, g in enumerate(gens)]  # fmt: skip
-        write_atomic(shards / f"{s:08d}.jsonl", "\n".join(lines) + "\n")
+        write_atomic(shards / f"{s:08d}.jsonl", shard_text(rows[s : s + len(gens)], gens))
     bar.close()
     return ("vllm" if vllm else "hf"), t0
+
+
+def announce_engine(vllm: bool, cfg: Any, groups: int) -> None:
+    """Says which engine generates and, over several processes or engines, which shards each writes."""
+    print(f"[generate] engine: {'vllm' if vllm else 'hf'} (generate.engine: {cfg.engine})")
+    if groups > 1:
+        tp = cfg.tensor_parallel_size
+        what = (
+            f"vLLM engines ({tp} GPU{'s' if tp > 1 else ''} each): engine" if vllm else "processes: process"
+        )
+        print(f"[generate] {groups} {what} r writes shards r, r + {groups}, …")
+
+
+def shard_text(rows: list[dict], gens: list) -> str:
+    """One shard's JSON lines: each row's id and the teacher's response with its flags and length."""
+    lines = [json.dumps({"id": r.get("id"), "response": g.text, "truncated": g.truncated, "malformed": g.malformed,
+                         "tokens": len(g.ids)}, ensure_ascii=False) for r, g in zip(rows, gens)]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def build_and_filter(recipe: Recipe, rows: list[dict], gens: list[dict], eval_rows: list[dict], tokenizer,
