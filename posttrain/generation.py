@@ -1,12 +1,11 @@
 """Batched generation from rendered prompts, and the world evaluation built on it.
 
 Prompts are rendered by the project's renderer (one `<bos>`, ending in `<start_of_turn>model\\n`), left-padded by
-hand with the pad id and an attention mask, and generated with HF `generate` and its KV cache; prompts are sorted
-so that a batch carries little padding — by the length of the response expected of them where that is known
-(`reference_lengths`: HF runs a batch until its longest response stops), then by their own length — and results
-come back in the input order. Generation stops on
-`<end_of_turn>` and `<eos>`; a response that reaches `max_new_tokens` without a stop is marked truncated.
-With `temperature: 0` decoding is greedy. vLLM (`engine: vllm`, or `auto` on a GPU where vllm is installed)
+hand with the pad id and an attention mask, and generated with HF `generate` and its KV cache. Batches are formed
+longest first, by the length of the response expected of each prompt where that is known (`reference_lengths`:
+HF runs a batch until its longest response stops), then by the prompt's own length, so that a batch carries little
+padding; results come back in the input order. Generation stops on `<end_of_turn>` and `<eos>`; a response that
+reaches `max_new_tokens` without a stop is marked truncated. With `temperature: 0` decoding is greedy. vLLM (`engine: vllm`, or `auto` on a GPU where vllm is installed)
 takes the same token ids and stop ids.
 """
 
@@ -89,9 +88,10 @@ def generate(
 ) -> list[Generation]:
     """Generate one response per prompt (token ids). `progress`: a tqdm bar advanced by prompts done.
 
-    Prompts go in batches longest first — longest expected response first where `lengths` gives each prompt's
-    (`reference_lengths`), so that a batch's responses end at about the same step, each batch sampled with its own seed (`seed` + its position) on a copy
-    of the random state, which is left as it was (`torch.random.fork_rng`). With
+    Prompts go in batches by expected response length (`lengths`, e.g. `reference_lengths`; none: all equal),
+    then by prompt length, longest first, so that a batch's responses end at about the same step. Each batch is
+    sampled with its own seed (`seed` + its position) on a copy of the random state, which is left as it was
+    (`torch.random.fork_rng`). With
     `part=(r, n)` only every n-th batch from the r-th is generated (the others are None): n processes with parts
     (0, n) … (n-1, n) together produce exactly what one process produces (`posttrain.dist.merge_parts`)."""
     import torch
@@ -104,7 +104,8 @@ def reference_lengths(rows: list[dict]) -> list[int]:
     """Each row's reference response length in characters (its final message, where that is the model's; 0 where
     the row is a bare prompt): how long a response to it will likely be, for `generate`'s batches."""
     return [
-        len(r["messages"][-1]["content"]) if r["messages"][-1]["role"] == "assistant" else 0 for r in rows
+        len(r["messages"][-1]["content"]) if r["messages"][-1]["role"] in ("assistant", "model") else 0
+        for r in rows
     ]
 
 
@@ -118,7 +119,7 @@ def _generate(model, tokenizer, prompts, cfg, seed, progress, part=(0, 1), lengt
     import torch
 
     stops = stop_ids(tokenizer)
-    expected = lengths or [0] * len(prompts)
+    expected = [0] * len(prompts) if lengths is None else lengths
     if len(expected) != len(prompts):
         raise ValueError(f"generate: {len(expected)} expected lengths for {len(prompts)} prompts")
     order = sorted(range(len(prompts)), key=lambda i: (-expected[i], -len(prompts[i])))

@@ -191,10 +191,11 @@ def _read_batches(
             head, loglik = out if parts else (out, None)
             if parts and loglik is None:  # the weight is the model's: every batch has the term or none does
                 second = None
+            heads, logliks = head.tolist(), (loglik.tolist() if second is not None else None)
             for j, i in enumerate(idx):
-                first[i] = head[j].item()
+                first[i] = heads[j]
                 if second is not None:
-                    second[i] = loglik[j].item()
+                    second[i] = logliks[j]
     return first, second
 
 

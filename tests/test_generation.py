@@ -58,6 +58,7 @@ def test_batches_group_prompts_by_expected_response_length(tiny_tokenizer, monke
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "z" * n}]}
             for q, n in zip(QUESTIONS, [3, 40, 5, 30, 4, 50, 2])]  # fmt: skip
     rows[-1]["messages"].pop()  # a bare prompt: nothing expected of it
+    rows[3]["messages"][-1]["role"] = "model"  # the model's turn under Gemma's name
     expected = reference_lengths(rows)
     assert expected == [3, 40, 5, 30, 4, 50, 0]
     batches = []
@@ -86,15 +87,20 @@ def test_sampling_split_in_parts_equals_sampling_whole(tiny_tokenizer):
     model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=0)
     prompts = _prompts(tiny_tokenizer) * 3
     cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, batch_size=2, engine="hf")
-    whole = generate(model, tiny_tokenizer, prompts, cfg, seed=5)
-    parts = [generate(model, tiny_tokenizer, prompts, cfg, seed=5, part=(r, 3)) for r in range(3)]
-    assert [sum(g is not None for g in p) for p in parts] == [
-        part_size(len(prompts), 2, (r, 3)) for r in range(3)
-    ]
-    merged = [next(p[i] for p in parts if p[i] is not None) for i in range(len(prompts))]
-    assert [g.ids for g in merged] == [g.ids for g in whole]
-    assert merge_parts(whole) is whole  # one process: nothing to gather
-    assert len({tuple(g.ids) for g in whole}) > 1  # really sampled
+    expected = [7, 3, 3, 9, 0, 3, 1] * 3  # as the RM stage passes them: ties, each prompt's repeated
+    for lengths in (None, expected):
+        whole = generate(model, tiny_tokenizer, prompts, cfg, seed=5, lengths=lengths)
+        parts = [
+            generate(model, tiny_tokenizer, prompts, cfg, seed=5, part=(r, 3), lengths=lengths)
+            for r in range(3)
+        ]
+        assert [sum(g is not None for g in p) for p in parts] == [
+            part_size(len(prompts), 2, (r, 3)) for r in range(3)
+        ]
+        merged = [next(p[i] for p in parts if p[i] is not None) for i in range(len(prompts))]
+        assert [g.ids for g in merged] == [g.ids for g in whole]
+        assert merge_parts(whole) is whole  # one process: nothing to gather
+        assert len({tuple(g.ids) for g in whole}) > 1  # really sampled
 
 
 def test_generation_leaves_the_callers_random_state_as_it_was(tiny_tokenizer):

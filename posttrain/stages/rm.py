@@ -308,7 +308,7 @@ def sample_candidates(recipe: Recipe, policy, tokenizer, rows: list[dict], name:
     cands = []
     for i, r in enumerate(rows):
         mine = [g.text for g in gens[i * k : (i + 1) * k] if not g.truncated and not g.malformed]
-        if cfg.include_gold and r["messages"][-1]["role"] == "assistant":
+        if cfg.include_gold and r["messages"][-1]["role"] in ("assistant", "model"):
             mine.append(r["messages"][-1]["content"])
         cands.append(mine)
     return cands
