@@ -2,6 +2,9 @@
 
     generation   batched teacher generation (the `generate` stage's path) vs one prompt at a time, same model,
                  same prompts, greedy, so both produce the same tokens
+    batch order  the same, batches formed by the reference responses' lengths (`reference_lengths`, what the
+                 stages pass) vs by the prompts' lengths alone, on all the held-out prompts (the recipe's
+                 n_eval; not cut to --prompts: a few batches would hide what the order changes)
     merge memory peak memory growth of a streaming merge of 3 models (a fresh process, `ru_maxrss`) vs the size
                  of one model and of the largest tensor
     sft          the `sft` stage's trainer (the recipe's settings, renderer ids and labels) vs TRL's SFTTrainer with
@@ -56,6 +59,26 @@ def bench_generation(recipe, n_prompts: int) -> dict:
     tokens = sum(len(g.ids) + 1 for g in batched)
     return {"model": which, "prompts": len(prompts), "batch_size": cfg.batch_size, "new_tokens": tokens,
             "batched_s": t_batched, "one_at_a_time_s": t_single, "ratio": t_single / t_batched,
+            "identical_outputs": f"{same}/{len(prompts)}",
+            "order": batch_order(model, tok, recipe, world.eval_split(recipe.world, recipe.seed), cfg)}  # fmt: skip
+
+
+def batch_order(model, tok, recipe, rows: list[dict], cfg) -> dict:
+    """Greedy answers to `rows` in batches formed by their reference responses' lengths vs by the prompts'
+    lengths alone: seconds of each (the faster of two tries), and how many answers are the same."""
+    from posttrain.generation import generate, prompt_ids, reference_lengths
+
+    prompts = [prompt_ids(r["messages"], tok, recipe.chat, cfg.max_new_tokens) for r in rows]
+    expected = reference_lengths(rows)
+    times: dict[str, float] = {}
+    outs = {}
+    for _ in range(2):
+        for name, lengths in (("prompt", None), ("reference", expected)):
+            t0 = time.perf_counter()
+            outs[name] = generate(model, tok, prompts, cfg, lengths=lengths)
+            times[name] = min(times.get(name, float("inf")), time.perf_counter() - t0)
+    same = sum(a.ids == b.ids for a, b in zip(outs["prompt"], outs["reference"]))
+    return {"prompts": len(prompts), "by_prompt_s": times["prompt"], "by_reference_s": times["reference"],
             "identical_outputs": f"{same}/{len(prompts)}"}  # fmt: skip
 
 
@@ -202,6 +225,19 @@ def merge_memory(
             "vs_model": growth / (tensor * n_tensors), "vs_tensor": growth / tensor, "method": method}  # fmt: skip
 
 
+def generation_rows(g: dict) -> list[str]:
+    """The table's generation rows: batched vs one at a time, and the batch order."""
+    o = g["order"]
+    return [
+        f"| generation, {g['prompts']} prompts, {g['model']} | one at a time: {g['one_at_a_time_s']:.2f} s | "
+        f"batched ({g['batch_size']}): {g['batched_s']:.2f} s, {g['new_tokens'] / g['batched_s']:.0f} tok/s | "
+        f"**{g['ratio']:.1f}×** faster (outputs identical: {g['identical_outputs']}) |",
+        f"| generation batches, {o['prompts']} held-out prompts, the same model | formed by prompt length: "
+        f"{o['by_prompt_s']:.2f} s | by the reference responses' length: {o['by_reference_s']:.2f} s | "
+        f"**{o['by_prompt_s'] / o['by_reference_s']:.2f}×** faster (outputs identical: {o['identical_outputs']}) |",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     from posttrain.config import load_recipe
 
@@ -251,9 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"| time outside training | no finished stage in {recipe.run_dir} (run `make demo` first) | "
               f"stage start-up {startup:.1f} s | |")  # fmt: skip
-    print(f"| generation, {g['prompts']} prompts, {g['model']} | one at a time: {g['one_at_a_time_s']:.2f} s | "
-          f"batched ({g['batch_size']}): {g['batched_s']:.2f} s, {g['new_tokens'] / g['batched_s']:.0f} tok/s | "
-          f"**{g['ratio']:.1f}×** faster (outputs identical: {g['identical_outputs']}) |")  # fmt: skip
+    for row in generation_rows(g):
+        print(row)
     mb = 1024**2
     print(f"| merge peak memory, {m['method']} of {m['models']} models of {m['model_bytes'] / mb:.0f} MB | "
           f"one model: {m['model_bytes'] / mb:.0f} MB; largest tensor {m['tensor_bytes'] / mb:.0f} MB | "

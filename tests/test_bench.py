@@ -48,3 +48,19 @@ def test_time_outside_training_adds_start_up_to_every_finished_stage(tmp_path):
     assert out["stages"] == ["data", "sft", "rlhf"]
     assert out["wall_s"] == 72.0 + 15.0 and out["train_s"] == 42.0
     assert abs(out["outside_share"] - (1 - 42 / 87)) < 1e-12
+
+
+def test_batch_order_times_both_orders_on_the_same_prompts():
+    from posttrain import world
+    from posttrain.bench import batch_order
+    from posttrain.config import ModelSpec, SamplingConfig
+    from posttrain.modeling import load_causal_lm, load_tokenizer
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny" / "smoke.yaml")
+    spec = ModelSpec(preset="tiny-student", tokenizer="tiny")
+    tok = load_tokenizer(spec)
+    rows = world.eval_split(recipe.world, recipe.seed)[:6]
+    cfg = SamplingConfig(max_new_tokens=4, temperature=0.0, batch_size=2, engine="hf")
+    out = batch_order(load_causal_lm(spec, tok, seed=0), tok, recipe, rows, cfg)
+    assert out["prompts"] == 6 and out["by_prompt_s"] > 0 and out["by_reference_s"] > 0
+    assert out["identical_outputs"].endswith("/6")
