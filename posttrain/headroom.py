@@ -32,7 +32,7 @@ from typing import Any
 
 from posttrain import world
 from posttrain.config import ModelSpec, Recipe, SamplingConfig
-from posttrain.generation import generate, prompt_ids, world_eval
+from posttrain.generation import generate, prompt_ids, reference_lengths, world_eval
 from posttrain.modeling import load_causal_lm, load_tokenizer
 
 # pass@k − greedy, and the share of right samples where greedy is wrong, over the family's guess rate
@@ -95,7 +95,9 @@ def measure(
     greedy = world_eval(model, tokenizer, rows, recipe.chat, name, max_new, batch)["scores"]
     if progress is not None:
         progress.update(len(rows))
-    sampled = generate(model, tokenizer, [p for p in prompts for _ in range(k)], sample_cfg, seed, progress)
+    expected = [n for n in reference_lengths(rows) for _ in range(k)]  # batches of similar expected length
+    sampled = generate(model, tokenizer, [p for p in prompts for _ in range(k)], sample_cfg, seed, progress,
+                       lengths=expected)  # fmt: skip
     by_task: dict[str, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
     for i, r in enumerate(rows):
         s = [world.score(r, g.text, name) for g in sampled[i * k : (i + 1) * k]]

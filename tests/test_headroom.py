@@ -52,7 +52,7 @@ def test_measure_groups_each_prompts_k_samples_by_family(monkeypatch, tiny_token
     calls = []
 
     def fake_generate(model, tokenizer, prompts, cfg, seed=0, progress=None, lengths=None):
-        calls.append((len(prompts), cfg.temperature))
+        calls.append((len(prompts), cfg.temperature, lengths))
         if cfg.temperature == 0:
             return [Generation([], rows[i]["answer"] if i % 2 == 0 else "no", False, False) for i in range(4)]
         k = len(prompts) // len(rows)
@@ -62,7 +62,9 @@ def test_measure_groups_each_prompts_k_samples_by_family(monkeypatch, tiny_token
     monkeypatch.setattr(headroom, "generate", fake_generate)
     monkeypatch.setattr(generation, "generate", fake_generate)  # the greedy answers: world_eval's
     figures = headroom.measure(None, tiny_tokenizer, rows, recipe, k=4, temperature=1.0)
-    assert calls == [(4, 0.0), (16, 1.0)]
+    assert [c[:2] for c in calls] == [(4, 0.0), (16, 1.0)]
+    # the k samples of a prompt are batched by its reference response's length, as the greedy answers are
+    assert calls[1][2] == [n for n in generation.reference_lengths(rows) for _ in range(4)]
     assert list(figures)[-1] == "all"
     everything = figures["all"]
     assert everything["n"] == 4 and everything["greedy"] == 0.5
