@@ -87,7 +87,7 @@ def test_sampling_split_in_parts_equals_sampling_whole(tiny_tokenizer):
     model = load_causal_lm(ModelSpec(preset="tiny-student"), tiny_tokenizer, seed=0)
     prompts = _prompts(tiny_tokenizer) * 3
     cfg = SamplingConfig(max_new_tokens=6, temperature=1.0, batch_size=2, engine="hf")
-    expected = [7, 3, 3, 9, 0, 3, 1] * 3  # as the RM stage passes them: ties, each prompt's repeated
+    expected = [7, 3, 3, 9, 0, 3, 1] * 3  # aligned with prompts * 3: ties, each prompt's length three times
     for lengths in (None, expected):
         whole = generate(model, tiny_tokenizer, prompts, cfg, seed=5, lengths=lengths)
         parts = [

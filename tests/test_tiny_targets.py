@@ -72,12 +72,19 @@ def rl_target(runs: dict[str, dict]) -> str | None:
         if c["verdict"] == "better" and up:
             return None
         seen.append(f"{name}: world {a['world_score']:.3f} → {b['world_score']:.3f} (+{c['better']} / "
-                    f"−{c['worse']} prompts: {c['verdict']}), RM reward {a.get('reward')} → {b.get('reward')}")  # fmt: skip
+                    f"−{c['worse']} prompts: {c['verdict']}), " + rm_reward(a.get("reward"), b.get("reward")))  # fmt: skip
     return "no RL run gains beyond noise with its RM reward up: " + "; ".join(seen)
 
 
+def rm_reward(start: float | None, end: float | None) -> str:
+    """How a run's held-out RM reward moved, or that it has none (a run rewarded by the verifiers)."""
+    if start is None or end is None:
+        return "no RM reward (rewarded by the verifiers?), so not up"
+    return f"RM reward {start:.3f} → {end:.3f}"
+
+
 def test_the_rl_target_asks_one_run_for_a_gain_beyond_noise_with_its_rm_reward_up():
-    def run(better: int, worse: int, r0: float, r1: float) -> dict:
+    def run(better: int, worse: int, r0: float | None, r1: float | None) -> dict:
         n = 200
         start = [0.0] * better + [1.0] * worse + [0.0] * (n - better - worse)
         end = [1.0] * better + [0.0] * worse + [0.0] * (n - better - worse)
@@ -96,6 +103,8 @@ def test_the_rl_target_asks_one_run_for_a_gain_beyond_noise_with_its_rm_reward_u
         "end": {**gains["end"], "world_scores": None},
     }
     assert "no prompt-by-prompt world scores" in rl_target({"b": unscored})
+    verifiers = run(40, 10, None, None)  # rewarded by the verifiers: no RM reward to rise
+    assert "no RM reward" in rl_target({"b": verifiers})
 
 
 def missed_targets(run: Path) -> list[str]:
