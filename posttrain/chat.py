@@ -232,10 +232,15 @@ def tokenize_with_mask(
     return ids, mask
 
 
+def final_response(messages: Sequence[dict[str, str]]) -> str | None:
+    """The conversation's final model turn (role `assistant` or `model`), or None where it ends on another."""
+    return messages[-1]["content"] if messages and ROLE_NAMES.get(messages[-1]["role"]) == "model" else None
+
+
 def prompt_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     """A conversation without its final model turn (what a policy is asked to continue)."""
     msgs = list(messages)
-    return msgs[:-1] if msgs and msgs[-1]["role"] in ("assistant", "model") else msgs
+    return msgs[:-1] if final_response(msgs) is not None else msgs
 
 
 def stop_ids(tokenizer: Any) -> list[int]:

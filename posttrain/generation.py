@@ -5,8 +5,8 @@ hand with the pad id and an attention mask, and generated with HF `generate` and
 longest first, by the length of the response expected of each prompt where that is known (`reference_lengths`:
 HF runs a batch until its longest response stops), then by the prompt's own length, so that a batch carries little
 padding; results come back in the input order. Generation stops on `<end_of_turn>` and `<eos>`; a response that
-reaches `max_new_tokens` without a stop is marked truncated. With `temperature: 0` decoding is greedy. vLLM (`engine: vllm`, or `auto` on a GPU where vllm is installed)
-takes the same token ids and stop ids.
+reaches `max_new_tokens` without a stop is marked truncated. With `temperature: 0` decoding is greedy. vLLM
+(`engine: vllm`, or `auto` on a GPU where vllm is installed) takes the same token ids and stop ids.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.chat import CONTROL_TOKENS, prompt_messages, render, stop_ids
+from posttrain.chat import CONTROL_TOKENS, final_response, prompt_messages, render, stop_ids
 from posttrain.config import SamplingConfig
 
 
@@ -91,9 +91,9 @@ def generate(
     Prompts go in batches by expected response length (`lengths`, e.g. `reference_lengths`; none: all equal),
     then by prompt length, longest first, so that a batch's responses end at about the same step. Each batch is
     sampled with its own seed (`seed` + its position) on a copy of the random state, which is left as it was
-    (`torch.random.fork_rng`). With
-    `part=(r, n)` only every n-th batch from the r-th is generated (the others are None): n processes with parts
-    (0, n) … (n-1, n) together produce exactly what one process produces (`posttrain.dist.merge_parts`)."""
+    (`torch.random.fork_rng`). With `part=(r, n)` only every n-th batch from the r-th is generated (the others
+    are None): n processes with parts (0, n) … (n-1, n) together produce exactly what one process produces
+    (`posttrain.dist.merge_parts`)."""
     import torch
 
     with torch.no_grad():
@@ -103,10 +103,7 @@ def generate(
 def reference_lengths(rows: list[dict]) -> list[int]:
     """Each row's reference response length in characters (its final message, where that is the model's; 0 where
     the row is a bare prompt): how long a response to it will likely be, for `generate`'s batches."""
-    return [
-        len(r["messages"][-1]["content"]) if r["messages"][-1]["role"] in ("assistant", "model") else 0
-        for r in rows
-    ]
+    return [len(final_response(r["messages"]) or "") for r in rows]
 
 
 def part_size(n: int, batch_size: int, part: tuple[int, int]) -> int:

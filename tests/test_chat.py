@@ -11,7 +11,15 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from posttrain.chat import ChatFormatError, chat_template, normalize, render, trained_text
+from posttrain.chat import (
+    ChatFormatError,
+    chat_template,
+    final_response,
+    normalize,
+    prompt_messages,
+    render,
+    trained_text,
+)
 from posttrain.tokenizer import ALPHABET, SPECIAL_TOKENS, gemma_chat_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,3 +310,13 @@ def test_renderer_with_the_real_gemma_tokenizer_gives_the_official_templates_ids
         if not gen:
             turns = [m["content"].strip() + "<end_of_turn>" for m in msgs if m["role"] == "assistant"]
             assert trained_text(ours, tok) == turns, msgs
+
+
+def test_the_final_model_turn_is_read_under_either_role_name():
+    user = {"role": "user", "content": "hi"}
+    for role in ("assistant", "model"):
+        convo = [user, {"role": role, "content": "hello"}]
+        assert final_response(convo) == "hello"
+        assert prompt_messages(convo) == [user]
+    assert final_response([user]) is None and prompt_messages([user]) == [user]
+    assert final_response([]) is None

@@ -46,6 +46,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from posttrain.chat import final_response
 from posttrain.config import ConfigError, ModelSpec, Recipe, SamplingConfig, to_dict
 from posttrain.data.formats import DataError, check_dropped
 from posttrain.data.jsonl import read_split, write_splits
@@ -308,8 +309,9 @@ def sample_candidates(recipe: Recipe, policy, tokenizer, rows: list[dict], name:
     cands = []
     for i, r in enumerate(rows):
         mine = [g.text for g in gens[i * k : (i + 1) * k] if not g.truncated and not g.malformed]
-        if cfg.include_gold and r["messages"][-1]["role"] in ("assistant", "model"):
-            mine.append(r["messages"][-1]["content"])
+        gold = final_response(r["messages"])
+        if cfg.include_gold and gold is not None:
+            mine.append(gold)
         cands.append(mine)
     return cands
 
