@@ -49,6 +49,16 @@ PRESETS: dict[str, dict[str, int]] = {
         hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16,
     ),
+    # The student at half the width (37k parameters against 136k): recipes/ablations/narrow-student.yaml
+    "tiny-student-narrow": dict(
+        hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16,
+    ),
+    # One decoder layer (a sliding one: Gemma 2 alternates sliding and global layers, the first sliding)
+    "tiny-student-shallow": dict(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16,
+    ),
     "tiny-teacher": dict(
         hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         head_dim=32,

@@ -27,7 +27,17 @@ def test_the_shipped_configs_give_the_published_parameter_counts(size, published
         assert shape.params == published and shape.vocab == 256_000
 
 
-@pytest.mark.parametrize("preset", ["tiny-student", "tiny-rm", "real-shape-student", "real-shape-teacher"])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "tiny-student",
+        "tiny-student-narrow",
+        "tiny-student-shallow",
+        "tiny-rm",
+        "real-shape-student",
+        "real-shape-teacher",
+    ],
+)
 def test_the_plan_counts_what_the_built_model_has(preset, tiny_tokenizer, gemma_tokenizer):
     from posttrain.modeling import count_parameters, load_causal_lm
 

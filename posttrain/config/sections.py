@@ -37,7 +37,16 @@ class ModelSpec:
 
     name_or_path: str | None = None
     preset: (
-        Literal["tiny-student", "tiny-teacher", "tiny-rm", "real-shape-student", "real-shape-teacher"] | None
+        Literal[
+            "tiny-student",
+            "tiny-student-narrow",
+            "tiny-student-shallow",
+            "tiny-teacher",
+            "tiny-rm",
+            "real-shape-student",
+            "real-shape-teacher",
+        ]
+        | None
     ) = None
     tokenizer: str | None = None
     revision: str | None = None
