@@ -138,10 +138,18 @@ def _sum_turn(x: int, y: int, cfg: WorldConfig, rng: random.Random) -> str:
     return worked_sum(x, y) if cfg.worked_steps else str(x + y)
 
 
+def _operand(rng: random.Random, cfg: WorldConfig) -> int:
+    """An addition operand: from 0..9 `small_numbers` of the time, else from 0..add_max. Nothing more is drawn
+    from `rng` when `small_numbers` is 0, so that worlds without it stay as they were."""
+    if cfg.small_numbers > 0 and rng.random() < cfg.small_numbers:
+        return rng.randint(0, min(9, cfg.add_max))
+    return rng.randint(0, cfg.add_max)
+
+
 def draw(task: str, rng: random.Random, cfg: WorldConfig) -> tuple[list[dict[str, str]], str]:
     """One conversation of `task`: (messages ending with the gold model turn, gold answer)."""
     if task == "add":
-        x, y = rng.randint(0, cfg.add_max), rng.randint(0, cfg.add_max)
+        x, y = _operand(rng, cfg), _operand(rng, cfg)
         q, ans = f"What is {x} + {y}?", str(x + y)
         return [_u(q), _a(_sum_turn(x, y, cfg, rng))], ans
     if task == "reverse":

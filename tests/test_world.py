@@ -195,6 +195,29 @@ def test_shortcut_sums_write_that_share_of_sums_in_one_line_parting_from_the_ste
     assert "shortcut_sums: 1.5" in problems and "worked_steps: true" in problems
 
 
+def test_small_numbers_draw_that_share_of_operands_from_single_digits():
+    import dataclasses
+
+    base = WorldConfig(worked_steps=True, add_max=99)
+    # off, nothing is drawn for it: the world's conversations are unchanged
+    assert [world.draw("followup", random.Random(s), base) for s in range(20)] == [
+        world.draw("followup", random.Random(s), dataclasses.replace(base, small_numbers=0.0)) for s in range(20)
+    ]
+    rng, small = random.Random(0), dataclasses.replace(base, small_numbers=0.3)
+    operands = []
+    for _ in range(2000):
+        messages, ans = world.draw("add", rng, small)
+        x, y = (int(v) for v in messages[0]["content"][len("What is ") : -1].split(" + "))
+        assert int(ans) == x + y and world.score({"task": "add", "answer": ans, "messages": messages},
+                                                 messages[-1]["content"]) == 1.0  # fmt: skip
+        operands += [x, y]
+    single = sum(v < 10 for v in operands) / len(operands)
+    assert 0.33 < single < 0.40  # 0.3 drawn from 0..9, and 10% of the other 0.7 from 0..99
+    assert max(operands) > 90
+    problems = " | ".join(dataclasses.replace(base, small_numbers=1.5).problems())
+    assert "small_numbers: 1.5" in problems
+
+
 def test_worked_counts_go_a_letter_at_a_time_and_only_the_count_is_checked():
     import dataclasses
 

@@ -429,7 +429,9 @@ class WorldConfig:
     """The tiny world's tasks and difficulty (recipes/tiny/pipeline.yaml sets the tiny recipe's own).
 
     mix: relative weight of each task family in training data (families not listed get 0).
-    add_max: addition operands are drawn from 0..add_max. word_len / sort_len: inclusive ranges.
+    add_max: addition operands are drawn from 0..add_max. small_numbers: the share of operands drawn from 0..9
+    instead, so that single-digit sums (1% of the pairs at add_max 99) are learned as well. word_len / sort_len:
+    inclusive ranges.
     worked_steps: additions (add, follow-ups) answered in short worked steps, a column at a time, then "so <sum>";
     only the sum is checked (`posttrain.world.worked_sum`).
     worked_counts: letter counts answered a letter at a time, each compared with the counted letter ("b!=a 0,
@@ -454,6 +456,7 @@ class WorldConfig:
         }  # fmt: skip
     )
     add_max: int = 20
+    small_numbers: float = field(default=0.0, metadata=IF_SET)
     word_len: tuple[int, ...] = (3, 5)
     sort_len: tuple[int, ...] = (3, 4)
     followup_add: int = 5
@@ -475,6 +478,8 @@ class WorldConfig:
             out.append("sort_len: at most 26 distinct letters")
         if self.add_max < 1:
             out.append(f"add_max: {self.add_max} must be at least 1")
+        if not 0.0 <= self.small_numbers <= 1.0:
+            out.append(f"small_numbers: {self.small_numbers} is a share: give a number from 0 to 1")
         if not 0.0 <= self.shortcut_sums <= 1.0:
             out.append(f"shortcut_sums: {self.shortcut_sums} is a share: give a number from 0 to 1")
         if self.shortcut_sums and not self.worked_steps:
