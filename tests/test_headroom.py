@@ -112,3 +112,29 @@ def test_the_headroom_command_measures_a_saved_model_per_family(tmp_path, capsys
     assert families["all"]["guess"] is None
     assert all(0 < f["guess"] <= 1 for t, f in families.items() if t != "all")
     assert families["identity"]["guess"] == 1.0  # one answer to every identity question
+
+
+@pytest.mark.stage
+def test_the_headroom_command_draws_its_prompts_from_the_world_as_set(tmp_path, monkeypatch):
+    """The README's probe of values outside the world's ranges: `--set world.add_max=9` draws the fresh prompts
+    from that world (every sum of single digits), as the figures it prints are of."""
+    from posttrain import headroom
+
+    drawn = []
+    real = headroom.world.eval_split
+
+    def spy(cfg, *args, **kwargs):
+        rows = real(cfg, *args, **kwargs)
+        drawn.extend(rows)
+        return rows
+
+    monkeypatch.setattr(headroom.world, "eval_split", spy)
+    code = main(["headroom", "data/models/tiny-teacher", "--recipe", "recipes/tiny/pipeline.yaml", "--set",
+                 "world.add_max=9", "--set", "eval.max_new_tokens=96", "--per-task", "2", "--k", "1",
+                 "--out", str(tmp_path / "h.json")])  # fmt: skip
+    assert code == 0
+    sums = [r for r in drawn if r["task"] == "add"]
+    assert sums and all(int(r["answer"]) <= 18 for r in sums)
+    assert all(
+        int(v) < 10 for r in sums for v in r["messages"][0]["content"][len("What is ") : -1].split(" + ")
+    )

@@ -201,7 +201,8 @@ def test_small_numbers_draw_that_share_of_operands_from_single_digits():
     base = WorldConfig(worked_steps=True, add_max=99)
     # off, nothing is drawn for it: the world's conversations are unchanged
     assert [world.draw("followup", random.Random(s), base) for s in range(20)] == [
-        world.draw("followup", random.Random(s), dataclasses.replace(base, small_numbers=0.0)) for s in range(20)
+        world.draw("followup", random.Random(s), dataclasses.replace(base, small_numbers=0.0))
+        for s in range(20)
     ]
     rng, small = random.Random(0), dataclasses.replace(base, small_numbers=0.3)
     operands = []
