@@ -280,14 +280,15 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.strip().rstrip(".").split()).lower()
 
 
-_FINAL_RE = re.compile(r"(?:^|[\s,:])so\s+(.*)$", re.S)
+_SO_RE = re.compile(r"(?:^|(?<=[\s,:]))so\s+")
 
 
 def final_answer(response: str) -> str:
-    """What a sum's or a count's answer is checked on: the text after the last "so" of a worked answer, else all
-    of it."""
-    m = _FINAL_RE.search(response.strip())
-    return m.group(1) if m else response
+    """What a sum's or a count's answer is checked on: the text after the last "so" of a worked answer (a corrected
+    answer, "37+48, so 84 no: 37+48: 7+8=15, 3+4+1=8, so 85", is checked on its last), else all of it."""
+    text = response.strip()
+    ends = [m.end() for m in _SO_RE.finditer(text)]
+    return text[ends[-1] :] if ends else response
 
 
 def is_refusal(response: str) -> bool:
