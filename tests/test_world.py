@@ -159,7 +159,8 @@ def test_worked_steps_change_the_gold_turn_of_sums_and_only_the_sum_is_checked()
         assert world.score(row, "1+2: 1+2=9, so " + a_worked) == 1.0  # a slip in a step, recovered
         assert world.score(row, m_worked[-1]["content"][:-1] + "x") == 0.0  # a wrong sum
     assert world.final_answer("also 85") == "also 85"  # "so" only as a word
-    assert world.final_answer("37+48, so 84 no: 37+48: 7+8=15, 3+4+1=8, so 85") == "85"  # the last "so" counts
+    # a corrected answer is checked on its last "so"
+    assert world.final_answer("37+48, so 84 no: 37+48: 7+8=15, 3+4+1=8, so 85") == "85"
     assert world.final_answer("so so 3") == "3"
     reverse = {"task": "reverse", "answer": "so ab", "messages": []}
     assert world.score(reverse, "so ab") == 1.0  # other families are checked whole
