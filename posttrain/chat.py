@@ -26,6 +26,11 @@ The text is tokenized once, whole, without adding special tokens (it already beg
 one `<bos>` sits at position 0; the mask comes from the character spans recorded while rendering, mapped onto
 tokens through the tokenizer's offsets. Message content may not contain a control token: it would be read as
 one and could forge a turn.
+
+A model turn may carry an `attempt`: text the model wrote first and then corrected, rendered before the content
+with one space between ("37+48, so 84" and "no: 37+48: 7+8=15, 3+4+1=8, so 85" become "37+48, so 84 no: …").
+The attempt is context, never trained: the loss starts at that space, so that a model learns to notice the
+error and correct it, not to make it.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ def normalize(
                 raise ChatFormatError(
                     f"{turn}: content contains the control token {tok}; remove it from the data"
                 )
+        attempt = {"attempt": _attempt(m["attempt"], role, turn)} if "attempt" in m else {}
         if role == "system":
             if system == "reject":
                 raise ChatFormatError(
@@ -106,12 +112,35 @@ def normalize(
             raise ChatFormatError(
                 f"{turn}: expected a {expected} turn (roles alternate user/assistant), got {role}"
             )
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content, **attempt})
     if not out:
         raise ChatFormatError(f"{where}: the conversation has no user turn")
     if system_text is not None:  # kept apart so that rendering matches Gemma 3's template byte for byte
         out[0] = {**out[0], "prefix": system_text + "\n\n"}
     return out
+
+
+def _attempt(attempt: Any, role: str, turn: str) -> str:
+    """A model turn's untrained `attempt`, checked."""
+    if role not in ("assistant", "model"):
+        raise ChatFormatError(
+            f"{turn}: only a model turn may carry an 'attempt'; remove it from the {role} turn"
+        )
+    if not isinstance(attempt, str) or not attempt.strip():
+        raise ChatFormatError(f"{turn}: 'attempt' must be a non-empty string, got {_short(attempt)}")
+    for tok in CONTROL_TOKENS:
+        if tok in attempt:
+            raise ChatFormatError(
+                f"{turn}: attempt contains the control token {tok}; remove it from the data"
+            )
+    return attempt
+
+
+def turn_text(message: dict[str, str]) -> str:
+    """A model turn's text as rendered: its untrained `attempt` (when it has one), a space, then its content."""
+    attempt = message.get("attempt")
+    content = message["content"].strip()
+    return f"{attempt.strip()} {content}" if attempt else content
 
 
 def render_text(
@@ -122,11 +151,14 @@ def render_text(
     last_model = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     for i, m in enumerate(messages):
         header = f"{START}{ROLE_NAMES[m['role']]}\n"
-        body = m.get("prefix", "") + m["content"].strip() + END
+        body = m.get("prefix", "") + turn_text(m) + END
         parts += [header, body, "\n"]
         start = pos + len(header)
         if m["role"] == "assistant" and (train_on == "all" or i == last_model):
-            spans.append((start, start + len(body)))
+            untrained = (
+                len(m["attempt"].strip()) if m.get("attempt") else 0
+            )  # trained from the space after it
+            spans.append((start + untrained, start + len(body)))
         pos = start + len(body) + 1
     if add_generation_prompt:
         parts.append(f"{START}model\n")
@@ -172,6 +204,18 @@ _TEMPLATE = """{#- posttrain: Gemma turns as training rendered them; system poli
             {{- raise_exception('turn ' ~ loop.index ~ ': content contains the control token ' ~ token) -}}
         {%- endif -%}
     {%- endfor -%}
+    {%- if message['attempt'] is defined -%}
+        {%- if message['role'] not in ['assistant', 'model'] -%}
+            {{- raise_exception('turn ' ~ loop.index ~ ": only a model turn may carry an 'attempt'") -}}
+        {%- elif message['attempt'] is not string or message['attempt'] | trim == '' -%}
+            {{- raise_exception('turn ' ~ loop.index ~ ": 'attempt' must be a non-empty string") -}}
+        {%- endif -%}
+        {%- for token in ['<bos>', '<eos>', '<pad>', '<start_of_turn>', '<end_of_turn>'] -%}
+            {%- if token in message['attempt'] -%}
+                {{- raise_exception('turn ' ~ loop.index ~ ': attempt contains the control token ' ~ token) -}}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
     {%- if message['role'] == 'system' -%}
         {%- if 'POLICY' == 'reject' -%}
             {{- raise_exception('system messages are rejected (chat.system: reject); Gemma has none') -}}
@@ -198,7 +242,8 @@ _TEMPLATE = """{#- posttrain: Gemma turns as training rendered them; system poli
         {{- raise_exception('roles alternate user/assistant, starting with user') -}}
     {%- endif -%}
     {%- set role = 'user' if message['role'] == 'user' else 'model' -%}
-    {{- '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' -}}
+    {%- set attempt = (message['attempt'] | trim + ' ') if message['attempt'] is defined else '' -%}
+    {{- '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + attempt + message['content'] | trim + '<end_of_turn>\n' -}}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {%- if loop_messages[-1]['role'] != 'user' -%}
@@ -233,8 +278,10 @@ def tokenize_with_mask(
 
 
 def final_response(messages: Sequence[dict[str, str]]) -> str | None:
-    """The conversation's final model turn (role `assistant` or `model`), or None where it ends on another."""
-    return messages[-1]["content"] if messages and ROLE_NAMES.get(messages[-1]["role"]) == "model" else None
+    """The conversation's final model turn (role `assistant` or `model`) as rendered, its `attempt` included, or
+    None where it ends on another."""
+    last = messages[-1] if messages else None
+    return turn_text(last) if last is not None and ROLE_NAMES.get(last["role"]) == "model" else None
 
 
 def prompt_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:

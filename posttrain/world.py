@@ -18,6 +18,10 @@ With `world.shortcut_sums: s` that share of the sums (add and follow-ups) skips 
 With `world.worked_counts` letter counts restate the letter and the word, then go a letter at a time, each
 compared with the counted letter next to it, with the running count, then give the count: "How many times does the
 letter a appear in banana?" → "a in banana: b!=a 0, a==a 1, n!=a 1, a==a 2, n!=a 2, a==a 3, so 3".
+With `world.corrections: s` that share of the training sums, follow-ups and counts become a corrected answer: a
+wrong attempt, cut just after its first wrong character and not trained (the model turn's `attempt`, see
+`posttrain.chat`), then "no: " and the worked answer — "37+48, so 84 no: 37+48: 7+8=15, 3+4+1=8, so 85". A model
+trained on them learns to notice a wrong sum or count and to correct it; the evaluation prompts are the same.
 
 Scores are exact (0/1) after light normalisation (case, surrounding whitespace, a trailing full stop);
 `partial(row, response)` gives partial credit (character positions right, for reverse/sort). A refusal scores 0
@@ -185,6 +189,87 @@ def draw(task: str, rng: random.Random, cfg: WorldConfig) -> tuple[list[dict[str
     raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
 
 
+def _wrong(rng: random.Random, v: int) -> int:
+    """A wrong value near `v` (off by one, two or ten, or a digit), never negative."""
+    while True:
+        d = rng.choice([-10, -2, -1, 1, 2, 10, rng.randint(-9, 9)])
+        if d and v + d >= 0:
+            return v + d
+
+
+def _worked_parts(worked: str) -> tuple[str, list[str]]:
+    """A worked answer's head and steps: "37+48: 7+8=15, 3+4+1=8, so 85" → ("37+48", ["7+8=15", "3+4+1=8"])."""
+    head, rest = worked.split(": ", 1)
+    return head, rest.rsplit(", so ", 1)[0].split(", ")
+
+
+def sum_attempt(x: int, y: int, rng: random.Random) -> tuple[str, str]:
+    """A wrong attempt at x + y and the right answer written the same way: half of the time one line with a wrong
+    sum, else worked steps of which one step, or the sum after right steps, is wrong."""
+    if rng.random() < 0.5:
+        return f"{x}+{y}, so {_wrong(rng, x + y)}", shortcut_sum(x, y)
+    right = worked_sum(x, y)
+    head, steps = _worked_parts(right)
+    k = rng.randrange(len(steps) + 1)
+    if k == len(steps):
+        return f"{head}: " + ", ".join(steps) + f", so {_wrong(rng, x + y)}", right
+    lhs, total = steps[k].split("=")
+    return f"{head}: " + ", ".join(steps[:k] + [f"{lhs}={_wrong(rng, int(total))}"]), right
+
+
+def count_attempt(word: str, letter: str, rng: random.Random) -> tuple[str, str]:
+    """A wrong attempt at counting `letter` in `word` and the right worked count: one comparison (with the count
+    it gives) wrong, or the count after right steps."""
+    right = worked_count(word, letter)
+    head, steps = _worked_parts(right)
+    k = rng.randrange(len(steps) + 1)
+    if k == len(steps):
+        return f"{head}: " + ", ".join(steps) + f", so {_wrong(rng, word.count(letter))}", right
+    c, run = word[k], word[:k].count(letter)
+    bad = f"{c}!={letter} {run}" if c == letter else f"{c}=={letter} {run + 1}"
+    return f"{head}: " + ", ".join(steps[:k] + [bad]), right
+
+
+def first_wrong(attempt: str, right: str) -> str:
+    """`attempt` cut just after its first character that differs from `right` (where a model could notice)."""
+    i = next((k for k, (a, b) in enumerate(zip(attempt, right)) if a != b), min(len(attempt), len(right)))
+    return attempt[: i + 1]
+
+
+_SUM_HEAD = re.compile(r"^(\d+)\+(\d+)[:,]")
+_COUNT_HEAD = re.compile(r"^([a-z]) in ([a-z]+):")
+
+
+def corrected(turn: str, rng: random.Random) -> dict[str, str] | None:
+    """A gold sum or worked count turn as a corrected model turn — {"role", "attempt", "content"}, the attempt a
+    wrong one cut after its first wrong character, the content "no: " and the worked answer — or None for a turn
+    that is neither."""
+    if m := _SUM_HEAD.match(turn):
+        x, y = int(m[1]), int(m[2])
+        draw_attempt, fix = (lambda: sum_attempt(x, y, rng)), worked_sum(x, y)
+    elif m := _COUNT_HEAD.match(turn):
+        draw_attempt, fix = (lambda: count_attempt(m[2], m[1], rng)), worked_count(m[2], m[1])
+    else:
+        return None
+    attempt, right = draw_attempt()
+    while right.startswith(attempt):  # "…=1" for "…=11" is no error yet: draw another
+        attempt, right = draw_attempt()
+    return {"role": "assistant", "attempt": first_wrong(attempt, right), "content": "no: " + fix}
+
+
+def add_corrections(rows: list[dict[str, Any]], share: float, rng: random.Random) -> int:
+    """Rewrite the final model turn of `share` of the sums, follow-ups and counts among `rows` as a corrected
+    answer (`corrected`), in place; returns how many."""
+    n = 0
+    for r in rows:
+        if r["task"] in ("add", "followup", "count") and rng.random() < share:
+            turn = corrected(r["messages"][-1]["content"], rng)
+            if turn is not None:
+                r["messages"][-1] = turn
+                n += 1
+    return n
+
+
 def prompt_key(messages: list[dict[str, str]]) -> str:
     """What makes two prompts the same: every turn but the final model turn, whitespace-normalised."""
     turns = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
@@ -242,7 +327,10 @@ def train_split(
     """Training rows: fresh draws from the mix, sharing no prompt with the evaluation split."""
     eval_rows = eval_split(cfg, seed) if eval_rows is None else eval_rows
     exclude = {prompt_key(r["messages"]) for r in eval_rows}
-    return _draw_unique(cfg, cfg.n_train if n is None else n, seed * 1000 + 7, "train", exclude)
+    rows = _draw_unique(cfg, cfg.n_train if n is None else n, seed * 1000 + 7, "train", exclude)
+    if cfg.corrections > 0:  # drawn apart, so that the prompts and the other turns stay as they were
+        add_corrections(rows, cfg.corrections, random.Random(seed * 1000 + 11))
+    return rows
 
 
 # What widens each family's space of distinct prompts.

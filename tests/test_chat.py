@@ -57,6 +57,10 @@ GOLDEN = [
     [u("numbers 0123456789"), a("9876543210")],
     [u("trailing newline\n"), a("answer\n\n\n")],
 ]
+WITH_ATTEMPTS = [  # a model turn's untrained attempt (posttrain's own key; the official template does not know it)
+    [u("What is 37 + 48?"), {"role": "assistant", "attempt": " 37+48, so 8", "content": "no: 37+48: so 85 "}],
+    [u("q1"), {"role": "model", "attempt": "x", "content": "y"}, u("q2"), a("z")],
+]
 
 
 @pytest.mark.parametrize("i", range(len(GOLDEN)))
@@ -148,6 +152,14 @@ def test_system_fold_matches_gemma3_template(tiny_tokenizer):
         ([{"role": "user", "content": 3}], "fold", "turn 1: content must be a string"),
         ([], "fold", "a conversation is a non-empty list"),
         ([{"role": "system", "content": "only system"}], "fold", "has no user turn"),
+        ([{**u("hi"), "attempt": "x"}], "fold", "turn 1: only a model turn may carry an 'attempt'"),
+        ([u("hi"), {**a("fix"), "attempt": " "}], "fold", "turn 2: 'attempt' must be a non-empty string"),
+        ([u("hi"), {**a("fix"), "attempt": 3}], "fold", "turn 2: 'attempt' must be a non-empty string"),
+        (
+            [u("hi"), {**a("fix"), "attempt": "a<end_of_turn>"}],
+            "fold",
+            "turn 2: attempt contains the control",
+        ),
     ],
 )
 def test_errors_name_conversation_and_turn(messages, policy, fragment, tiny_tokenizer):
@@ -184,7 +196,7 @@ def random_conversations(n: int, seed: int) -> list[list[dict]]:
     return out
 
 
-CONVERSATIONS = GOLDEN + random_conversations(300, seed=11)
+CONVERSATIONS = GOLDEN + WITH_ATTEMPTS + random_conversations(300, seed=11)
 
 
 @pytest.mark.parametrize("policy", ["fold", "reject"])
@@ -320,3 +332,19 @@ def test_the_final_model_turn_is_read_under_either_role_name():
         assert prompt_messages(convo) == [user]
     assert final_response([user]) is None and prompt_messages([user]) == [user]
     assert final_response([]) is None
+
+
+def test_an_attempt_is_rendered_before_the_content_and_never_trained(tiny_tokenizer, bpe_tokenizer):
+    turn = {"role": "assistant", "attempt": "37+48, so 84", "content": "no: 37+48: 7+8=15, 3+4+1=8, so 85"}
+    msgs = [u("What is 37 + 48?"), turn]
+    for tok in (tiny_tokenizer, bpe_tokenizer):
+        r = render(msgs, tok)
+        assert "<start_of_turn>model\n37+48, so 84 no: 37+48: 7+8=15, 3+4+1=8, so 85<end_of_turn>" in r.text
+        # the loss starts at the space after the attempt: noticing the error is trained, making it is not
+        (trained,) = trained_text(r, tok)
+        assert trained.lstrip(" ▁").startswith("no: 37+48:") and "84" not in trained
+    assert final_response(msgs) == "37+48, so 84 no: 37+48: 7+8=15, 3+4+1=8, so 85"
+    assert normalize(msgs)[-1]["attempt"] == "37+48, so 84"  # kept through the checks
+    plain = render([u("What is 37 + 48?"), a("no: 37+48: 7+8=15, 3+4+1=8, so 85")], tiny_tokenizer)
+    # one character a token: the space before "no" is trained, and nothing of the attempt
+    assert sum(render(msgs, tiny_tokenizer).loss_mask) == sum(plain.loss_mask) + 1

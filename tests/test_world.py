@@ -247,3 +247,36 @@ def test_worked_counts_go_a_letter_at_a_time_and_only_the_count_is_checked():
         assert world.score(row, m_worked[-1]["content"][:-1] + "9") == 0.0  # a wrong count
     sums = world.draw("add", random.Random(3), worked)[0][-1]["content"]
     assert "so" not in sums  # worked counts leave the additions as they are
+
+
+def test_corrections_rewrite_that_share_of_sums_and_counts_as_a_wrong_attempt_then_the_worked_answer():
+    import dataclasses
+
+    from posttrain.chat import final_response, render_text
+
+    worked = WorldConfig(worked_steps=True, worked_counts=True, shortcut_sums=0.5, add_max=99)
+    corr = dataclasses.replace(worked, corrections=0.3, n_train=3000)
+    plain, rows = train_split(dataclasses.replace(worked, n_train=3000)), train_split(corr)
+    assert [prompt_key(r["messages"]) for r in rows] == [prompt_key(r["messages"]) for r in plain]
+    assert eval_split(corr) == eval_split(worked)  # the evaluation prompts are the same
+    fixed = [r for r in rows if "attempt" in r["messages"][-1]]
+    eligible = [r for r in rows if r["task"] in ("add", "followup", "count")]
+    assert {r["task"] for r in fixed} == {"add", "followup", "count"}
+    assert 0.25 < len(fixed) / len(eligible) < 0.35
+    for r in fixed:
+        turn = r["messages"][-1]
+        attempt, content = turn["attempt"], turn["content"]
+        assert content.startswith("no: ")
+        whole = final_response(r["messages"])
+        assert score(r, whole) == 1.0  # the corrected answer is checked on its last "so"
+        right = content[len("no: ") :]
+        # the attempt is a right prefix up to its last character, which is wrong
+        one_line = ":" not in attempt.split(",")[0]
+        same_way = world.shortcut_sum(*map(int, right.split(":")[0].split("+"))) if one_line else right
+        assert same_way.startswith(attempt[:-1]) and not same_way.startswith(attempt), (attempt, same_way)
+        text, spans = render_text(r["messages"])
+        assert "".join(text[a:b] for a, b in spans[-1:]).startswith(" no: ")
+    assert world.corrected("tenalp", random.Random(0)) is None  # other turns are left as they are
+    problems = " | ".join(dataclasses.replace(WorldConfig(), corrections=0.3).problems())
+    assert "corrections: a correction is written in worked steps" in problems
+    assert "corrections: 2" in " | ".join(dataclasses.replace(worked, corrections=2.0).problems())

@@ -440,6 +440,9 @@ class WorldConfig:
     one line, "37+48, so 85", instead of in worked steps: a model learns both ways and picks one at the character
     after "37+48" ("," or ":"). A student that cannot add in its head then answers greedily the way most of its
     data did and is right about a sum only when it samples the steps: room that RL can find (`posttrain headroom`).
+    corrections: the share of the training sums, follow-ups and counts whose gold turn is a corrected answer: a
+    wrong attempt cut after its first wrong character (not trained), then "no: " and the worked answer
+    (`posttrain.world.corrected`). A model trained on them notices a wrong sum or count and corrects it.
     """
 
     assistant_name: str = "Pip"
@@ -463,6 +466,7 @@ class WorldConfig:
     worked_steps: bool = field(default=False, metadata=IF_SET)
     worked_counts: bool = field(default=False, metadata=IF_SET)
     shortcut_sums: float = field(default=0.0, metadata=IF_SET)
+    corrections: float = field(default=0.0, metadata=IF_SET)
     n_train: int = 4000
     n_eval: int = 280
     defects: DefectRates = field(default_factory=DefectRates)
@@ -482,6 +486,12 @@ class WorldConfig:
             out.append(f"small_numbers: {self.small_numbers} is a share: give a number from 0 to 1")
         if not 0.0 <= self.shortcut_sums <= 1.0:
             out.append(f"shortcut_sums: {self.shortcut_sums} is a share: give a number from 0 to 1")
+        if not 0.0 <= self.corrections <= 1.0:
+            out.append(f"corrections: {self.corrections} is a share: give a number from 0 to 1")
+        if self.corrections and not (self.worked_steps and self.worked_counts):
+            out.append(
+                "corrections: a correction is written in worked steps; set worked_steps and worked_counts"
+            )
         if self.shortcut_sums and not self.worked_steps:
             out.append("shortcut_sums: without worked_steps every sum is one line; set worked_steps: true")
         return out

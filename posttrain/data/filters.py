@@ -22,6 +22,7 @@ from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
 
+from posttrain.chat import turn_text
 from posttrain.config import FilterConfig
 from posttrain.world import OTHER_ASSISTANTS, OTHER_MAKERS
 
@@ -38,7 +39,7 @@ _OTHER = {n.lower() for n in OTHER_ASSISTANTS + OTHER_MAKERS}
 
 
 def model_text(row: dict) -> str:
-    return "\n".join(m["content"] for m in row["messages"] if m["role"] in ("assistant", "model"))
+    return "\n".join(turn_text(m) for m in row["messages"] if m["role"] in ("assistant", "model"))
 
 
 def user_text(row: dict) -> str:
@@ -50,7 +51,7 @@ def normalize_text(text: str) -> str:
 
 
 def has_pii(row: dict) -> bool:
-    text = "\n".join(m["content"] for m in row["messages"])
+    text = "\n".join(turn_text(m) for m in row["messages"])  # a model turn's attempt included
     return any(p.search(text) for p in (_EMAIL, _PHONE, _SSN, _CARD))
 
 
@@ -96,7 +97,7 @@ class NearDuplicates:
         self.exact: set[str] = set()
 
     def seen(self, row_id: str, row: dict) -> bool:
-        text = normalize_text("\n".join(m["content"] for m in row["messages"]))
+        text = normalize_text("\n".join(turn_text(m) for m in row["messages"]))
         if text in self.exact:
             return True
         sh = {text[i : i + 4] for i in range(max(len(text) - 3, 1))}

@@ -255,7 +255,7 @@ def load_pairs(recipe: Recipe, parents: Parents, tokenizer) -> tuple[list[dict],
     out, counts = [], {"source": "policy", "policy": policy_spec.name_or_path}
     for name, split_rows in (("train", rows), ("eval", eval_rows)):
         cands = sample_candidates(recipe, policy, tokenizer, split_rows, name)
-        golds = [r["messages"][-1]["content"] if cfg.include_gold else None for r in split_rows]
+        golds = [final_response(r["messages"]) if cfg.include_gold else None for r in split_rows]
         pairs, c = world_pairs(
             split_rows, cands, recipe.world.assistant_name, cfg.pairs_per_prompt, recipe.seed_for("rm"), golds
         )
