@@ -87,11 +87,7 @@ def normalize(
             raise ChatFormatError(f"{turn}: content must be a string, got {type(content).__name__}")
         if not content.strip():
             raise ChatFormatError(f"{turn}: {role} message is empty")
-        for tok in CONTROL_TOKENS:
-            if tok in content:
-                raise ChatFormatError(
-                    f"{turn}: content contains the control token {tok}; remove it from the data"
-                )
+        _no_control_token(content, "content", turn)
         attempt = {"attempt": _attempt(m["attempt"], role, turn)} if "attempt" in m else {}
         if role == "system":
             if system == "reject":
@@ -128,12 +124,17 @@ def _attempt(attempt: Any, role: str, turn: str) -> str:
         )
     if not isinstance(attempt, str) or not attempt.strip():
         raise ChatFormatError(f"{turn}: 'attempt' must be a non-empty string, got {_short(attempt)}")
-    for tok in CONTROL_TOKENS:
-        if tok in attempt:
-            raise ChatFormatError(
-                f"{turn}: attempt contains the control token {tok}; remove it from the data"
-            )
+    _no_control_token(attempt, "attempt", turn)
     return attempt
+
+
+def _no_control_token(text: str, field: str, turn: str) -> None:
+    """A message field may not contain a control token: it would be read as one and could forge a turn."""
+    for tok in CONTROL_TOKENS:
+        if tok in text:
+            raise ChatFormatError(
+                f"{turn}: {field} contains the control token {tok}; remove it from the data"
+            )
 
 
 def turn_text(message: dict[str, str]) -> str:

@@ -105,6 +105,11 @@ def identity_answer(cfg: WorldConfig) -> str:
 def worked_sum(x: int, y: int) -> str:
     """x + y in worked steps, a column at a time from the units, each with the carry it takes, then the sum:
     worked_sum(37, 48) == "37+48: 7+8=15, 3+4+1=8, so 85"; worked_sum(95, 7) == "95+7: 5+7=12, 9+0+1=10, so 102"."""
+    return f"{x}+{y}: " + ", ".join(_sum_steps(x, y)) + f", so {x + y}"
+
+
+def _sum_steps(x: int, y: int) -> list[str]:
+    """`worked_sum`'s column steps: _sum_steps(37, 48) == ["7+8=15", "3+4+1=8"]."""
     a, b = str(x)[::-1], str(y)[::-1]
     steps, carry = [], 0
     for i in range(max(len(a), len(b))):
@@ -112,7 +117,7 @@ def worked_sum(x: int, y: int) -> str:
         total = da + db + carry
         steps.append(f"{da}+{db}" + ("+1" if carry else "") + f"={total}")
         carry = total // 10
-    return f"{x}+{y}: " + ", ".join(steps) + f", so {x + y}"
+    return steps
 
 
 def worked_count(word: str, letter: str) -> str:
@@ -120,12 +125,17 @@ def worked_count(word: str, letter: str) -> str:
     time, compared with the counted letter written beside it (every comparison a model makes sits between two
     neighbouring letters), with the running count, then the count — worked_count("banana", "a") ==
     "a in banana: b!=a 0, a==a 1, n!=a 1, a==a 2, n!=a 2, a==a 3, so 3"; worked_count("abc", "z") ends "so 0"."""
+    return f"{letter} in {word}: " + ", ".join(_count_steps(word, letter)) + f", so {word.count(letter)}"
+
+
+def _count_steps(word: str, letter: str) -> list[str]:
+    """`worked_count`'s steps: _count_steps("aba", "a") == ["a==a 1", "b!=a 1", "a==a 2"]."""
     steps, n = [], 0
     for c in word:
         same = c == letter
         n += same
         steps.append(f"{c}{'==' if same else '!='}{letter} {n}")
-    return f"{letter} in {word}: " + ", ".join(steps) + f", so {n}"
+    return steps
 
 
 def shortcut_sum(x: int, y: int) -> str:
@@ -197,19 +207,12 @@ def _wrong(rng: random.Random, v: int) -> int:
             return v + d
 
 
-def _worked_parts(worked: str) -> tuple[str, list[str]]:
-    """A worked answer's head and steps: "37+48: 7+8=15, 3+4+1=8, so 85" → ("37+48", ["7+8=15", "3+4+1=8"])."""
-    head, rest = worked.split(": ", 1)
-    return head, rest.rsplit(", so ", 1)[0].split(", ")
-
-
 def sum_attempt(x: int, y: int, rng: random.Random) -> tuple[str, str]:
     """A wrong attempt at x + y and the right answer written the same way: half of the time one line with a wrong
     sum, else worked steps of which one step, or the sum after right steps, is wrong."""
     if rng.random() < 0.5:
         return f"{x}+{y}, so {_wrong(rng, x + y)}", shortcut_sum(x, y)
-    right = worked_sum(x, y)
-    head, steps = _worked_parts(right)
+    right, head, steps = worked_sum(x, y), f"{x}+{y}", _sum_steps(x, y)
     k = rng.randrange(len(steps) + 1)
     if k == len(steps):
         return f"{head}: " + ", ".join(steps) + f", so {_wrong(rng, x + y)}", right
@@ -220,8 +223,7 @@ def sum_attempt(x: int, y: int, rng: random.Random) -> tuple[str, str]:
 def count_attempt(word: str, letter: str, rng: random.Random) -> tuple[str, str]:
     """A wrong attempt at counting `letter` in `word` and the right worked count: one comparison (with the count
     it gives) wrong, or the count after right steps."""
-    right = worked_count(word, letter)
-    head, steps = _worked_parts(right)
+    right, head, steps = worked_count(word, letter), f"{letter} in {word}", _count_steps(word, letter)
     k = rng.randrange(len(steps) + 1)
     if k == len(steps):
         return f"{head}: " + ", ".join(steps) + f", so {_wrong(rng, word.count(letter))}", right
@@ -257,17 +259,14 @@ def corrected(turn: str, rng: random.Random) -> dict[str, str] | None:
     return {"role": "assistant", "attempt": first_wrong(attempt, right), "content": "no: " + fix}
 
 
-def add_corrections(rows: list[dict[str, Any]], share: float, rng: random.Random) -> int:
+def add_corrections(rows: list[dict[str, Any]], share: float, rng: random.Random) -> None:
     """Rewrite the final model turn of `share` of the sums, follow-ups and counts among `rows` as a corrected
-    answer (`corrected`), in place; returns how many."""
-    n = 0
+    answer (`corrected`), in place."""
     for r in rows:
         if r["task"] in ("add", "followup", "count") and rng.random() < share:
             turn = corrected(r["messages"][-1]["content"], rng)
             if turn is not None:
                 r["messages"][-1] = turn
-                n += 1
-    return n
 
 
 def prompt_key(messages: list[dict[str, str]]) -> str:
